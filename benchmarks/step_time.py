@@ -1,0 +1,86 @@
+r"""Times a plain multi-exit iteration against an L2W iteration.
+
+  python -m benchmarks.step_time --config=configs/cifar100.py --batch_size=64
+
+Both iterations run on the same model and the same batch, split into two
+halves with one update per half (the plain one with uniform weights, the L2W
+one with a meta step on each half). Prints one JSON line: medians over
+`--iterations` runs after compilation, and the L2W step's compile time.
+"""
+
+import json
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from l2w_jax.meta import l2w
+from l2w_jax.training.learner import build_learner, init_train_state
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar100.py')
+_BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per iteration.')
+_ITERS = flags.DEFINE_integer('iterations', 7, 'Timed iterations per kind.')
+
+
+def _timed(fn, *args):
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - start
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  learner = build_learner(config)
+  size = config.dataset.image_size
+  state = init_train_state(learner, jax.random.PRNGKey(0), (size, size, 3))
+  key_x, key_y = jax.random.split(jax.random.PRNGKey(1))
+  images = jax.random.normal(key_x, (_BATCH.value, size, size, 3))
+  labels = jax.random.randint(key_y, (_BATCH.value,), 0,
+                              config.dataset.num_classes)
+  (x1, y1), (x2, y2) = l2w.split_halves(images, labels)
+  lr, meta_lr = jnp.float32(0.1), jnp.float32(1e-4)
+
+  plain_jit = jax.jit(
+      lambda s, x, y: l2w.uniform_half_step(learner, s, x, y, lr))
+  meta_jit = jax.jit(lambda s, xt, yt, xm, ym: l2w.l2w_half_step(
+      learner, s, xt, yt, xm, ym, lr, meta_lr, with_meta=True))
+
+  start = time.perf_counter()
+  meta = meta_jit.lower(state, x1, y1, x2, y2).compile()
+  compile_s = time.perf_counter() - start
+  plain = plain_jit.lower(state, x1, y1).compile()
+
+  def plain_iteration(s):
+    s, _ = plain(s, x1, y1)
+    s, _ = plain(s, x2, y2)
+    return s
+
+  def l2w_iteration(s):
+    s, _ = meta(s, x1, y1, x2, y2)
+    s, _ = meta(s, x2, y2, x1, y1)
+    return s
+
+  jax.block_until_ready(plain_iteration(state))  # warm up
+  jax.block_until_ready(l2w_iteration(state))
+
+  plain_times, l2w_times = [], []
+  for _ in range(_ITERS.value):  # interleaved, so load shifts hit both
+    state, t = _timed(plain_iteration, state)
+    plain_times.append(t)
+    state, t = _timed(l2w_iteration, state)
+    l2w_times.append(t)
+  plain_s = statistics.median(plain_times)
+  l2w_s = statistics.median(l2w_times)
+  print(json.dumps({'plain_s': round(plain_s, 4), 'l2w_s': round(l2w_s, 4),
+                    'ratio': round(l2w_s / plain_s, 3),
+                    'compile_s': round(compile_s, 2),
+                    'batch_size': _BATCH.value}))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,55 @@
+"""Defaults shared by every experiment config (CIFAR L2W settings)."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The CIFAR L2W-DEN configuration; experiment files override fields."""
+  config = ml_collections.ConfigDict()
+  config.method = 'l2w'
+  config.seed = 0
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = 'cifar100'
+  config.dataset.num_classes = 100
+  config.dataset.image_size = 32
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'msdnet'
+  config.model.n_blocks = 5
+  config.model.step_mode = 'lin_grow'
+  config.model.step = 1
+  config.model.base = 1
+  config.model.n_channels = 16
+  config.model.growth_rate = 6
+  config.model.gr_factor = (1, 2, 4)
+  config.model.bn_factor = (1, 2, 4)
+  config.model.prune = 'max'
+  config.model.bottleneck = True
+  config.model.reduction = 0.5
+  config.model.stem = 'cifar'
+  # 'torch_default': what the original effectively initialises (its
+  # _init_weights never reaches a conv); 'msdnet': what it intended.
+  config.model.init = 'torch_default'
+
+  config.meta = ml_collections.ConfigDict()
+  config.meta.epsilon = 0.8
+  config.meta.constraint = 'col'
+  config.meta.input = 'loss'
+  config.meta.output = 'tanh'
+  config.meta.hidden_size = 500
+  config.meta.num_layers = 1
+  config.meta.interval = 1
+  config.meta.lr = 1e-4
+  config.meta.weight_decay = 1e-4
+  config.meta.target_p_index = 15
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 1024
+  config.train.epochs = 300
+  config.train.num_steps = -1  # > 0 overrides epochs
+  config.train.lr = 0.8
+  config.train.momentum = 0.9
+  config.train.weight_decay = 1e-4
+  config.train.label_smoothing = 0.0
+  return config

@@ -1,0 +1,219 @@
+"""One L2W-DEN update on one half of a batch, as a pure function.
+
+A training iteration splits its batch into halves p1, p2 and calls
+`l2w_half_step` twice: (train p1, meta p2), then (train p2, meta p1). Each call
+
+1. runs the backbone once on the train half (train mode) and keeps the VJP;
+2. on meta iterations, takes a *virtual* SGD step with weights from the weight
+   net (same optax optimizer, learning rate, momentum buffer and decay as the
+   real step; the new optimizer state and the BN statistics are discarded),
+   runs the virtually updated backbone on the meta half (train mode),
+   allocates those samples to exits by confidence, and updates the weight net
+   with Adam on the gradient of the meta loss taken *through* the virtual
+   step (`jax.value_and_grad` over a function that itself calls the VJP);
+3. weights the train-half losses with the updated weight net (as constants)
+   and takes the real SGD step.
+
+The forward pass of steps 2 and 3 is the same computation (same parameters,
+inputs and batch statistics), so it runs once and serves both VJPs.
+
+Nothing here is jitted: callers jit `l2w_half_step` (with `with_meta` static)
+and call the compiled function twice per iteration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from l2w_jax.meta import weighting
+from l2w_jax.training.optimizers import apply_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training."""
+  step: jax.Array  # training iterations completed
+  params: Any
+  batch_stats: Any
+  opt_state: optax.OptState
+  meta_params: Any
+  meta_opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class L2WSettings:
+  """The hyper-parameters the half step needs at trace time."""
+  epsilon: float = 0.8
+  constraint: str = 'col'
+  input_kind: str = 'loss'
+  target_probs: tuple[float, ...] = ()
+  label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Learner:
+  """The static parts of training: networks, optimizers and settings."""
+  model: nn.Module
+  weight_net: nn.Module
+  tx: optax.GradientTransformation
+  meta_tx: optax.GradientTransformation
+  settings: L2WSettings
+
+
+def backbone_losses(model: nn.Module, params, batch_stats, images, labels,
+                    label_smoothing: float = 0.0):
+  """Train-mode forward: returns (losses (B, K), (exit_logits, new_batch_stats))."""
+  exit_logits, mutated = model.apply(
+      {'params': params, 'batch_stats': batch_stats}, images, train=True,
+      mutable=['batch_stats'])
+  losses = weighting.per_exit_losses(exit_logits, labels, label_smoothing)
+  return losses, (exit_logits, mutated['batch_stats'])
+
+
+def predict_weights(learner: Learner, meta_params, inputs) -> jax.Array:
+  """Weight-net inputs (B, K or 2K) -> loss weights (B, K)."""
+  raw = learner.weight_net.apply({'params': meta_params}, inputs)
+  s = learner.settings
+  return weighting.sample_weights(raw, s.constraint, s.epsilon)
+
+
+def weighted_loss(weights: jax.Array, losses: jax.Array) -> jax.Array:
+  """sum_k mean_b(w_bk * L_bk): the loss of the real and virtual steps."""
+  return jnp.sum(jnp.mean(weights * losses, axis=0))
+
+
+def meta_objective(learner: Learner, meta_params, state: TrainState,
+                   loss_vjp: Callable, weight_inputs, meta_images, meta_labels,
+                   learning_rate):
+  """The meta loss as a function of the weight-net parameters.
+
+  `loss_vjp` is the VJP of the train-half losses w.r.t. the backbone
+  parameters; the virtual step's gradient is `loss_vjp(w / B)` because the
+  weighted loss is linear in the losses. Returns (meta_loss, (pseudo_weights,
+  exit_assignment)).
+  """
+  pseudo_weights = predict_weights(learner, meta_params, weight_inputs)
+  num_train = pseudo_weights.shape[0]
+  grads, = loss_vjp(pseudo_weights / num_train)
+  virtual_params, _ = apply_optimizer(learner.tx, grads, state.opt_state,
+                                      state.params, learning_rate)
+  # Train mode (batch statistics); the moved running statistics are dropped.
+  meta_logits, _ = learner.model.apply(
+      {'params': virtual_params, 'batch_stats': state.batch_stats},
+      meta_images, train=True, mutable=['batch_stats'])
+  confidences = jax.lax.stop_gradient(weighting.exit_confidences(meta_logits))
+  quotas = weighting.exit_quotas(meta_labels.shape[0],
+                                 learner.settings.target_probs)
+  assignment = weighting.allocate_to_exits(confidences, quotas)
+  meta_losses = weighting.per_exit_losses(meta_logits, meta_labels)
+  return weighting.allocated_loss(meta_losses, assignment), (pseudo_weights,
+                                                             assignment)
+
+
+def l2w_half_step(learner: Learner, state: TrainState, train_images,
+                  train_labels, meta_images, meta_labels, learning_rate,
+                  meta_learning_rate, with_meta: bool = True):
+  """One half of an L2W iteration. Returns (new_state, metrics).
+
+  Images NHWC, labels int (B,). `learning_rate` drives the real and the
+  virtual step, `meta_learning_rate` the weight net's Adam. `state.step` is
+  not advanced (an iteration has two halves). Metrics: `losses` (B, K)
+  per-sample CE of the train half, `weights` (B, K), `train_loss`,
+  `correct` (K,) top-1 hits, and with a meta step `meta_loss`,
+  `pseudo_weights` (B, K), `exit_assignment` (B_meta,), `meta_grads`.
+  """
+  s = learner.settings
+  losses, loss_vjp, (exit_logits, new_batch_stats) = jax.vjp(
+      lambda p: backbone_losses(learner.model, p, state.batch_stats,
+                                train_images, train_labels,
+                                s.label_smoothing),
+      state.params, has_aux=True)
+  confidences = weighting.exit_confidences(exit_logits)
+  weight_inputs = jax.lax.stop_gradient(
+      weighting.weight_net_inputs(losses, confidences, s.input_kind))
+
+  metrics = {}
+  meta_params, meta_opt_state = state.meta_params, state.meta_opt_state
+  if with_meta:
+    objective = lambda mp: meta_objective(  # pylint: disable=g-long-lambda
+        learner, mp, state, loss_vjp, weight_inputs, meta_images, meta_labels,
+        learning_rate)
+    (meta_loss, (pseudo_weights, assignment)), meta_grads = (
+        jax.value_and_grad(objective, has_aux=True)(meta_params))
+    meta_params, meta_opt_state = apply_optimizer(
+        learner.meta_tx, meta_grads, meta_opt_state, meta_params,
+        meta_learning_rate)
+    metrics.update(meta_loss=meta_loss, pseudo_weights=pseudo_weights,
+                   exit_assignment=assignment, meta_grads=meta_grads)
+
+  weights = jax.lax.stop_gradient(
+      predict_weights(learner, meta_params, weight_inputs))
+  grads, = loss_vjp(weights / weights.shape[0])
+  params, opt_state = apply_optimizer(learner.tx, grads, state.opt_state,
+                                      state.params, learning_rate)
+  metrics.update(
+      losses=losses, weights=weights,
+      train_loss=weighted_loss(weights, losses),
+      correct=top1_hits(exit_logits, train_labels))
+  new_state = state.replace(params=params, batch_stats=new_batch_stats,
+                            opt_state=opt_state, meta_params=meta_params,
+                            meta_opt_state=meta_opt_state)
+  return new_state, metrics
+
+
+def uniform_half_step(learner: Learner, state: TrainState, images, labels,
+                      learning_rate):
+  """The plain multi-exit update (all weights 1) on one half of a batch.
+
+  Returns (new_state, metrics) with `losses`, `train_loss` and `correct`.
+  """
+  s = learner.settings
+
+  def loss_fn(params):
+    losses, aux = backbone_losses(learner.model, params, state.batch_stats,
+                                  images, labels, s.label_smoothing)
+    return weighted_loss(jnp.ones_like(losses), losses), (losses, aux)
+
+  (train_loss, (losses, (exit_logits, new_batch_stats))), grads = (
+      jax.value_and_grad(loss_fn, has_aux=True)(state.params))
+  params, opt_state = apply_optimizer(learner.tx, grads, state.opt_state,
+                                      state.params, learning_rate)
+  new_state = state.replace(params=params, batch_stats=new_batch_stats,
+                            opt_state=opt_state)
+  return new_state, {'losses': losses, 'train_loss': train_loss,
+                     'correct': top1_hits(exit_logits, labels)}
+
+
+def top1_hits(exit_logits, labels) -> jax.Array:
+  """Number of correct top-1 predictions at every exit: (K,) int32."""
+  return jnp.stack([
+      jnp.sum((jnp.argmax(z, axis=-1) == labels).astype(jnp.int32))
+      for z in exit_logits])
+
+
+def split_halves(images, labels):
+  """`torch.chunk(2)`: the first half gets ceil(B/2) samples."""
+  n = -(-images.shape[0] // 2)
+  return (images[:n], labels[:n]), (images[n:], labels[n:])
+
+
+def l2w_iteration(half_step: Callable, state: TrainState, images, labels,
+                  learning_rate, meta_learning_rate, with_meta: bool = True):
+  """A whole L2W iteration: (train p1, meta p2) then (train p2, meta p1).
+
+  `half_step` is `l2w_half_step` with the learner bound (usually jitted, with
+  `with_meta` static). Returns (new_state with step + 1, (metrics1, metrics2)).
+  """
+  (x1, y1), (x2, y2) = split_halves(images, labels)
+  state, first = half_step(state, x1, y1, x2, y2, learning_rate,
+                           meta_learning_rate, with_meta)
+  state, second = half_step(state, x2, y2, x1, y1, learning_rate,
+                            meta_learning_rate, with_meta)
+  return state.replace(step=state.step + 1), (first, second)

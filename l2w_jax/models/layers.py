@@ -1,0 +1,186 @@
+"""Leaf layers with PyTorch semantics, as Flax Linen modules.
+
+Images are NHWC. Each layer reproduces its `torch.nn` counterpart exactly:
+symmetric explicit padding (Flax's 'SAME' pads stride-2 convs asymmetrically),
+BatchNorm that normalises with the biased batch variance but moves the running
+variance with the unbiased one, and PyTorch's default initialisers (which is
+what the original MSDNet effectively uses, see `models/msdnet.py`).
+
+Every layer that takes channels checks them against the width it was declared
+with, so an architecture whose arithmetic does not add up fails loudly, as the
+original does, instead of silently inferring another width.
+"""
+
+from __future__ import annotations
+
+import math
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def torch_uniform_init(fan_in: int):
+  """PyTorch's default init for conv / linear weights and biases.
+
+  `kaiming_uniform_(a=sqrt(5))` on weights and the bias rule both reduce to
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+  """
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def msdnet_conv_init(kernel_size: int, out_features: int):
+  """The init MSDNet's `_init_weights` intended: N(0, sqrt(2 / (k*k*out)))."""
+  std = math.sqrt(2.0 / (kernel_size * kernel_size * out_features))
+
+  def init(key, shape, dtype=jnp.float32):
+    return std * jax.random.normal(key, shape, dtype)
+
+  return init
+
+
+def _check_width(layer: nn.Module, got: int, expected: int) -> None:
+  if got != expected:
+    raise ValueError(
+        f'{layer.__class__.__name__} {layer.name!r} expects {expected} input '
+        f'channels but receives {got}: the architecture configuration does not '
+        'add up (check growth_rate, gr_factor, bn_factor and reduction).')
+
+
+class Conv2d(nn.Module):
+  """`torch.nn.Conv2d` on NHWC inputs: (B, H, W, in) -> (B, H', W', out).
+
+  Kernel layout HWIO. `init` is 'torch_default' or 'msdnet' (see module doc).
+  """
+  in_features: int
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = False
+  init: str = 'torch_default'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_width(self, x.shape[-1], self.in_features)
+    k = self.kernel_size
+    fan_in = self.in_features * k * k
+    if self.init == 'msdnet':
+      kernel_init = msdnet_conv_init(k, self.features)
+    else:
+      kernel_init = torch_uniform_init(fan_in)
+    kernel = self.param('kernel', kernel_init,
+                        (k, k, self.in_features, self.features), x.dtype)
+    p = self.padding
+    y = lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), window_strides=(self.stride, self.stride),
+        padding=((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      bias = self.param('bias', torch_uniform_init(fan_in), (self.features,),
+                        x.dtype)
+      y = y + bias.astype(x.dtype)
+    return y
+
+
+class Linear(nn.Module):
+  """`torch.nn.Linear`: (B, in) -> (B, out); kernel layout (in, out)."""
+  in_features: int
+  features: int
+  zero_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_width(self, x.shape[-1], self.in_features)
+    init = torch_uniform_init(self.in_features)
+    kernel = self.param('kernel', init, (self.in_features, self.features),
+                        x.dtype)
+    bias_init = nn.initializers.zeros if self.zero_bias else init
+    bias = self.param('bias', bias_init, (self.features,), x.dtype)
+    return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
+
+
+class BatchNorm2d(nn.Module):
+  """`torch.nn.BatchNorm2d` (eps 1e-5, momentum 0.1) over NHWC inputs.
+
+  Train mode normalises with the batch mean and biased variance and, when the
+  'batch_stats' collection is mutable, moves the running statistics with the
+  *unbiased* variance, as PyTorch does. Eval mode uses the running statistics.
+  """
+  features: int
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    _check_width(self, x.shape[-1], self.features)
+    c = self.features
+    scale = self.param('scale', nn.initializers.ones, (c,), x.dtype)
+    bias = self.param('bias', nn.initializers.zeros, (c,), x.dtype)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,),
+                                 x.dtype)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (c,), x.dtype)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x, axis=axes)
+      var = jnp.mean(jnp.square(x - mean), axis=axes)
+      if not self.is_initializing() and self.is_mutable_collection(
+          'batch_stats'):
+        n = math.prod(x.shape[:-1])
+        unbiased = var * (n / max(n - 1, 1))
+        m = self.momentum
+        running_mean.value = ((1 - m) * running_mean.value +
+                              m * lax.stop_gradient(mean))
+        running_var.value = ((1 - m) * running_var.value +
+                             m * lax.stop_gradient(unbiased))
+    else:
+      mean, var = running_mean.value, running_var.value
+    inv = lax.rsqrt(var.astype(x.dtype) + self.epsilon) * scale.astype(x.dtype)
+    return (x - mean.astype(x.dtype)) * inv + bias.astype(x.dtype)
+
+
+class ReLU(nn.Module):
+  """`torch.nn.ReLU`; a module so that the FLOPs counter can see it."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.relu(x)
+
+
+class MaxPool2d(nn.Module):
+  """`torch.nn.MaxPool2d(kernel, stride, padding)` on NHWC (pads with -inf)."""
+  kernel_size: int
+  stride: int
+  padding: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s, p = self.kernel_size, self.stride, self.padding
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, k, k, 1), (1, s, s, 1),
+                             ((0, 0), (p, p), (p, p), (0, 0)))
+
+
+class AvgPool2d(nn.Module):
+  """`torch.nn.AvgPool2d(kernel)` (stride = kernel, no padding) on NHWC."""
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    if x.shape[1] < k or x.shape[2] < k:
+      raise ValueError(
+          f'AvgPool2d({k}) needs a feature map of at least {k}x{k}, got '
+          f'{x.shape[1]}x{x.shape[2]}: the input images are too small.')
+    summed = lax.reduce_window(x, 0.0, lax.add, (1, k, k, 1), (1, k, k, 1),
+                               'VALID')
+    return summed / (k * k)
+
+
+def flatten_features(x: jax.Array) -> jax.Array:
+  """(B, H, W, C) -> (B, C*H*W) in PyTorch's (C, H, W) order."""
+  return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+

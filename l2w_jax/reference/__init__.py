@@ -1,0 +1,82 @@
+"""Running the original's reference fixtures against this implementation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+import numpy as np
+
+from l2w_jax.reference.fixtures import (Check, Fixture, FixtureError,
+                                        open_fixture)
+
+
+def _runners() -> dict[str, Callable]:
+  from l2w_jax.reference.forward import run_forward_fixture  # pylint: disable=g-import-not-at-top
+  from l2w_jax.reference.l2w_iteration import run_l2w_iteration_fixture  # pylint: disable=g-import-not-at-top
+  return {'forward': run_forward_fixture,
+          'l2w_iteration': run_l2w_iteration_fixture}
+
+
+KINDS = ('forward', 'l2w_iteration')
+
+
+@dataclasses.dataclass
+class FixtureResult:
+  """What running one fixture produced."""
+  fixture: Fixture
+  computed: dict[str, np.ndarray]
+  checks: list[Check]
+
+  @property
+  def compared(self) -> bool:
+    return bool(self.checks)
+
+  @property
+  def passed(self) -> bool:
+    return all(c.passed for c in self.checks)
+
+  def summary(self) -> dict:
+    return {
+        'fixture': self.fixture.path,
+        'kind': self.fixture.kind,
+        'passed': self.passed,
+        'compared': self.compared,
+        'checks': {c.name: c.as_json() for c in self.checks},
+    }
+
+  def save(self, path: str) -> None:
+    """Writes the fixture's inputs plus everything computed, as a new fixture."""
+    import json  # pylint: disable=g-import-not-at-top
+    inputs = {k: v for k, v in self.fixture.arrays.items()
+              if not k.startswith('expected')}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    np.savez(path, config_json=np.array(json.dumps(self.fixture.config)),
+             **inputs, **self.computed)
+
+
+def run_fixture(fixture: Fixture | str) -> FixtureResult:
+  """Runs what the fixture describes; compares with its expected entries."""
+  if not isinstance(fixture, Fixture):
+    fixture = open_fixture(fixture)
+  runners = _runners()
+  if fixture.kind not in runners:
+    raise FixtureError(f'{fixture.name}: unknown fixture kind '
+                       f'{fixture.kind!r}; this version runs {sorted(runners)}')
+  computed, checks = runners[fixture.kind](fixture)
+  if not fixture.has_expected():
+    checks = []
+  return FixtureResult(fixture, computed, checks)
+
+
+def needs_float64(paths) -> bool:
+  """Whether any of the fixtures asks for float64 (x64 must be on first)."""
+  for path in paths:
+    try:
+      if open_fixture(path).config.get('compute_dtype') == 'float64':
+        return True
+    except FixtureError:
+      continue
+  return False

@@ -1,0 +1,84 @@
+"""`experiments.check_reference` on the original's fixtures and bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.conftest import PROJECT_ROOT, subprocess_env
+
+
+def _check_reference(*args):
+  out = subprocess.run([sys.executable, '-m', 'experiments.check_reference',
+                        *map(str, args)], cwd=PROJECT_ROOT,
+                       env=subprocess_env(), capture_output=True, text=True,
+                       timeout=1200)
+  lines = [json.loads(l) for l in out.stdout.splitlines() if l.startswith('{')]
+  return out.returncode, lines, out.stderr
+
+
+def test_shared_forward_and_l2w_fixtures_pass(shared_reference, tmp_path):
+  fixtures = [shared_reference / 'msdnet_cifar100_forward.npz',
+              shared_reference / 'l2w_iteration_cifar100.npz']
+  code, lines, stderr = _check_reference(*fixtures, '--save', tmp_path)
+  assert code == 0, stderr[-2000:]
+  assert [l['kind'] for l in lines] == ['forward', 'l2w_iteration']
+  for line in lines:
+    assert line['passed'] and line['compared']
+  checks = lines[1]['checks']
+  assert checks['half1/meta_grad']['error'] <= 1e-6
+  assert checks['half2/exit_assignment']['error'] == 0.0
+  assert checks['after/model']['error'] <= 1e-6
+  assert len(checks) == 13
+  # --save wrote every expected entry of each fixture, under the same names.
+  for fixture in fixtures:
+    with np.load(fixture) as want, np.load(tmp_path / fixture.name) as got:
+      expected = [k for k in want.files if k.startswith('expected')]
+      assert expected and set(expected) <= set(got.files)
+      for key in expected:
+        assert got[key].shape == want[key].shape, key
+
+
+def test_inputs_only_fixture_is_computed_and_saved(shared_reference, tmp_path):
+  with np.load(shared_reference / 'msdnet_cifar100_forward.npz') as data:
+    inputs = {k: data[k] for k in data.files if not k.startswith('expected')}
+  bare = tmp_path / 'inputs_only.npz'
+  np.savez(bare, **inputs)
+  out = tmp_path / 'computed.npz'
+  code, lines, stderr = _check_reference(bare, '--save', out)
+  assert code == 0, stderr[-2000:]
+  assert lines[0]['compared'] is False and lines[0]['checks'] == {}
+  with np.load(out) as got, np.load(shared_reference /
+                                    'msdnet_cifar100_forward.npz') as want:
+    np.testing.assert_allclose(got['expected/eval_logits/4'],
+                               want['expected/eval_logits/4'], atol=1e-4)
+  # The saved file is itself a fixture, and this implementation passes it.
+  code, lines, _ = _check_reference(out)
+  assert code == 0 and lines[0]['compared'] and lines[0]['passed']
+
+
+def test_a_wrong_value_fails(shared_reference, tmp_path):
+  with np.load(shared_reference / 'msdnet_cifar100_forward.npz') as data:
+    arrays = {k: data[k] for k in data.files}
+  arrays['expected/eval_logits/2'] = arrays['expected/eval_logits/2'] + 1e-3
+  broken = tmp_path / 'broken.npz'
+  np.savez(broken, **arrays)
+  code, lines, _ = _check_reference(broken)
+  assert code == 1
+  assert lines[0]['passed'] is False
+  assert lines[0]['checks']['eval_logits']['passed'] is False
+  assert lines[0]['checks']['train_logits']['passed'] is True
+
+
+def test_unknown_kind_and_missing_keys_are_named(tmp_path):
+  odd = tmp_path / 'odd.npz'
+  np.savez(odd, config_json=np.array(json.dumps({'kind': 'telepathy'})))
+  lacking = tmp_path / 'lacking.npz'
+  np.savez(lacking, config_json=np.array(json.dumps({
+      'kind': 'forward', 'data': 'cifar10', 'stepmode': 'even'})),
+           **{'model/classifier.0.linear.bias': np.zeros(10, np.float32)})
+  code, lines, _ = _check_reference(odd, lacking)
+  assert code == 1
+  assert "unknown fixture kind 'telepathy'" in lines[0]['error']
+  assert "lacks entries ['x']" in lines[1]['error']
