@@ -13,13 +13,13 @@ from l2w_jax.reference.fixtures import (Check, Fixture, FixtureError,
 
 
 def _runners() -> dict[str, Callable]:
-  from l2w_jax.reference.forward import run_forward_fixture  # pylint: disable=g-import-not-at-top
-  from l2w_jax.reference.l2w_iteration import run_l2w_iteration_fixture  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from l2w_jax.reference.dynamic_eval import run_dynamic_eval_fixture
+  from l2w_jax.reference.forward import run_forward_fixture
+  from l2w_jax.reference.l2w_iteration import run_l2w_iteration_fixture
   return {'forward': run_forward_fixture,
-          'l2w_iteration': run_l2w_iteration_fixture}
-
-
-KINDS = ('forward', 'l2w_iteration')
+          'l2w_iteration': run_l2w_iteration_fixture,
+          'dynamic_eval': run_dynamic_eval_fixture}
 
 
 @dataclasses.dataclass
