@@ -1,6 +1,7 @@
 """Defaults shared by every experiment config (CIFAR L2W settings)."""
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -13,6 +14,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.name = 'cifar100'
   config.dataset.num_classes = 100
   config.dataset.image_size = 32
+  config.dataset.data_dir = config_dict.placeholder(str)  # tfds default
+  config.dataset.manual_dir = config_dict.placeholder(str)  # ImageNet tars
+  # Training images held out for the early-exit thresholds (MSDNet's
+  # --use-valid: 5000 on CIFAR); 0 trains on everything.
+  config.dataset.holdout = 5000
+  config.dataset.augment = 'crop_flip'  # crop_flip | crop | imagenet | none
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'msdnet'
@@ -52,4 +59,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.momentum = 0.9
   config.train.weight_decay = 1e-4
   config.train.label_smoothing = 0.0
+  config.train.log_every_steps = 50
+  config.train.checkpoint_every_steps = 1000
+  config.train.keep_checkpoints = 3
+  config.train.eval_every_epochs = 10  # 0: only the final evaluation
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 500
+  # 'holdout': thresholds from dataset.holdout; 'train': from the augmented
+  # training set, as the original L2W-DEN scripts do.
+  config.eval.threshold_source = 'holdout'
   return config

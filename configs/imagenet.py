@@ -21,6 +21,8 @@ def get_config():
   config.dataset.name = 'imagenet2012'
   config.dataset.num_classes = 1000
   config.dataset.image_size = 224
+  config.dataset.augment = 'imagenet'  # RandomResizedCrop(224) + flip
+  config.dataset.holdout = 50000  # MSDNet's --use-valid
 
   config.model.stem = 'imagenet'
   config.model.n_blocks = 5

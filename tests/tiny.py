@@ -26,3 +26,36 @@ def tiny_config(**meta) -> ml_collections.ConfigDict:
   for key, value in meta.items():
     setattr(config.meta, key, value)
   return config
+
+
+def tiny_train_config(dataset: str = 'sklearn_digits', num_steps: int = 3,
+                      method: str = 'l2w') -> ml_collections.ConfigDict:
+  """A whole experiment that trains a tiny MSDNet for a few iterations."""
+  config = tiny_config()
+  config.method = method
+  config.dataset.name = dataset
+  config.dataset.image_size = 16
+  config.dataset.holdout = 8
+  config.dataset.augment = 'crop_flip'
+  config.dataset.num_classes = {'sklearn_digits': 10, 'cifar10': 10,
+                                'cifar100': 100, 'cifar100_lt': 100,
+                                'imagenet2012': 1000}[dataset]
+  if dataset == 'sklearn_digits':
+    config.dataset.image_size = 32
+    config.dataset.augment = 'crop'
+    config.model.gr_factor = (1, 2, 4)
+    config.model.bn_factor = (1, 2, 4)
+  if dataset == 'cifar100_lt':
+    config.dataset.imbalance_factor = 10
+  if dataset == 'imagenet2012':
+    # 64 px through the ImageNet stem (/4) leaves 16 and 8 px scales.
+    config.dataset.image_size = 64
+    config.dataset.augment = 'imagenet'
+    config.model.stem = 'imagenet'
+  config.train.batch_size = 8
+  config.train.num_steps = num_steps
+  config.train.log_every_steps = 1
+  config.train.checkpoint_every_steps = 100
+  config.train.eval_every_epochs = 0
+  config.eval.batch_size = 16
+  return config

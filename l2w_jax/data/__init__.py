@@ -1,0 +1,19 @@
+"""Input pipelines on tensorflow-datasets, and the embedded digits dataset.
+
+Importing this package registers the tfds dataset `sklearn_digits`
+(scikit-learn's handwritten digits, prepared locally on first use).
+"""
+
+from l2w_jax.data import digits  # registers sklearn_digits with tfds
+from l2w_jax.data.pipeline import DataInfo
+from l2w_jax.data.pipeline import DATASETS
+from l2w_jax.data.pipeline import DatasetNotFoundError
+from l2w_jax.data.pipeline import data_info
+from l2w_jax.data.pipeline import eval_batches
+from l2w_jax.data.pipeline import steps_per_epoch
+from l2w_jax.data.pipeline import train_batches
+
+__all__ = [
+    'DATASETS', 'DataInfo', 'DatasetNotFoundError', 'data_info',
+    'eval_batches', 'steps_per_epoch', 'train_batches',
+]

@@ -126,7 +126,8 @@ def l2w_half_step(learner: Learner, state: TrainState, train_images,
   virtual step, `meta_learning_rate` the weight net's Adam. `state.step` is
   not advanced (an iteration has two halves). Metrics: `losses` (B, K)
   per-sample CE of the train half, `weights` (B, K), `train_loss`,
-  `correct` (K,) top-1 hits, and with a meta step `meta_loss`,
+  `loss_per_exit` and `weight_per_exit` (K,) batch means, `correct` (K,)
+  top-1 hits, and with a meta step `meta_loss`,
   `pseudo_weights` (B, K), `exit_assignment` (B_meta,), `meta_grads`.
   """
   s = learner.settings
@@ -161,6 +162,8 @@ def l2w_half_step(learner: Learner, state: TrainState, train_images,
   metrics.update(
       losses=losses, weights=weights,
       train_loss=weighted_loss(weights, losses),
+      loss_per_exit=jnp.mean(losses, axis=0),
+      weight_per_exit=jnp.mean(weights, axis=0),
       correct=top1_hits(exit_logits, train_labels))
   new_state = state.replace(params=params, batch_stats=new_batch_stats,
                             opt_state=opt_state, meta_params=meta_params,
@@ -188,6 +191,8 @@ def uniform_half_step(learner: Learner, state: TrainState, images, labels,
   new_state = state.replace(params=params, batch_stats=new_batch_stats,
                             opt_state=opt_state)
   return new_state, {'losses': losses, 'train_loss': train_loss,
+                     'loss_per_exit': jnp.mean(losses, axis=0),
+                     'weight_per_exit': jnp.ones(losses.shape[1:]),
                      'correct': top1_hits(exit_logits, labels)}
 
 

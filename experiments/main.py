@@ -1,0 +1,49 @@
+r"""Trains and evaluates an early-exit network.
+
+  python -m experiments.main --config=configs/digits.py --workdir=workdir/digits
+  python -m experiments.main --config=configs/cifar100.py --workdir=/tmp/c100 \
+      --config.meta.epsilon=0.5
+
+Rerunning with the same --workdir resumes from its latest checkpoint.
+"""
+
+import os
+import sys
+
+# TensorFlow (used only for input pipelines) is chatty; keep its C++ logs to
+# errors. Must happen before TensorFlow is imported.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags
+
+from l2w_jax.data import DatasetNotFoundError
+from l2w_jax.training.checkpoint import CheckpointError
+from l2w_jax.training.train import TrainingDiverged, train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and '
+                               'results go here.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # Library INFO/WARNING logs (orbax, tfds) drown the progress lines; pass
+    # --verbosity=0 to see them.
+    logging.set_verbosity(logging.ERROR)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (DatasetNotFoundError, CheckpointError, TrainingDiverged,
+          ValueError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

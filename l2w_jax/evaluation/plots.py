@@ -1,0 +1,65 @@
+"""Accuracy against MFLOPs figures (budgeted curve, exits marked)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@dataclasses.dataclass
+class Curve:
+  """One run: its budgeted curve and its exits (anytime accuracies)."""
+  label: str
+  budget_mflops: Sequence[float]
+  budget_top1: Sequence[float]
+  exit_mflops: Sequence[float]
+  exit_top1: Sequence[float]
+
+
+def curve_from_results(results: dict, label: str) -> Curve:
+  """A Curve from a results.json dict."""
+  rows = sorted(results['budgeted'], key=lambda r: r['mflops'])
+  return Curve(label=label,
+               budget_mflops=[r['mflops'] for r in rows],
+               budget_top1=[r['test_top1'] for r in rows],
+               exit_mflops=results['mflops_per_exit'],
+               exit_top1=results['anytime']['top1'])
+
+
+def plot_budgeted(curves: Sequence[Curve], path: str, title: str = '') -> None:
+  """Writes a publication-style PNG (or PDF, by extension) of the curves."""
+  fig, ax = plt.subplots(figsize=(5.2, 3.9), dpi=200)
+  markers = ('o', 's', '^', 'D', 'v', 'P')
+  for i, curve in enumerate(curves):
+    line, = ax.plot(curve.budget_mflops, curve.budget_top1, '-', lw=1.8,
+                    label=f'{curve.label} (budgeted)')
+    ax.plot(curve.exit_mflops, curve.exit_top1, markers[i % len(markers)],
+            ms=5.5, mfc='white', mec=line.get_color(), mew=1.5,
+            label=f'{curve.label} (exits)')
+    if len(curves) == 1:
+      for k, (x, y) in enumerate(zip(curve.exit_mflops, curve.exit_top1)):
+        ax.annotate(f'exit {k + 1}', (x, y), textcoords='offset points',
+                    xytext=(4, -11), fontsize=7, color=line.get_color())
+  ys = [y for c in curves for y in list(c.budget_top1) + list(c.exit_top1)]
+  xs = [x for c in curves for x in list(c.budget_mflops) + list(c.exit_mflops)]
+  low, high = min(ys), max(ys)
+  pad = max(0.1 * (high - low), 0.5)
+  ax.set_ylim(low - 2 * pad, min(100.0, high + pad) + pad / 2)
+  span = max(xs) - min(xs)
+  ax.set_xlim(min(xs) - 0.05 * span, max(xs) + 0.08 * span)
+  ax.set_xlabel('average MFLOPs per image')
+  ax.set_ylabel('top-1 accuracy (%)')
+  if title:
+    ax.set_title(title, fontsize=10)
+  ax.grid(True, alpha=0.3, lw=0.6)
+  ax.legend(fontsize=7, loc='best', frameon=False)
+  for side in ('top', 'right'):
+    ax.spines[side].set_visible(False)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

@@ -1,0 +1,332 @@
+"""The training program: `train_and_evaluate(config, workdir)`.
+
+Trains the configured method (L2W-DEN, or uniform weighting) on the
+configured dataset, checkpoints and resumes from `workdir`, writes metrics,
+and ends with the anytime and budgeted evaluations in `workdir/results.json`
+and `workdir/budgeted.png`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import signal
+import time
+from typing import Callable
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+
+from l2w_jax import data
+from l2w_jax.evaluation import anytime, budgeted, plots
+from l2w_jax.evaluation.flops import count_per_exit
+from l2w_jax.meta import l2w
+from l2w_jax.training import metrics as metrics_lib
+from l2w_jax.training.checkpoint import Checkpointer
+from l2w_jax.training.learner import build_learner, init_train_state
+from l2w_jax.training.schedules import cosine_learning_rate
+
+METHODS = ('l2w', 'uniform')
+THRESHOLD_SOURCES = ('holdout', 'train')
+RESULTS_FILE = 'results.json'
+PLOT_FILE = 'budgeted.png'
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss became NaN or infinite."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field of a config that cannot run."""
+  if config.method not in METHODS:
+    raise ValueError(f'method: unknown training method {config.method!r}; '
+                     f'available: {METHODS} (IMTA, BoostNet and the '
+                     'training regimes come later)')
+  if config.train.batch_size < 2:
+    raise ValueError('train.batch_size: must be >= 2 (each batch is split '
+                     'into two halves)')
+  source = config.eval.threshold_source
+  if source not in THRESHOLD_SOURCES:
+    raise ValueError(f'eval.threshold_source: unknown source {source!r}; use '
+                     f'one of {THRESHOLD_SOURCES}')
+  if config.train.num_steps <= 0 and config.train.epochs <= 0:
+    raise ValueError('train.epochs or train.num_steps must be positive')
+
+
+def params_sha256(params, batch_stats) -> str:
+  """SHA-256 over all parameters and batch statistics in sorted-path order
+  (path, dtype, shape and bytes of each array)."""
+  digest = hashlib.sha256()
+  for collection, tree in (('params', params), ('batch_stats', batch_stats)):
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+    for path in sorted(flat):
+      array = np.ascontiguousarray(np.asarray(flat[path]))
+      digest.update('/'.join((collection,) + tuple(path)).encode())
+      digest.update(f'{array.dtype}{array.shape}'.encode())
+      digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def make_iteration(learner: l2w.Learner, method: str) -> Callable:
+  """A whole iteration (two half-batch updates) with each half compiled once.
+
+  Returns f(state, images, labels, lr, meta_lr, with_meta) -> (state,
+  (metrics_half1, metrics_half2)).
+  """
+  if method == 'l2w':
+    half_step = jax.jit(functools.partial(l2w.l2w_half_step, learner),
+                        static_argnames='with_meta', donate_argnums=0)
+    return functools.partial(l2w.l2w_iteration, half_step)
+  uniform_step = jax.jit(functools.partial(l2w.uniform_half_step, learner),
+                         donate_argnums=0)
+
+  def iteration(state, images, labels, lr, meta_lr, with_meta):
+    del meta_lr, with_meta
+    (x1, y1), (x2, y2) = l2w.split_halves(images, labels)
+    state, first = uniform_step(state, x1, y1, lr)
+    state, second = uniform_step(state, x2, y2, lr)
+    return state.replace(step=state.step + 1), (first, second)
+
+  return iteration
+
+
+class Preemption:
+  """Set by SIGTERM (or, for tests, at a given step): save and stop."""
+
+  def __init__(self, at_step: int | None = None):
+    self.requested = False
+    self._at_step = at_step
+    self._previous = None
+
+  def install(self) -> None:
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no signal handling
+      self._previous = None
+
+  def uninstall(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    print('SIGTERM: saving a checkpoint and stopping', flush=True)
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    return self.requested or (self._at_step is not None and
+                              step >= self._at_step)
+
+
+def _summarise(window: list, num_exits: int) -> dict[str, float]:
+  """Averages a window of per-iteration metrics (fetched from device)."""
+  fetched = jax.device_get(window)
+  out = {}
+  halves = [h for iteration in fetched for h in iteration['halves']]
+  out['train/loss'] = float(np.mean([h['train_loss'] for h in halves]))
+  images = sum(len(h['losses']) for h in halves)
+  correct = np.sum([h['correct'] for h in halves], axis=0)
+  for k in range(num_exits):
+    out[f'train/loss_exit{k + 1}'] = float(np.mean(
+        [h['loss_per_exit'][k] for h in halves]))
+    out[f'train/acc_exit{k + 1}'] = 100.0 * float(correct[k]) / images
+    out[f'train/weight_exit{k + 1}'] = float(np.mean(
+        [h['weight_per_exit'][k] for h in halves]))
+  out['train/acc_last'] = out[f'train/acc_exit{num_exits}']
+  meta = [h['meta_loss'] for h in halves if 'meta_loss' in h]
+  if meta:
+    out['train/meta_loss'] = float(np.mean(meta))
+  out['train/lr'] = fetched[-1]['lr']
+  out['train/meta_lr'] = fetched[-1]['meta_lr']
+  return out
+
+
+def _check_finite(scalars: dict[str, float], step: int,
+                  checkpointer: Checkpointer) -> None:
+  bad = [k for k in ('train/loss', 'train/meta_loss')
+         if k in scalars and not np.isfinite(scalars[k])]
+  if bad:
+    last = checkpointer.latest_step()
+    kept = (f'the last good checkpoint (step {last}) is untouched'
+            if last is not None else 'no checkpoint was written')
+    raise TrainingDiverged(
+        f'{", ".join(bad)} became {scalars[bad[0]]} by step {step}; '
+        f'training stopped and {kept}. Lower train.lr or meta.lr, or check '
+        'the input data, then rerun (it resumes from that checkpoint).')
+
+
+def _eval_statistics_fn(learner: l2w.Learner):
+  fn = jax.jit(functools.partial(anytime.exit_statistics, learner.model))
+  return lambda state: functools.partial(
+      fn, {'params': state.params, 'batch_stats': state.batch_stats})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       interrupt_at_step: int | None = None) -> dict:
+  """Trains, checkpoints, resumes and evaluates; returns the results dict.
+
+  `interrupt_at_step` behaves like a SIGTERM arriving once that many
+  iterations are done (save, stop, return {'interrupted_at': step}); tests
+  use it to check that resuming continues the same run.
+  """
+  validate_config(config)
+  info = data.data_info(config)  # fails here, before compiling anything
+  if config.eval.threshold_source == 'holdout' and info.num_holdout == 0:
+    raise ValueError(
+        'eval.threshold_source=holdout but the dataset has no held-out part: '
+        'set dataset.holdout > 0, or eval.threshold_source=train to search '
+        'thresholds on the training set as the original L2W-DEN scripts do')
+  learner = build_learner(config)
+  num_exits = learner.model.num_exits
+  batch_size = config.train.batch_size
+  steps_per_epoch = data.steps_per_epoch(info, batch_size)
+  if steps_per_epoch < 1:
+    raise ValueError(f'train.batch_size {batch_size} exceeds the '
+                     f'{info.num_train} training images')
+  total = (config.train.num_steps if config.train.num_steps > 0 else
+           config.train.epochs * steps_per_epoch)
+
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  writer = metrics_lib.create_writer(workdir, write_to_disk=is_main)
+  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
+                              keep=config.train.keep_checkpoints)
+  state = init_train_state(learner, jax.random.PRNGKey(config.seed),
+                           info.image_shape)
+  if checkpointer.latest_step() is not None:
+    state, meta = checkpointer.restore(state)
+    print(f'resumed from {checkpointer.directory} at iteration '
+          f'{int(state.step)} (epoch {meta.get("epoch")})', flush=True)
+  else:
+    writer.write_hparams(config.to_dict())
+  step = int(state.step)
+  print(f'{config.method} on {info.name}: {info.num_train} training images, '
+        f'{steps_per_epoch} iterations/epoch, {total} iterations, '
+        f'{num_exits} exits', flush=True)
+
+  iteration = make_iteration(learner, config.method)
+  statistics_for = _eval_statistics_fn(learner)
+  preemption = Preemption(interrupt_at_step)
+  preemption.install()
+  progress = metrics_lib.Progress(step, total)
+
+  def save(step):
+    checkpointer.save(step, state, {
+        'step': step, 'epoch': step // steps_per_epoch,
+        'batch_in_epoch': step % steps_per_epoch,
+        'config': config.to_json()})
+
+  window, window_start = [], time.perf_counter()
+  try:
+    while step < total:
+      epoch, start = divmod(step, steps_per_epoch)
+      for batch in data.train_batches(config, epoch=epoch, start_step=start,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count()):
+        in_epoch = step % steps_per_epoch
+        lr = cosine_learning_rate(config.train.lr, step, total)
+        meta_lr = cosine_learning_rate(config.meta.lr, step, total)
+        with_meta = in_epoch % config.meta.interval == 0
+        state, halves = iteration(state, batch['image'], batch['label'], lr,
+                                  meta_lr, with_meta)
+        step += 1
+        window.append({'halves': halves, 'lr': lr, 'meta_lr': meta_lr})
+        last_of_epoch = step % steps_per_epoch == 0 or step == total
+        if (step % config.train.log_every_steps == 0 or last_of_epoch or
+            preemption.should_stop(step)):
+          scalars = _summarise(window, num_exits)
+          _check_finite(scalars, step, checkpointer)
+          elapsed = time.perf_counter() - window_start
+          scalars['train/images_per_second'] = (len(window) * batch_size /
+                                                max(elapsed, 1e-9))
+          scalars['epoch'] = step / steps_per_epoch
+          writer.write_scalars(step, scalars)
+          if is_main:
+            print(progress.line(step, scalars), flush=True)
+          window, window_start = [], time.perf_counter()
+        if step % config.train.checkpoint_every_steps == 0:
+          save(step)
+        if (last_of_epoch and config.train.eval_every_epochs > 0 and
+            (step // steps_per_epoch) % config.train.eval_every_epochs == 0
+            and step < total):
+          _write_eval(writer, step, statistics_for(state), config, info)
+        if preemption.should_stop(step):
+          save(step)
+          print(f'interrupted: checkpoint saved at iteration {step}; rerun '
+                'the same command to resume', flush=True)
+          return {'interrupted_at': step}
+        if step >= total:
+          break
+    save(step)
+    results = final_evaluation(config, workdir, learner, state, info,
+                               statistics_for(state))
+    writer.write_scalars(step, {
+        f'test/top1_exit{k + 1}': v
+        for k, v in enumerate(results['anytime']['top1'])})
+    return results
+  finally:
+    preemption.uninstall()
+    writer.flush()
+    checkpointer.close()
+
+
+def _write_eval(writer, step, statistics_fn, config, info) -> None:
+  split = 'holdout' if info.num_holdout else 'test'
+  outputs = anytime.collect(statistics_fn, data.eval_batches(
+      config, split, config.eval.batch_size))
+  scalars = {}
+  for k, (top1, top5, loss) in enumerate(zip(
+      outputs.top1_accuracy(), outputs.top5_accuracy(),
+      outputs.mean_loss())):
+    scalars[f'val/acc_exit{k + 1}'] = float(top1)
+    scalars[f'val/top5_exit{k + 1}'] = float(top5)
+    scalars[f'val/loss_exit{k + 1}'] = float(loss)
+  writer.write_scalars(step, scalars)
+  accs = ' '.join(f'{a:.1f}' for a in outputs.top1_accuracy())
+  print(f'  {split} top-1 per exit: {accs}', flush=True)
+
+
+def final_evaluation(config, workdir, learner, state, info,
+                     statistics_fn) -> dict:
+  """Anytime (test) and 39-budget evaluation; writes results.json and the plot."""
+  batch = config.eval.batch_size
+  test = anytime.collect(statistics_fn,
+                         data.eval_batches(config, 'test', batch))
+  if config.eval.threshold_source == 'holdout':
+    held_out = anytime.collect(statistics_fn,
+                               data.eval_batches(config, 'holdout', batch))
+  else:  # the original L2W-DEN: the training set, with augmentation
+    held_out = anytime.collect(statistics_fn, data.eval_batches(
+        config, 'train', batch, augment=True))
+  flops, _ = count_per_exit(learner.model, info.image_shape)
+  curve = budgeted.budgeted_evaluation(
+      held_out.confidence, held_out.prediction, held_out.labels,
+      test.confidence, test.prediction, test.labels, np.asarray(flops))
+  results = {
+      'anytime': {'top1': [float(a) for a in test.top1_accuracy()],
+                  'top5': [float(a) for a in test.top5_accuracy()]},
+      'budgeted': curve.rows(),
+      'mflops_per_exit': [f / 1e6 for f in flops],
+      'params_sha256': params_sha256(state.params, state.batch_stats),
+      'method': config.method,
+      'dataset': info.name,
+      'iterations': int(state.step),
+      'threshold_source': config.eval.threshold_source,
+      'num_test': test.num_samples,
+      'num_threshold_samples': held_out.num_samples,
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:
+      json.dump(results, f, indent=1)
+    plots.plot_budgeted(
+        [plots.curve_from_results(results, config.method.upper())],
+        os.path.join(workdir, PLOT_FILE),
+        title=f'{info.name}: budgeted batch classification')
+  accs = ' '.join(f'{a:.2f}' for a in results['anytime']['top1'])
+  print(f'test top-1 per exit: {accs}', flush=True)
+  print(f'results in {os.path.join(workdir, RESULTS_FILE)}', flush=True)
+  return results

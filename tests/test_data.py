@@ -1,0 +1,658 @@
+"""Input pipelines: splits, determinism, resumption, sharding, augmentation.
+
+CIFAR and ImageNet run under `tfds.testing.mock_data` with a fake
+`_as_dataset` that honours split slicing and serves images whose pixels name
+the example (channel 0 and 1 encode its index, channel 2 is a spatial
+pattern), so that a batch can be traced back to the examples in it. The
+digits are the real ones, prepared into a temporary data_dir.
+"""
+
+import contextlib
+import math
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from l2w_jax import data
+from l2w_jax.data import augment
+from l2w_jax.data import digits
+from l2w_jax.data import pipeline
+from l2w_jax.data import splits
+
+TEST_OFFSET = 50_000  # indices of test/validation examples start here
+
+
+def make_config(name, *, batch_size=16, seed=0, **dataset):
+  num_classes = {'sklearn_digits': 10, 'cifar10': 10, 'cifar100': 100,
+                 'cifar100_lt': 100, 'imagenet2012': 1000}[name]
+  config = ml_collections.ConfigDict()
+  config.seed = seed
+  config.dataset = ml_collections.ConfigDict(
+      dict(name=name, num_classes=num_classes, **dataset))
+  config.train = ml_collections.ConfigDict({'batch_size': batch_size})
+  return config
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+  pipeline.clear_cache()
+  yield
+  pipeline.clear_cache()
+
+
+# ----------------------------------------------------------------------------
+# Fake images that name their example.
+
+
+def pattern_channel(height, width):
+  y, x = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
+  return ((y * 32 + x) * 37 % 251 + 1).astype(np.uint8)
+
+
+def fake_images(indices, height=32, width=32):
+  """uint8 (n, h, w, 3): channels 0/1 = index in base 255 (+1), 2 = pattern."""
+  indices = np.asarray(indices)
+  out = np.empty((len(indices), height, width, 3), np.uint8)
+  out[..., 0] = (indices % 255 + 1)[:, None, None]
+  out[..., 1] = (indices // 255 + 1)[:, None, None]
+  out[..., 2] = pattern_channel(height, width)
+  return out
+
+
+def index_of(images):
+  """Example indices of uint8 (n, h, w, 3) images, read at the centre pixel
+  (never padding: a 32 px crop with padding 4 keeps the centre inside)."""
+  h, w = images.shape[1] // 2, images.shape[2] // 2
+  centre = images[:, h, w].astype(np.int64)
+  return (centre[:, 0] - 1) + 255 * (centre[:, 1] - 1)
+
+
+def to_uint8(images, mean, std):
+  """Inverts ToTensor + Normalize exactly (the error is ~1e-5 grey levels)."""
+  x = (images * np.asarray(std, np.float32) + np.asarray(mean, np.float32))
+  return np.round(x * 255.0).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def fake_tfds(sizes, label_fn, encoded=False):
+  """mock_data whose `_as_dataset` serves `sizes` examples per split.
+
+  Honours split slicing ('train[8:]', tfds.split_for_jax_process); examples
+  of split s have indices offset + [0, sizes[s]) (offset TEST_OFFSET for
+  non-train splits) and labels label_fn(s, local_indices). With `encoded`,
+  images are PNG bytes of varying size (ImageNet's JPEG feature read with
+  SkipDecoding), else uint8 32x32x3.
+  """
+  split_infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[n],
+                                           num_bytes=0)
+                 for name, n in sizes.items()}
+
+  def as_dataset_fn(self, split, decoders=None, read_config=None,
+                    shuffle_files=False):
+    del self, decoders, read_config, shuffle_files
+    spec = (tfds.core.ReadInstruction.from_spec(split)
+            if isinstance(split, str) else split)
+    local, names = [], []
+    for instruction in spec.to_absolute(split_infos):
+      n = sizes[instruction.splitname]
+      start = instruction.from_ or 0
+      stop = n if instruction.to is None else instruction.to
+      local.append(np.arange(start, stop))
+      names += [instruction.splitname] * (stop - start)
+    local = np.concatenate(local)
+    offsets = np.array([0 if s == 'train' else TEST_OFFSET for s in names])
+    names = np.array(names)
+    labels = np.concatenate([label_fn(s, local[names == s])
+                             for s in dict.fromkeys(names)])
+    indices = local + offsets
+    if encoded:
+      images = [tf.io.encode_png(fake_images(
+          [i], 24 + i % 17, 30 + i % 23)[0]).numpy() for i in indices]
+      features = {'image': np.array(images, dtype=object),
+                  'label': labels.astype(np.int64),
+                  'file_name': np.array([f'{i}.JPEG' for i in indices])}
+    else:
+      features = {'image': fake_images(indices),
+                  'label': labels.astype(np.int64)}
+    return tf.data.Dataset.from_tensor_slices(features)
+
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn):
+    yield
+
+
+def cifar_labels(num_classes):
+  return lambda split, local: (local * 7 + (split != 'train')) % num_classes
+
+
+@pytest.fixture
+def cifar10():
+  with fake_tfds({'train': 120, 'test': 30}, cifar_labels(10)):
+    yield
+
+
+@pytest.fixture
+def imagenet():
+  with fake_tfds({'train': 60, 'validation': 20}, cifar_labels(1000),
+                 encoded=True):
+    yield
+
+
+@pytest.fixture(scope='module')
+def digits_dir(tmp_path_factory):
+  """The real sklearn_digits, prepared once (no download) in a tmp data_dir."""
+  path = str(tmp_path_factory.mktemp('tfds'))
+  data.data_info(make_config('sklearn_digits', data_dir=path))
+  return path
+
+
+def all_batches(iterator):
+  return [dict(batch) for batch in iterator]
+
+
+def stack(batches, key):
+  return np.concatenate([b[key] for b in batches])
+
+
+# ----------------------------------------------------------------------------
+# sklearn_digits: the builder and its splits.
+
+
+def test_digits_splits_are_stratified_disjoint_and_complete():
+  _, labels = digits.load_raw()
+  parts = digits.split_indices(labels)
+  sizes = {k: len(v) for k, v in parts.items()}
+  assert sizes == {'train': 1257, 'validation': 180, 'test': 360}
+  joined = np.concatenate(list(parts.values()))
+  assert len(joined) == 1797 and len(np.unique(joined)) == 1797
+  overall = np.bincount(labels, minlength=10) / len(labels)
+  for name, indices in parts.items():
+    share = np.bincount(labels[indices], minlength=10)
+    # Stratified: each class within one image of its share of the split.
+    np.testing.assert_array_less(np.abs(share - overall * len(indices)), 1.0,
+                                 err_msg=name)
+  # Fixed seed: the same split every time.
+  np.testing.assert_array_equal(digits.split_indices(labels)['test'],
+                                parts['test'])
+
+
+def test_digits_builder_serves_the_upsampled_images(digits_dir):
+  builder = tfds.builder('sklearn_digits', data_dir=digits_dir)
+  assert builder.is_prepared() and str(builder.version) == '1.0.0'
+  assert 'scikit-learn' in builder.info.description
+  assert builder.info.features['label'].num_classes == 10
+  info = data.data_info(make_config('sklearn_digits', data_dir=digits_dir,
+                                    holdout=5000))  # holdout is ignored
+  assert info == data.DataInfo('sklearn_digits', 10, (32, 32, 3), 1257, 180,
+                               360)
+  raw, labels = digits.load_raw()
+  expected = digits.digit_images(raw)
+  assert expected.shape == (1797, 32, 32, 3) and expected.dtype == np.uint8
+  assert expected.max() == 255 and expected.min() == 0
+  np.testing.assert_array_equal(expected[..., 0], expected[..., 2])
+  test_idx = digits.split_indices(labels)['test']
+  batches = all_batches(data.eval_batches(
+      make_config('sklearn_digits', data_dir=digits_dir), 'test', 128))
+  got = to_uint8(stack(batches, 'image')[stack(batches, 'mask')],
+                 digits.MEAN, digits.STD)
+  # tfds stores examples in its own order: compare as multisets.
+  key = lambda images: sorted(x.tobytes() for x in images)
+  assert key(got) == key(expected[test_idx])
+  # The hard-coded normalisation constants are the train split's.
+  train = expected[digits.split_indices(labels)['train']] / 255.0
+  assert abs(train.mean() - digits.MEAN[0]) < 5e-5
+  assert abs(train.std() - digits.STD[0]) < 5e-5
+
+
+def test_digits_train_epoch(digits_dir):
+  config = make_config('sklearn_digits', data_dir=digits_dir, batch_size=128)
+  info = data.data_info(config)
+  steps = data.steps_per_epoch(info, 128)
+  assert steps == 1257 // 128 == 9
+  batches = all_batches(data.train_batches(config, epoch=0))
+  assert len(batches) == steps
+  for batch in batches:
+    assert batch['image'].shape == (128, 32, 32, 3)
+    assert batch['image'].dtype == np.float32
+    assert batch['label'].shape == (128,) and batch['label'].dtype == np.int32
+  images = stack(batches, 'image')
+  low = (0.0 - digits.MEAN[0]) / digits.STD[0]
+  high = (1.0 - digits.MEAN[0]) / digits.STD[0]
+  assert images.min() >= low - 1e-5 and images.max() <= high + 1e-5
+  assert images.min() == pytest.approx(low, abs=1e-5)  # background and padding
+  # Normalised with the train statistics: roughly zero mean and unit std.
+  assert abs(images.mean()) < 0.15 and 0.85 < images.std() < 1.15
+  assert set(np.unique(stack(batches, 'label'))) == set(range(10))
+  again = all_batches(data.train_batches(config, epoch=0))
+  for a, b in zip(batches, again):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_digits_holdout_is_the_validation_split(digits_dir):
+  config = make_config('sklearn_digits', data_dir=digits_dir)
+  holdout = all_batches(data.eval_batches(config, 'holdout', 64))
+  labels = stack(holdout, 'label')[stack(holdout, 'mask')]
+  assert len(labels) == 180
+  np.testing.assert_array_equal(np.bincount(labels), [18] * 10)
+
+
+# ----------------------------------------------------------------------------
+# Training batches: determinism, resumption, epochs, processes.
+
+
+def test_train_batches_are_deterministic_and_resumable(cifar10):
+  config = make_config('cifar10', holdout=20, batch_size=16)
+  info = data.data_info(config)
+  assert (info.num_train, info.num_holdout, info.num_test) == (100, 20, 30)
+  full = all_batches(data.train_batches(config, epoch=3))
+  assert len(full) == data.steps_per_epoch(info, 16) == 6
+  again = all_batches(data.train_batches(config, epoch=3))
+  tail = all_batches(data.train_batches(config, epoch=3, start_step=4))
+  assert len(tail) == 2
+  for a, b in zip(full, again):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  for a, b in zip(full[4:], tail):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  assert all_batches(data.train_batches(config, epoch=3, start_step=6)) == []
+  # Each example at most once per epoch; the dropped remainder is 100 % 16.
+  seen = index_of(to_uint8(stack(full, 'image'), pipeline.CIFAR10_MEAN,
+                           pipeline.CIFAR10_STD))
+  assert len(set(seen)) == len(seen) == 96
+  other = all_batches(data.train_batches(config, epoch=4))
+  other_seen = index_of(to_uint8(stack(other, 'image'), pipeline.CIFAR10_MEAN,
+                                 pipeline.CIFAR10_STD))
+  assert not np.array_equal(seen, other_seen)  # a new permutation
+  assert not np.array_equal(full[0]['image'], other[0]['image'])
+  reseeded = all_batches(data.train_batches(
+      make_config('cifar10', holdout=20, batch_size=16, seed=1), epoch=3))
+  assert not np.array_equal(full[0]['image'], reseeded[0]['image'])
+
+
+def test_process_slices_are_disjoint_and_make_the_global_batch(cifar10):
+  config = make_config('cifar10', holdout=20, batch_size=16)
+  whole = all_batches(data.train_batches(config, epoch=1, start_step=2))
+  parts = [all_batches(data.train_batches(config, epoch=1, start_step=2,
+                                          process_index=p, process_count=4))
+           for p in range(4)]
+  assert all(len(p) == len(whole) == 4 for p in parts)
+  for step, batch in enumerate(whole):
+    local = [p[step] for p in parts]
+    assert all(b['image'].shape == (4, 32, 32, 3) for b in local)
+    np.testing.assert_array_equal(
+        np.concatenate([b['image'] for b in local]), batch['image'])
+    np.testing.assert_array_equal(
+        np.concatenate([b['label'] for b in local]), batch['label'])
+  with pytest.raises(ValueError, match='divisible'):
+    data.train_batches(config, epoch=0, process_count=3)
+  with pytest.raises(ValueError, match='start_step'):
+    data.train_batches(config, epoch=0, start_step=7)
+
+
+def test_holdout_is_fixed_and_disjoint_from_train(cifar10):
+  def indices(config, split):
+    batches = all_batches(data.eval_batches(config, split, 32))
+    images = to_uint8(stack(batches, 'image')[stack(batches, 'mask')],
+                      pipeline.CIFAR10_MEAN, pipeline.CIFAR10_STD)
+    return index_of(images)
+
+  config = make_config('cifar10', holdout=20)
+  holdout, train = indices(config, 'holdout'), indices(config, 'train')
+  assert len(holdout) == 20 and len(train) == 100
+  assert sorted(np.concatenate([holdout, train])) == list(range(120))
+  # Independent of config.seed: every run thresholds on the same images.
+  reseeded = make_config('cifar10', holdout=20, seed=7)
+  np.testing.assert_array_equal(indices(reseeded, 'holdout'), holdout)
+  np.testing.assert_array_equal(
+      indices(config, 'test'), TEST_OFFSET + np.arange(30))
+  no_holdout = make_config('cifar10', holdout=0)
+  assert data.data_info(no_holdout).num_holdout == 0
+  with pytest.raises(ValueError, match='holdout'):
+    data.eval_batches(no_holdout, 'holdout', 8)
+
+
+def test_eval_batches_cover_every_example_once_with_masks(cifar10):
+  config = make_config('cifar10', holdout=20)
+  batches = all_batches(data.eval_batches(config, 'train', 32))
+  assert len(batches) == math.ceil(100 / 32)
+  for batch in batches:
+    assert batch['image'].shape == (32, 32, 32, 3)
+    assert batch['label'].shape == batch['mask'].shape == (32,)
+    assert batch['mask'].dtype == bool
+  mask = stack(batches, 'mask')
+  np.testing.assert_array_equal(mask, np.arange(4 * 32) < 100)
+  assert not stack(batches, 'image')[~mask].any()  # zero padding
+  images = to_uint8(stack(batches, 'image')[mask], pipeline.CIFAR10_MEAN,
+                    pipeline.CIFAR10_STD)
+  seen = index_of(images)
+  assert len(set(seen)) == 100
+  # Unaugmented: exactly the stored images, labels alongside.
+  np.testing.assert_array_equal(images, fake_images(seen))
+  np.testing.assert_array_equal(stack(batches, 'label')[mask], (seen * 7) % 10)
+  # Fixed order.
+  again = all_batches(data.eval_batches(config, 'train', 32))
+  np.testing.assert_array_equal(stack(again, 'image'), stack(batches, 'image'))
+
+
+def test_augmented_eval_is_fixed_and_crops_every_example(cifar10):
+  config = make_config('cifar10', holdout=20)
+  first = all_batches(data.eval_batches(config, 'train', 40, augment=True))
+  second = all_batches(data.eval_batches(config, 'train', 40, augment=True))
+  np.testing.assert_array_equal(stack(first, 'image'), stack(second, 'image'))
+  plain = all_batches(data.eval_batches(config, 'train', 40))
+  mask = stack(first, 'mask')
+  got = to_uint8(stack(first, 'image')[mask], pipeline.CIFAR10_MEAN,
+                 pipeline.CIFAR10_STD)
+  want = to_uint8(stack(plain, 'image')[mask], pipeline.CIFAR10_MEAN,
+                  pipeline.CIFAR10_STD)
+  np.testing.assert_array_equal(index_of(got), index_of(want))
+  assert (got != want).any(axis=(1, 2, 3)).mean() > 0.8
+
+
+# ----------------------------------------------------------------------------
+# Augmentation.
+
+
+def all_crop_flips(image, padding=4):
+  """Every RandomCrop(padding) + flip of one image: {(top, left, flip): out}."""
+  h, w, _ = image.shape
+  padded = np.pad(image, [(padding, padding), (padding, padding), (0, 0)])
+  out = {}
+  for top in range(2 * padding + 1):
+    for left in range(2 * padding + 1):
+      crop = padded[top:top + h, left:left + w]
+      out[(top, left, 0)] = crop
+      out[(top, left, 1)] = crop[:, ::-1]
+  return out
+
+
+def test_crop_flip_is_a_shift_and_mirror_within_the_padded_frame():
+  rng = np.random.default_rng(0)
+  images = rng.integers(1, 256, (6, 32, 32, 3), dtype=np.uint8)
+  params = np.array([[0, 0, 0], [8, 8, 1], [4, 4, 0], [4, 4, 1], [1, 7, 0],
+                     [6, 2, 1]], np.int32)
+  got = augment.crop_flip(tf.constant(images), tf.constant(params), 4).numpy()
+  for image, (top, left, flip), out in zip(images, params, got):
+    np.testing.assert_array_equal(out, all_crop_flips(image)[(top, left,
+                                                              flip)])
+  # (4, 4) is the identity; the padding is zeros.
+  np.testing.assert_array_equal(got[2], images[2])
+  np.testing.assert_array_equal(got[3], images[3][:, ::-1])
+  assert not got[0][:4].any() and not got[0][:, :4].any()
+  assert got[0][4:, 4:].all()
+
+
+def test_crop_flip_params_are_uniform_and_position_keyed():
+  seed = tf.constant([3, 4], tf.int64)
+  params = augment.crop_flip_params(seed, 20000, 4, flip=True).numpy()
+  assert params.dtype == np.int32 and params.shape == (20000, 3)
+  for column in (0, 1):
+    counts = np.bincount(params[:, column], minlength=9)
+    assert len(counts) == 9 and counts.min() > 20000 / 9 * 0.9
+  assert abs(params[:, 2].mean() - 0.5) < 0.02
+  # A longer table starts with the same rows: the draw is counter based.
+  longer = augment.crop_flip_params(seed, 30000, 4, flip=True).numpy()
+  np.testing.assert_array_equal(longer[:20000], params)
+  no_flip = augment.crop_flip_params(seed, 100, 4, flip=False).numpy()
+  assert not no_flip[:, 2].any()
+
+
+def test_train_images_are_crops_and_flips_of_their_examples(cifar10):
+  config = make_config('cifar10', holdout=20, batch_size=32)
+  batch = next(data.train_batches(config, epoch=0))
+  images = to_uint8(batch['image'], pipeline.CIFAR10_MEAN,
+                    pipeline.CIFAR10_STD)
+  flips = []
+  for image, index in zip(images, index_of(images)):
+    source = fake_images([index])[0]
+    matches = [key for key, out in all_crop_flips(source).items()
+               if np.array_equal(out, image)]
+    assert matches, f'example {index} is no crop/flip of its image'
+    flips.append(matches[0][2])
+  assert 0 < sum(flips) < len(flips)  # both mirrored and plain images
+  # 'crop' (the digits' setting) never mirrors.
+  crop_only = make_config('cifar10', holdout=20, batch_size=32, augment='crop')
+  images = to_uint8(next(data.train_batches(crop_only, epoch=0))['image'],
+                    pipeline.CIFAR10_MEAN, pipeline.CIFAR10_STD)
+  for image, index in zip(images, index_of(images)):
+    candidates = all_crop_flips(fake_images([index])[0])
+    assert any(np.array_equal(candidates[(t, l, 0)], image)
+               for t in range(9) for l in range(9))
+
+
+def torchvision_window(height, width, areas, log_ratios, offsets,
+                       scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """RandomResizedCrop.get_params with the random draws given."""
+  del scale
+  for area_fraction, log_ratio, (u_i, u_j) in zip(areas, log_ratios, offsets):
+    target_area = height * width * area_fraction
+    aspect = math.exp(log_ratio)
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return (int(u_i * (height - h + 1)), int(u_j * (width - w + 1)), h, w)
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    w, h = width, height
+  return ((height - h) // 2, (width - w) // 2, h, w)
+
+
+@pytest.mark.parametrize('height,width', [(300, 400), (500, 333), (64, 64),
+                                          (40, 900), (900, 40), (1, 1000)])
+def test_random_resized_crop_window_is_torchvisions(height, width):
+  for k in range(20):
+    seed = tf.constant([k, 11], tf.int64)
+    got = augment.random_resized_crop_window(seed, height, width).numpy()
+    # The same draws, replayed through torchvision's loop.
+    area_seed, ratio_seed, offset_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 3))
+    areas = tf.random.stateless_uniform([10], seed=area_seed, minval=0.08,
+                                        maxval=1.0).numpy()
+    log_ratios = tf.random.stateless_uniform(
+        [10], seed=ratio_seed, minval=math.log(3 / 4),
+        maxval=math.log(4 / 3)).numpy()
+    offsets = tf.random.stateless_uniform([10, 2], seed=offset_seed).numpy()
+    want = torchvision_window(height, width, areas.astype(np.float64),
+                              log_ratios.astype(np.float64),
+                              offsets.astype(np.float64))
+    assert tuple(got) == want
+    top, left, h, w = got
+    assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+
+
+def test_imagenet_eval_transform_matches_torchvision_geometry():
+  image = tf.constant(fake_images([5], 300, 500)[0])
+  resized = augment.resize_shorter_side(image, 256)
+  assert resized.shape == (256, int(256 * 500 / 300), 3)  # (256, 426)
+  tall = augment.resize_shorter_side(tf.zeros([500, 333, 3], tf.uint8), 256)
+  assert tall.shape == (int(256 * 500 / 333), 256, 3)  # (384, 256)
+  cropped = augment.imagenet_eval(image, 224, 256)
+  assert cropped.shape == (224, 224, 3)
+  # CenterCrop: top = round((256 - 224) / 2) = 16, left = round(202 / 2) = 101.
+  np.testing.assert_array_equal(cropped.numpy(),
+                                resized.numpy()[16:240, 101:325])
+  # A constant channel stays constant through the bilinear resize.
+  assert (cropped.numpy()[..., 0] == 6).all()
+
+
+# ----------------------------------------------------------------------------
+# Long-tailed CIFAR-100.
+
+
+def test_long_tail_counts_follow_the_exponential_profile():
+  counts = splits.long_tail_counts(100, 100)
+  assert counts[0] == 500 and counts[-1] == 5 and counts.sum() == 10847
+  for c in (0, 17, 50, 99):
+    assert counts[c] == math.floor(500 * (1 / 100) ** (c / 99))
+  assert splits.long_tail_counts(100, 10).sum() == 19573
+  assert np.all(np.diff(counts) <= 0)
+
+
+def test_cifar100_lt_keeps_the_first_images_of_each_class():
+  labels = np.random.default_rng(0).permutation(np.repeat(np.arange(100),
+                                                          500))
+  with fake_tfds({'train': 50_000, 'test': 100},
+                 lambda split, local: labels[local] if split == 'train'
+                 else local % 100):
+    config = make_config('cifar100_lt', imbalance_factor=50, holdout=500,
+                         batch_size=100)
+    info = data.data_info(config)
+    expected = splits.long_tail_counts(100, 50)
+    assert info.num_train + info.num_holdout == expected.sum()
+    assert (info.num_holdout, info.num_test) == (500, 100)
+    kept = []
+    for split in ('train', 'holdout'):
+      batches = all_batches(data.eval_batches(config, split, 2000))
+      mask = stack(batches, 'mask')
+      images = to_uint8(stack(batches, 'image')[mask], pipeline.CIFAR100_MEAN,
+                        pipeline.CIFAR100_STD)
+      kept.append(index_of(images))
+      np.testing.assert_array_equal(stack(batches, 'label')[mask],
+                                    labels[kept[-1]])
+    assert len(kept[0]) == info.num_train and len(kept[1]) == 500
+    assert not set(kept[0]) & set(kept[1])
+    union = np.sort(np.concatenate(kept))
+    np.testing.assert_array_equal(np.bincount(labels[union], minlength=100),
+                                  expected)
+    for c in (0, 42, 99):  # the first n_c of class c in tfds order
+      np.testing.assert_array_equal(
+          union[labels[union] == c], np.flatnonzero(labels == c)[:expected[c]])
+    assert len(all_batches(data.train_batches(config, epoch=0))) == (
+        info.num_train // 100)
+
+
+# ----------------------------------------------------------------------------
+# ImageNet (streaming).
+
+
+def imagenet_config(**kwargs):
+  return make_config('imagenet2012', image_size=32, holdout=10,
+                     shuffle_buffer=16, **kwargs)
+
+
+def imagenet_indices(batches, mask=None):
+  images = stack(batches, 'image')
+  if mask is not None:
+    images = images[mask]
+  return index_of(to_uint8(images, pipeline.IMAGENET_MEAN,
+                           pipeline.IMAGENET_STD))
+
+
+def test_imagenet_train_is_deterministic_resumable_and_sharded(imagenet):
+  config = imagenet_config(batch_size=8)
+  info = data.data_info(config)
+  assert (info.num_train, info.num_holdout, info.num_test) == (50, 10, 20)
+  assert info.image_shape == (32, 32, 3)
+  full = all_batches(data.train_batches(config, epoch=2))
+  assert len(full) == 6
+  assert full[0]['image'].shape == (8, 32, 32, 3)
+  assert full[0]['image'].dtype == np.float32
+  again = all_batches(data.train_batches(config, epoch=2))
+  tail = all_batches(data.train_batches(config, epoch=2, start_step=4))
+  for a, b in zip(full, again):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  assert len(tail) == 2
+  for a, b in zip(full[4:], tail):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  seen = imagenet_indices(full)
+  assert len(set(seen)) == 48 and min(seen) >= 10  # never the holdout
+  np.testing.assert_array_equal(stack(full, 'label'), (seen * 7) % 1000)
+  other = all_batches(data.train_batches(config, epoch=3))
+  assert not np.array_equal(imagenet_indices(other), seen)
+  # Per process: each reads its own half of the records.
+  halves = [all_batches(data.train_batches(config, epoch=2, process_index=p,
+                                           process_count=2))
+            for p in range(2)]
+  assert [len(h) for h in halves] == [6, 6]
+  assert halves[0][0]['image'].shape == (4, 32, 32, 3)
+  seen_by = [set(imagenet_indices(h)) for h in halves]
+  assert not seen_by[0] & seen_by[1]
+  assert seen_by[0] <= set(range(10, 35)) and seen_by[1] <= set(range(35, 60))
+
+
+def test_imagenet_eval_splits(imagenet):
+  config = imagenet_config()
+  found = {}
+  for split, count in (('holdout', 10), ('train', 50), ('test', 20)):
+    batches = all_batches(data.eval_batches(config, split, 16))
+    mask = stack(batches, 'mask')
+    assert mask.sum() == count and len(mask) == 16 * math.ceil(count / 16)
+    found[split] = imagenet_indices(batches, mask)
+  np.testing.assert_array_equal(found['holdout'], np.arange(10))
+  np.testing.assert_array_equal(found['train'], np.arange(10, 60))
+  np.testing.assert_array_equal(found['test'], TEST_OFFSET + np.arange(20))
+  augmented = [all_batches(data.eval_batches(config, 'holdout', 16,
+                                             augment=True)) for _ in range(2)]
+  np.testing.assert_array_equal(stack(augmented[0], 'image'),
+                                stack(augmented[1], 'image'))
+  plain = all_batches(data.eval_batches(config, 'holdout', 16))
+  assert not np.array_equal(stack(augmented[0], 'image'),
+                            stack(plain, 'image'))
+
+
+# ----------------------------------------------------------------------------
+# Plain tfds.testing.mock_data, missing data, bad configs.
+
+
+@pytest.mark.parametrize('name,image_size', [('cifar10', 32), ('cifar100', 16),
+                                             ('imagenet2012', 64)])
+def test_plain_mock_data_counts_as_prepared(name, image_size):
+  config = make_config(name, image_size=image_size, holdout=8, batch_size=8)
+  with tfds.testing.mock_data(num_examples=40):
+    info = data.data_info(config)
+    assert (info.num_train, info.num_holdout, info.num_test) == (32, 8, 40)
+    batches = all_batches(data.train_batches(config, epoch=0))
+    assert len(batches) == 4
+    assert batches[0]['image'].shape == (8, image_size, image_size, 3)
+    test = all_batches(data.eval_batches(config, 'test', 16))
+    assert stack(test, 'mask').sum() == 40
+
+
+def test_missing_cifar100_names_the_command_and_downloads_nothing(tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  config = make_config('cifar100', data_dir=str(empty))
+  with pytest.raises(data.DatasetNotFoundError) as error:
+    data.data_info(config)
+  message = str(error.value)
+  assert 'cifar100' in message and str(empty) in message
+  assert ("tfds.builder('cifar100', data_dir='" + str(empty) +
+          "').download_and_prepare()") in message
+  assert 'data_dir' in message
+  assert os.listdir(empty) == []  # nothing was fetched or written
+  with pytest.raises(data.DatasetNotFoundError):
+    data.train_batches(config, epoch=0)
+
+
+def test_missing_imagenet_explains_the_manual_download(tmp_path):
+  config = make_config('imagenet2012', data_dir=str(tmp_path), image_size=224)
+  with pytest.raises(data.DatasetNotFoundError) as error:
+    data.data_info(config)
+  message = str(error.value)
+  for part in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar',
+               os.path.join(str(tmp_path), 'downloads', 'manual'),
+               'DownloadConfig(manual_dir='):
+    assert part in message
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('name', 'mnist', 'dataset.name'),
+    ('num_classes', 7, 'dataset.num_classes'),
+    ('augment', 'imagenet', 'dataset.augment'),
+    ('holdout', -1, 'dataset.holdout'),
+])
+def test_bad_dataset_fields_are_named(field, value, match):
+  config = make_config('cifar10')
+  config.dataset[field] = value
+  with pytest.raises(ValueError, match=match):
+    data.data_info(config)
