@@ -18,12 +18,14 @@ def _check_reference(*args):
   return out.returncode, lines, out.stderr
 
 
-def test_shared_forward_and_l2w_fixtures_pass(shared_reference, tmp_path):
+def test_shared_fixtures_pass(shared_reference, tmp_path):
   fixtures = [shared_reference / 'msdnet_cifar100_forward.npz',
-              shared_reference / 'l2w_iteration_cifar100.npz']
+              shared_reference / 'l2w_iteration_cifar100.npz',
+              shared_reference / 'dynamic_eval_reference.npz']
   code, lines, stderr = _check_reference(*fixtures, '--save', tmp_path)
   assert code == 0, stderr[-2000:]
-  assert [l['kind'] for l in lines] == ['forward', 'l2w_iteration']
+  assert [l['kind'] for l in lines] == ['forward', 'l2w_iteration',
+                                        'dynamic_eval']
   for line in lines:
     assert line['passed'] and line['compared']
   checks = lines[1]['checks']
@@ -31,6 +33,10 @@ def test_shared_forward_and_l2w_fixtures_pass(shared_reference, tmp_path):
   assert checks['half2/exit_assignment']['error'] == 0.0
   assert checks['after/model']['error'] <= 1e-6
   assert len(checks) == 13
+  # Budgeted evaluation: exact, not merely within tolerance.
+  assert all(c['error'] == 0.0 for c in lines[2]['checks'].values())
+  assert set(lines[2]['checks']) == {'val_acc', 'test_acc', 'test_flops',
+                                     'thresholds'}
   # --save wrote every expected entry of each fixture, under the same names.
   for fixture in fixtures:
     with np.load(fixture) as want, np.load(tmp_path / fixture.name) as got:

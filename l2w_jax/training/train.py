@@ -9,21 +9,17 @@ and `workdir/budgeted.png`.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import signal
 import time
 from typing import Callable
 
-import flax
 import jax
 import ml_collections
 import numpy as np
 
 from l2w_jax import data
-from l2w_jax.evaluation import anytime, budgeted, plots
-from l2w_jax.evaluation.flops import count_per_exit
+from l2w_jax.evaluation import anytime, report
 from l2w_jax.meta import l2w
 from l2w_jax.training import metrics as metrics_lib
 from l2w_jax.training.checkpoint import Checkpointer
@@ -32,8 +28,8 @@ from l2w_jax.training.schedules import cosine_learning_rate
 
 METHODS = ('l2w', 'uniform')
 THRESHOLD_SOURCES = ('holdout', 'train')
-RESULTS_FILE = 'results.json'
-PLOT_FILE = 'budgeted.png'
+RESULTS_FILE = report.RESULTS_FILE
+PLOT_FILE = report.PLOT_FILE
 
 
 class TrainingDiverged(FloatingPointError):
@@ -55,20 +51,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f'one of {THRESHOLD_SOURCES}')
   if config.train.num_steps <= 0 and config.train.epochs <= 0:
     raise ValueError('train.epochs or train.num_steps must be positive')
-
-
-def params_sha256(params, batch_stats) -> str:
-  """SHA-256 over all parameters and batch statistics in sorted-path order
-  (path, dtype, shape and bytes of each array)."""
-  digest = hashlib.sha256()
-  for collection, tree in (('params', params), ('batch_stats', batch_stats)):
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
-    for path in sorted(flat):
-      array = np.ascontiguousarray(np.asarray(flat[path]))
-      digest.update('/'.join((collection,) + tuple(path)).encode())
-      digest.update(f'{array.dtype}{array.shape}'.encode())
-      digest.update(array.tobytes())
-  return digest.hexdigest()
 
 
 def make_iteration(learner: l2w.Learner, method: str) -> Callable:
@@ -159,12 +141,6 @@ def _check_finite(scalars: dict[str, float], step: int,
         'the input data, then rerun (it resumes from that checkpoint).')
 
 
-def _eval_statistics_fn(learner: l2w.Learner):
-  fn = jax.jit(functools.partial(anytime.exit_statistics, learner.model))
-  return lambda state: functools.partial(
-      fn, {'params': state.params, 'batch_stats': state.batch_stats})
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        interrupt_at_step: int | None = None) -> dict:
   """Trains, checkpoints, resumes and evaluates; returns the results dict.
@@ -209,7 +185,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         f'{num_exits} exits', flush=True)
 
   iteration = make_iteration(learner, config.method)
-  statistics_for = _eval_statistics_fn(learner)
+  statistics = report.jitted_statistics(learner.model)
+
+  def statistics_for(state):
+    return functools.partial(statistics, {'params': state.params,
+                                          'batch_stats': state.batch_stats})
+
   preemption = Preemption(interrupt_at_step)
   preemption.install()
   progress = metrics_lib.Progress(step, total)
@@ -263,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           break
     save(step)
     results = final_evaluation(config, workdir, learner, state, info,
-                               statistics_for(state))
+                               statistics)
     writer.write_scalars(step, {
         f'test/top1_exit{k + 1}': v
         for k, v in enumerate(results['anytime']['top1'])})
@@ -291,42 +272,32 @@ def _write_eval(writer, step, statistics_fn, config, info) -> None:
 
 
 def final_evaluation(config, workdir, learner, state, info,
-                     statistics_fn) -> dict:
-  """Anytime (test) and 39-budget evaluation; writes results.json and the plot."""
-  batch = config.eval.batch_size
-  test = anytime.collect(statistics_fn,
-                         data.eval_batches(config, 'test', batch))
-  if config.eval.threshold_source == 'holdout':
-    held_out = anytime.collect(statistics_fn,
-                               data.eval_batches(config, 'holdout', batch))
-  else:  # the original L2W-DEN: the training set, with augmentation
-    held_out = anytime.collect(statistics_fn, data.eval_batches(
-        config, 'train', batch, augment=True))
-  flops, _ = count_per_exit(learner.model, info.image_shape)
-  curve = budgeted.budgeted_evaluation(
-      held_out.confidence, held_out.prediction, held_out.labels,
-      test.confidence, test.prediction, test.labels, np.asarray(flops))
-  results = {
-      'anytime': {'top1': [float(a) for a in test.top1_accuracy()],
-                  'top5': [float(a) for a in test.top5_accuracy()]},
-      'budgeted': curve.rows(),
-      'mflops_per_exit': [f / 1e6 for f in flops],
-      'params_sha256': params_sha256(state.params, state.batch_stats),
-      'method': config.method,
-      'dataset': info.name,
-      'iterations': int(state.step),
-      'threshold_source': config.eval.threshold_source,
-      'num_test': test.num_samples,
-      'num_threshold_samples': held_out.num_samples,
-  }
+                     statistics=None) -> dict:
+  """Anytime and 39-budget evaluation; writes results.json and the plot."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  results = report.evaluate_model(config, learner.model, variables, info,
+                                  statistics)
+  results['iterations'] = int(state.step)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:
-      json.dump(results, f, indent=1)
-    plots.plot_budgeted(
-        [plots.curve_from_results(results, config.method.upper())],
-        os.path.join(workdir, PLOT_FILE),
-        title=f'{info.name}: budgeted batch classification')
-  accs = ' '.join(f'{a:.2f}' for a in results['anytime']['top1'])
-  print(f'test top-1 per exit: {accs}', flush=True)
-  print(f'results in {os.path.join(workdir, RESULTS_FILE)}', flush=True)
+    report.write_results(results, workdir, config.method.upper(),
+                         f'{info.name}: budgeted batch classification')
   return results
+
+
+def restore_variables(config, workdir: str) -> tuple[dict, int]:
+  """({'params', 'batch_stats'}, iteration) of the latest checkpoint of a run."""
+  info = data.data_info(config)
+  learner = build_learner(config)
+  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'))
+  try:
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}: '
+                              'train first (experiments.main) or pass a '
+                              'PyTorch checkpoint')
+    template = init_train_state(learner, jax.random.PRNGKey(0),
+                                info.image_shape)
+    state, _ = checkpointer.restore(template)
+  finally:
+    checkpointer.close()
+  return ({'params': state.params, 'batch_stats': state.batch_stats},
+          int(state.step))

@@ -1,0 +1,92 @@
+r"""Real early exiting against the full network on a full-size backbone.
+
+  python -m benchmarks.cascade_time --config=configs/cifar100.py
+
+The demo model is so small that per-stage dispatch dominates its cascade;
+this times the paper's CIFAR-100 MSDNet (random weights, random images: the
+thresholds are quantiles of the held-out confidences, so each budget still
+sends the intended fractions of samples to each exit). Prints one JSON line:
+for each budget the FLOPs-predicted speed-up and the measured ones, in
+batches and one image at a time.
+"""
+
+import functools
+import json
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from l2w_jax.evaluation import anytime, budgeted
+from l2w_jax.evaluation.cascade import (Cascade, SingleImageCascade,
+                                        time_per_image)
+from l2w_jax.evaluation.flops import count_per_exit
+from l2w_jax.models import build_model
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar100.py')
+_BATCH = flags.DEFINE_integer('batch_size', 64, 'Cascade batch size.')
+_IMAGES = flags.DEFINE_integer('images', 512, 'Test images (and as many '
+                               'held-out ones).')
+_SINGLE = flags.DEFINE_integer('latency_images', 32, 'Images timed one by '
+                               'one.')
+_BUDGETS = flags.DEFINE_list('budgets', ['5', '15', '25', '39'], 'Budgets.')
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  model = build_model(config)
+  size = config.dataset.image_size
+  shape = (size, size, 3)
+  n = _IMAGES.value
+  images = jax.random.normal(jax.random.PRNGKey(1), (2 * n,) + shape)
+  variables = model.init(jax.random.PRNGKey(0), images[:1])
+  stats = jax.jit(functools.partial(anytime.exit_statistics, model,
+                                    variables))
+  labels = jnp.zeros((_BATCH.value,), jnp.int32)
+  confidence = np.concatenate([
+      np.asarray(stats(images[i:i + _BATCH.value], labels)['confidence'])
+      for i in range(0, n, _BATCH.value)], axis=1)
+  test = np.asarray(images[n:])
+  batches = [test[i:i + _BATCH.value] for i in range(0, n, _BATCH.value)]
+  singles = [test[i:i + 1] for i in range(_SINGLE.value)]
+  flops = np.asarray(count_per_exit(model, shape)[0])
+
+  full = jax.jit(lambda x: model.apply(variables, x, train=False))
+  jax.block_until_ready(full(batches[0]))
+  jax.block_until_ready(full(singles[0]))
+  cascade = Cascade(model, variables, np.zeros(model.num_exits), _BATCH.value)
+  cascade.warm_up(shape)
+  single = SingleImageCascade(model, variables, np.zeros(model.num_exits))
+  jax.block_until_ready(single(singles[0]))
+
+  rows = []
+  for index in (int(b) for b in _BUDGETS.value):
+    thresholds = budgeted.find_thresholds(
+        confidence, budgeted.budget_proportions(model.num_exits)[index - 1])
+    cascade.thresholds = single.thresholds = thresholds
+    exits = np.concatenate([cascade(b).exits for b in batches])
+    fractions = np.bincount(exits, minlength=model.num_exits) / len(exits)
+    expected = float(np.sum(fractions * flops))
+    full_batch = time_per_image(full, batches)
+    cascade_batch = time_per_image(cascade, batches)
+    full_single = time_per_image(full, singles)
+    cascade_single = time_per_image(single, singles)
+    rows.append({'budget_index': index,
+                 'flops_speedup': round(float(flops[-1] / expected), 3),
+                 'batch_speedup': round(full_batch / cascade_batch, 3),
+                 'single_speedup': round(full_single / cascade_single, 3),
+                 'full_batch_ms': round(1e3 * full_batch, 3),
+                 'cascade_batch_ms': round(1e3 * cascade_batch, 3),
+                 'full_single_ms': round(1e3 * full_single, 3),
+                 'cascade_single_ms': round(1e3 * cascade_single, 3)})
+  print(json.dumps({'model': config.model.name,
+                    'mflops_per_exit': [round(f / 1e6, 3) for f in flops],
+                    'batch_size': _BATCH.value, 'budgets': rows}))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,106 @@
+r"""Evaluates a trained run or a converted PyTorch checkpoint.
+
+  # anytime + 39-budget results of a run (results.json, budgeted.png):
+  python -m experiments.evaluate --config=configs/digits.py --workdir=workdir/digits
+  # a released L2W-DEN ImageNet checkpoint (needs torch to read .pth.tar):
+  python -m experiments.evaluate --config=configs/imagenet.py \
+      --torch_checkpoint=msdnet_step4.pth.tar --out=/tmp/l2w_in_step4
+  # real early exiting: measured time per image against the full network
+  python -m experiments.evaluate --config=configs/digits.py \
+      --workdir=workdir/digits --mode=cascade
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run to evaluate (its latest '
+                               'checkpoint).')
+_TORCH = flags.DEFINE_string('torch_checkpoint', None, 'Evaluate this '
+                             'PyTorch checkpoint (.pth/.pth.tar/.npz) '
+                             'instead of a run.')
+_OUT = flags.DEFINE_string('out', None, 'Where results go (default: workdir).')
+_MODE = flags.DEFINE_enum('mode', 'budgeted', ['budgeted', 'cascade'],
+                          'budgeted: anytime + 39 budgets; cascade: real '
+                          'early exiting, timed.')
+_BUDGETS = flags.DEFINE_list('budgets', ['5', '10', '15', '20', '25', '30',
+                                         '39'], 'Budget indices (1..39) '
+                             'for --mode=cascade.')
+_BATCH = flags.DEFINE_integer('batch_size', 64, 'Cascade batch size.')
+_LATENCY_IMAGES = flags.DEFINE_integer('latency_images', 100, 'Images timed '
+                                       'one at a time.')
+flags.mark_flag_as_required('config')
+
+
+def _variables(config):
+  """Variables of the run in --workdir or of --torch_checkpoint."""
+  from l2w_jax import data  # pylint: disable=g-import-not-at-top
+  from l2w_jax.convert import torch_state  # pylint: disable=g-import-not-at-top
+  from l2w_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training.train import restore_variables  # pylint: disable=g-import-not-at-top
+  if _TORCH.value:
+    info = data.data_info(config)
+    model = build_model(config)
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    template = torch_state.variables_template(
+        model, jnp.zeros((1,) + info.image_shape))
+    state = torch_state.load_torch_checkpoint(_TORCH.value)
+    return torch_state.torch_to_flax(state['model'], template), None
+  if not _WORKDIR.value:
+    raise app.UsageError('give --workdir or --torch_checkpoint')
+  return restore_variables(config, _WORKDIR.value)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.ERROR)
+  from l2w_jax import data  # pylint: disable=g-import-not-at-top
+  from l2w_jax.evaluation import cascade_report, report  # pylint: disable=g-import-not-at-top
+  from l2w_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  out = _OUT.value or _WORKDIR.value
+  if not out:
+    raise app.UsageError('give --out when evaluating a PyTorch checkpoint')
+  info = data.data_info(config)
+  model = build_model(config)
+  variables, iteration = _variables(config)
+  if _MODE.value == 'budgeted':
+    results = report.evaluate_model(config, model, variables, info)
+    if iteration is not None:
+      results['iterations'] = iteration
+    report.write_results(results, out, config.method.upper(),
+                         f'{info.name}: budgeted batch classification')
+    return
+  rows = cascade_report.measure(
+      config, model, variables, info,
+      budgets=[int(b) for b in _BUDGETS.value], batch_size=_BATCH.value,
+      latency_images=_LATENCY_IMAGES.value)
+  print(cascade_report.format_table(rows), flush=True)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'cascade.json'), 'w') as f:
+    json.dump(rows, f, indent=1)
+  print(f'cascade timings in {os.path.join(out, "cascade.json")}', flush=True)
+
+
+def run():
+  try:
+    app.run(main)
+  except SystemExit:
+    raise
+  except (FileNotFoundError, ValueError, RuntimeError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  run()

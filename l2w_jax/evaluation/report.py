@@ -1,0 +1,90 @@
+"""Evaluating a trained multi-exit model as the papers report it, and
+writing the results (results.json, budgeted.png) of a run."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+
+import flax
+import jax
+import numpy as np
+
+from l2w_jax import data
+from l2w_jax.evaluation import anytime, budgeted, plots
+from l2w_jax.evaluation.flops import count_per_exit
+
+RESULTS_FILE = 'results.json'
+PLOT_FILE = 'budgeted.png'
+
+
+def params_sha256(params, batch_stats) -> str:
+  """SHA-256 over all parameters and batch statistics in sorted-path order
+  (path, dtype, shape and bytes of each array)."""
+  digest = hashlib.sha256()
+  for collection, tree in (('params', params), ('batch_stats', batch_stats)):
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+    for path in sorted(flat):
+      array = np.ascontiguousarray(np.asarray(flat[path]))
+      digest.update('/'.join((collection,) + tuple(path)).encode())
+      digest.update(f'{array.dtype}{array.shape}'.encode())
+      digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def jitted_statistics(model):
+  """f(variables, images, labels) -> per-batch exit statistics, jitted once."""
+  return jax.jit(functools.partial(anytime.exit_statistics, model))
+
+
+def threshold_outputs(config, stats) -> anytime.ExitOutputs:
+  """Outputs on the split thresholds are searched on (eval.threshold_source):
+  the held-out part, or the augmented training set as the original L2W-DEN."""
+  batch = config.eval.batch_size
+  if config.eval.threshold_source == 'holdout':
+    return anytime.collect(stats, data.eval_batches(config, 'holdout', batch))
+  return anytime.collect(stats, data.eval_batches(config, 'train', batch,
+                                                  augment=True))
+
+
+def evaluate_model(config, model, variables, info, statistics=None) -> dict:
+  """Anytime top-1/top-5 on test and the 39-budget curve: a results dict.
+
+  `statistics` is `jitted_statistics(model)` if the caller already has it.
+  """
+  stats = functools.partial(statistics or jitted_statistics(model), variables)
+  test = anytime.collect(stats, data.eval_batches(config, 'test',
+                                                  config.eval.batch_size))
+  held_out = threshold_outputs(config, stats)
+  flops, _ = count_per_exit(model, info.image_shape)
+  curve = budgeted.budgeted_evaluation(
+      held_out.confidence, held_out.prediction, held_out.labels,
+      test.confidence, test.prediction, test.labels, np.asarray(flops))
+  return {
+      'anytime': {'top1': [float(a) for a in test.top1_accuracy()],
+                  'top5': [float(a) for a in test.top5_accuracy()]},
+      'budgeted': curve.rows(),
+      'mflops_per_exit': [f / 1e6 for f in flops],
+      'params_sha256': params_sha256(variables['params'],
+                                     variables['batch_stats']),
+      'method': config.method,
+      'dataset': info.name,
+      'threshold_source': config.eval.threshold_source,
+      'num_test': test.num_samples,
+      'num_threshold_samples': held_out.num_samples,
+  }
+
+
+def write_results(results: dict, directory: str, label: str,
+                  title: str) -> None:
+  """results.json and budgeted.png in `directory`; prints a summary."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, RESULTS_FILE), 'w') as f:
+    json.dump(results, f, indent=1)
+  plots.plot_budgeted([plots.curve_from_results(results, label)],
+                      os.path.join(directory, PLOT_FILE), title=title)
+  accs = ' '.join(f'{a:.2f}' for a in results['anytime']['top1'])
+  print(f'test top-1 per exit: {accs}', flush=True)
+  print(f'results in {os.path.join(directory, RESULTS_FILE)}', flush=True)
