@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from l2w_jax import data
 from l2w_jax.training import train
 from l2w_jax.training.checkpoint import CheckpointError
 from tests.conftest import PROJECT_ROOT, subprocess_env

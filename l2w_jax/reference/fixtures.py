@@ -65,10 +65,6 @@ class Fixture:
     return any(k.startswith(EXPECTED + '/') or k.startswith(EXPECTED + '_')
                for k in self.arrays)
 
-  def expected(self, key: str):
-    """The stored expected value of `key` (full name), or None."""
-    return self.arrays.get(key)
-
   @property
   def compute_dtype(self):
     name = self.config.get('compute_dtype', 'float32')
