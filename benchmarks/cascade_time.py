@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from l2w_jax.evaluation import anytime, budgeted
 from l2w_jax.evaluation.cascade import (Cascade, SingleImageCascade,
-                                        time_per_image)
+                                        compare_with_full_network)
 from l2w_jax.evaluation.flops import count_per_exit
 from l2w_jax.models import build_model
 
@@ -71,18 +71,14 @@ def main(argv):
     exits = np.concatenate([cascade(b).exits for b in batches])
     fractions = np.bincount(exits, minlength=model.num_exits) / len(exits)
     expected = float(np.sum(fractions * flops))
-    full_batch = time_per_image(full, batches)
-    cascade_batch = time_per_image(cascade, batches)
-    full_single = time_per_image(full, singles)
-    cascade_single = time_per_image(single, singles)
-    rows.append({'budget_index': index,
-                 'flops_speedup': round(float(flops[-1] / expected), 3),
-                 'batch_speedup': round(full_batch / cascade_batch, 3),
-                 'single_speedup': round(full_single / cascade_single, 3),
-                 'full_batch_ms': round(1e3 * full_batch, 3),
-                 'cascade_batch_ms': round(1e3 * cascade_batch, 3),
-                 'full_single_ms': round(1e3 * full_single, 3),
-                 'cascade_single_ms': round(1e3 * cascade_single, 3)})
+    t = compare_with_full_network(full, cascade, single, batches, singles)
+    rows.append({
+        'budget_index': index,
+        'flops_speedup': round(float(flops[-1] / expected), 3),
+        'batch_speedup': round(t['full_batch_s'] / t['cascade_batch_s'], 3),
+        'single_speedup': round(t['full_single_s'] / t['cascade_single_s'],
+                                3),
+        **{k[:-len('_s')] + '_ms': round(1e3 * v, 3) for k, v in t.items()}})
   print(json.dumps({'model': config.model.name,
                     'mflops_per_exit': [round(f / 1e6, 3) for f in flops],
                     'batch_size': _BATCH.value, 'budgets': rows}))

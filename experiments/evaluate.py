@@ -40,16 +40,13 @@ _LATENCY_IMAGES = flags.DEFINE_integer('latency_images', 100, 'Images timed '
 flags.mark_flag_as_required('config')
 
 
-def _variables(config):
-  """Variables of the run in --workdir or of --torch_checkpoint."""
-  from l2w_jax import data  # pylint: disable=g-import-not-at-top
+def _variables(config, model, info):
+  """Variables of the run in --workdir or of --torch_checkpoint, and the
+  iteration of the run (None for a PyTorch checkpoint)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from l2w_jax.convert import torch_state  # pylint: disable=g-import-not-at-top
-  from l2w_jax.models import build_model  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.train import restore_variables  # pylint: disable=g-import-not-at-top
   if _TORCH.value:
-    info = data.data_info(config)
-    model = build_model(config)
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     template = torch_state.variables_template(
         model, jnp.zeros((1,) + info.image_shape))
     state = torch_state.load_torch_checkpoint(_TORCH.value)
@@ -73,7 +70,7 @@ def main(argv):
     raise app.UsageError('give --out when evaluating a PyTorch checkpoint')
   info = data.data_info(config)
   model = build_model(config)
-  variables, iteration = _variables(config)
+  variables, iteration = _variables(config, model, info)
   if _MODE.value == 'budgeted':
     results = report.evaluate_model(config, model, variables, info)
     if iteration is not None:

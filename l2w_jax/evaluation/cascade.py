@@ -188,3 +188,16 @@ def time_per_image(fn, batches: Sequence[np.ndarray], repeats: int = 5
       jax.block_until_ready(fn(batch))
     times.append((time.perf_counter() - start) / n)
   return float(np.median(times))
+
+
+def compare_with_full_network(full, cascade, single, batches, singles
+                              ) -> dict[str, float]:
+  """Seconds per image of the full network and of the cascades, in batches
+  and one image at a time; each pair timed back to back so that load
+  changes on a shared machine hit both."""
+  return {
+      'full_batch_s': time_per_image(full, batches),
+      'cascade_batch_s': time_per_image(cascade, batches),
+      'full_single_s': time_per_image(full, singles),
+      'cascade_single_s': time_per_image(single, singles),
+  }

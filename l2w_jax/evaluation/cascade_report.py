@@ -17,7 +17,8 @@ import numpy as np
 from l2w_jax import data
 from l2w_jax.evaluation import anytime, budgeted, report
 from l2w_jax.evaluation.cascade import (Cascade, SingleImageCascade,
-                                        simulated_exits, time_per_image)
+                                        compare_with_full_network,
+                                        simulated_exits)
 from l2w_jax.evaluation.flops import count_per_exit
 
 
@@ -69,11 +70,8 @@ def measure(config, model, variables, info, budgets, batch_size: int,
                                             thresholds)
     accuracy, expected_flops = budgeted.accuracy_and_flops(
         test.confidence, test.prediction, test.labels, thresholds, flops)
-    # Interleaved with the full network, so load changes hit both.
-    full_batch_s = time_per_image(full, batches)
-    batch_s = time_per_image(in_batches, batches)
-    full_single_s = time_per_image(full, singles)
-    single_s = time_per_image(one_by_one, singles)
+    t = compare_with_full_network(full, in_batches, one_by_one, batches,
+                                  singles)
     single = [one_by_one(x) for x in singles]
     single_agree = np.mean([int(p) == want_pred[i] and int(e) == want_exits[i]
                             for i, (p, e) in enumerate(single)])
@@ -88,12 +86,12 @@ def measure(config, model, variables, info, budgets, batch_size: int,
                            len(exits)).tolist(),
         'expected_mflops': expected_flops / 1e6,
         'flops_speedup': float(flops[-1] / expected_flops),
-        'batch_ms_per_image': 1e3 * batch_s,
-        'batch_speedup': full_batch_s / batch_s,
-        'single_ms_per_image': 1e3 * single_s,
-        'single_speedup': full_single_s / single_s,
-        'full_batch_ms_per_image': 1e3 * full_batch_s,
-        'full_single_ms_per_image': 1e3 * full_single_s,
+        'batch_ms_per_image': 1e3 * t['cascade_batch_s'],
+        'batch_speedup': t['full_batch_s'] / t['cascade_batch_s'],
+        'single_ms_per_image': 1e3 * t['cascade_single_s'],
+        'single_speedup': t['full_single_s'] / t['cascade_single_s'],
+        'full_batch_ms_per_image': 1e3 * t['full_batch_s'],
+        'full_single_ms_per_image': 1e3 * t['full_single_s'],
         'batch_size': batch_size,
         'latency_images': len(singles),
     })
