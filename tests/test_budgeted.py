@@ -91,10 +91,16 @@ def test_rows_for_results_json():
   assert all(1.0 <= r['mflops'] <= 3.0 for r in rows)
 
 
+# The message of check_probabilities' range check only (the sum check and the
+# shape checks say other things).
+RANGE_MESSAGE = r'values must be probabilities in \[0, 1\]'
+
+
 def test_bad_input_is_refused():
   rng = np.random.default_rng(0)
   probs, labels = _outputs(rng, 3, 20, 4, False)
-  with pytest.raises(ValueError, match='not logits|probabilities'):
+  assert (probs * 3).max() > 1  # logits-like: out of range before summing
+  with pytest.raises(ValueError, match=RANGE_MESSAGE):
     budgeted.budgeted_evaluation_from_probs(probs * 3, labels, probs, labels,
                                             [1, 2, 3])
   with pytest.raises(ValueError, match='sum to 1'):
@@ -108,3 +114,127 @@ def test_bad_input_is_refused():
   with pytest.raises(ValueError, match='one FLOPs figure per exit'):
     budgeted.accuracy_and_flops(probs.max(2), probs.argmax(2), labels,
                                 np.array([0.5, 0.5, -1e8]), [1, 2])
+
+
+def _with_row(probs, row):
+  """`probs` with its first sample at exit 0 replaced by `row`."""
+  probs = probs.copy()
+  probs[0, 0] = np.asarray(row, dtype=np.float32)
+  return probs
+
+
+# Rows the range check alone must refuse: each sums to 1 within the sum
+# check's tolerance (1e-3) or is NaN (whose sum the sum check lets through).
+OUT_OF_RANGE_ROWS = {
+    'negative': [0.6, 0.6, -0.2, 0.0],
+    'tiny_negative': [-0.0005, 1.0, 0.0, 0.0],
+    'above_one': [1.0005, 0.0, 0.0, 0.0],
+    'above_one_and_negative': [1.5, -0.5, 0.0, 0.0],
+    'nan': [np.nan, 0.5, 0.25, 0.25],
+    'inf': [np.inf, 0.0, 0.0, 0.0],
+}
+
+
+@pytest.mark.parametrize('case', sorted(OUT_OF_RANGE_ROWS))
+@pytest.mark.parametrize('which', ['held-out', 'test'])
+def test_values_outside_0_1_are_refused_by_the_range_check(case, which):
+  """Only the [0, 1] / finiteness check can catch these inputs."""
+  rng = np.random.default_rng(1)
+  probs, labels = _outputs(rng, 3, 20, 4, False)
+  bad = _with_row(probs, OUT_OF_RANGE_ROWS[case])
+  sums = bad.sum(axis=2, dtype=np.float64)
+  if case == 'nan':
+    assert np.isnan(sums[0, 0])
+  elif case != 'inf':
+    assert np.max(np.abs(sums - 1.0)) <= 1e-3  # the sum check is satisfied
+  args = ((bad, labels, probs, labels) if which == 'held-out' else
+          (probs, labels, bad, labels))
+  with pytest.raises(ValueError, match=f'{which} probabilities: '
+                     f'{RANGE_MESSAGE}'):
+    budgeted.budgeted_evaluation_from_probs(*args, [1, 2, 3])
+  with pytest.raises(ValueError, match=RANGE_MESSAGE):
+    budgeted.check_probabilities(bad, 'x')
+  budgeted.check_probabilities(probs, 'x')  # the untouched input is fine
+
+
+def test_probabilities_at_the_range_ends_are_accepted():
+  """Exactly 0 and exactly 1 are probabilities (one-hot outputs)."""
+  probs = np.zeros((2, 3, 4), np.float32)
+  probs[:, :, 1] = 1.0
+  budgeted.check_probabilities(probs, 'one-hot')
+
+
+def _tied_outputs(rng, exits, n, classes, tied_exit, num_tied):
+  """Probabilities where `num_tied` samples share the top confidence (0.7) at
+  `tied_exit`; every other confidence there is at most 0.6 and distinct."""
+  probs = rng.dirichlet(np.full(classes, 0.3), size=(exits, n))
+  low = 0.5 * rng.dirichlet(np.full(classes, 2.0), size=n) + 0.5 / classes
+  probs[tied_exit] = low  # max <= 0.5 + 0.5 / classes = 0.6
+  tied = rng.choice(n, size=num_tied, replace=False)
+  rest = 0.3 / (classes - 1)
+  for i in tied:  # the same values, the 0.7 at a random class
+    row = np.full(classes, rest)
+    row[rng.integers(classes)] = 0.7
+    probs[tied_exit, i] = row
+  labels = rng.integers(0, classes, size=n)
+  return probs.astype(np.float32), labels
+
+
+def _quota_exceeds_free(confidence, proportions, thresholds):
+  """Exits (k < K - 1, quota >= 1) whose quota exceeds the samples no earlier
+  exit took, and exits whose quota equals them, given the thresholds."""
+  num_exits, n = confidence.shape
+  taken = np.zeros(n, bool)
+  exceeds, equals = [], []
+  for k in range(num_exits - 1):
+    quota = math.floor(np.float32(n) * np.float32(proportions[k]))
+    free = int(n - taken.sum())
+    if quota >= 1 and quota > free:
+      exceeds.append(k)
+    if quota >= 1 and quota == free:
+      equals.append(k)
+    taken = taken | (confidence[k] >= thresholds[k])
+  return exceeds, equals
+
+
+@pytest.mark.parametrize('exits,tied_exit,num_tied', [(4, 0, 88),
+                                                      (4, 1, 90),
+                                                      (3, 0, 95)])
+def test_heavy_ties_leave_fewer_samples_than_the_next_quota(exits, tied_exit,
+                                                            num_tied):
+  """A tie takes (almost) everyone, so a later exit's quota exceeds the
+  samples left: its threshold must stay 1e8, as in the original's loop."""
+  rng = np.random.default_rng(10 * exits + tied_exit)
+  n_val = 100
+  val, val_labels = _tied_outputs(rng, exits, n_val, 5, tied_exit, num_tied)
+  test, test_labels = _tied_outputs(rng, exits, 60, 5, tied_exit, 40)
+  flops = np.cumsum(rng.uniform(1e6, 3e6, size=exits))
+  result = budgeted.budgeted_evaluation_from_probs(val, val_labels, test,
+                                                   test_labels, flops)
+  val_conf, val_pred = val.max(2), val.argmax(2)
+  test_conf, test_pred = test.max(2), test.argmax(2)
+  assert np.sum(val_conf[tied_exit] == np.float32(0.7)) == num_tied
+  assert np.all(np.sort(val_conf[tied_exit])[:n_val - num_tied] <= 0.6)
+  exceeded, equalled, exits_after = 0, 0, 0
+  for i, q in enumerate(budgeted.budget_proportions(exits)):
+    thresholds = original_find_threshold(val_conf, q)
+    np.testing.assert_array_equal(result.thresholds[i], thresholds)
+    exceeds, equals = _quota_exceeds_free(val_conf, q, thresholds)
+    for k in exceeds:  # nobody exits there
+      assert thresholds[k] == np.float32(1e8)
+    exceeded += len(exceeds)
+    equalled += len(equals)
+    # a later (not last) exit still gets a real threshold after a sentinel
+    exits_after += sum(int(thresholds[j] < 1) for k in exceeds
+                       for j in range(k + 1, exits - 1))
+    val_acc, _ = original_with_threshold(val_conf, val_pred, val_labels,
+                                         thresholds, flops)
+    test_acc, test_flops = original_with_threshold(
+        test_conf, test_pred, test_labels, thresholds, flops)
+    assert result.val_acc[i] == val_acc
+    assert result.test_acc[i] == test_acc
+    assert result.test_flops[i] == pytest.approx(test_flops, rel=1e-12)
+  assert exceeded > 0  # the quota-exceeds-free branch was reached
+  if (exits, tied_exit) == (4, 0):
+    assert equalled > 0  # and the quota == free boundary too
+    assert exits_after > 0

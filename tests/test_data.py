@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 
+import chex
 import ml_collections
 import numpy as np
 import pytest
@@ -227,9 +228,7 @@ def test_digits_train_epoch(digits_dir):
   assert abs(images.mean()) < 0.15 and 0.85 < images.std() < 1.15
   assert set(np.unique(stack(batches, 'label'))) == set(range(10))
   again = all_batches(data.train_batches(config, epoch=0))
-  for a, b in zip(batches, again):
-    np.testing.assert_array_equal(a['image'], b['image'])
-    np.testing.assert_array_equal(a['label'], b['label'])
+  chex.assert_trees_all_equal(batches, again)
 
 
 def test_digits_holdout_is_the_validation_split(digits_dir):
@@ -253,12 +252,8 @@ def test_train_batches_are_deterministic_and_resumable(cifar10):
   again = all_batches(data.train_batches(config, epoch=3))
   tail = all_batches(data.train_batches(config, epoch=3, start_step=4))
   assert len(tail) == 2
-  for a, b in zip(full, again):
-    np.testing.assert_array_equal(a['image'], b['image'])
-    np.testing.assert_array_equal(a['label'], b['label'])
-  for a, b in zip(full[4:], tail):
-    np.testing.assert_array_equal(a['image'], b['image'])
-    np.testing.assert_array_equal(a['label'], b['label'])
+  chex.assert_trees_all_equal(full, again)
+  chex.assert_trees_all_equal(full[4:], tail)
   assert all_batches(data.train_batches(config, epoch=3, start_step=6)) == []
   # Each example at most once per epoch; the dropped remainder is 100 % 16.
   seen = index_of(to_uint8(stack(full, 'image'), pipeline.CIFAR10_MEAN,
@@ -377,7 +372,7 @@ def test_crop_flip_is_a_shift_and_mirror_within_the_padded_frame():
   params = np.array([[0, 0, 0], [8, 8, 1], [4, 4, 0], [4, 4, 1], [1, 7, 0],
                      [6, 2, 1]], np.int32)
   got = augment.crop_flip(tf.constant(images), tf.constant(params), 4).numpy()
-  for image, (top, left, flip), out in zip(images, params, got):
+  for image, (top, left, flip), out in zip(images, params, got, strict=True):
     np.testing.assert_array_equal(out, all_crop_flips(image)[(top, left,
                                                               flip)])
   # (4, 4) is the identity; the padding is zeros.
@@ -408,7 +403,7 @@ def test_train_images_are_crops_and_flips_of_their_examples(cifar10):
   images = to_uint8(batch['image'], pipeline.CIFAR10_MEAN,
                     pipeline.CIFAR10_STD)
   flips = []
-  for image, index in zip(images, index_of(images)):
+  for image, index in zip(images, index_of(images), strict=True):
     source = fake_images([index])[0]
     matches = [key for key, out in all_crop_flips(source).items()
                if np.array_equal(out, image)]
@@ -419,7 +414,7 @@ def test_train_images_are_crops_and_flips_of_their_examples(cifar10):
   crop_only = make_config('cifar10', holdout=20, batch_size=32, augment='crop')
   images = to_uint8(next(data.train_batches(crop_only, epoch=0))['image'],
                     pipeline.CIFAR10_MEAN, pipeline.CIFAR10_STD)
-  for image, index in zip(images, index_of(images)):
+  for image, index in zip(images, index_of(images), strict=True):
     candidates = all_crop_flips(fake_images([index])[0])
     assert any(np.array_equal(candidates[(t, l, 0)], image)
                for t in range(9) for l in range(9))
@@ -558,12 +553,9 @@ def test_imagenet_train_is_deterministic_resumable_and_sharded(imagenet):
   assert full[0]['image'].dtype == np.float32
   again = all_batches(data.train_batches(config, epoch=2))
   tail = all_batches(data.train_batches(config, epoch=2, start_step=4))
-  for a, b in zip(full, again):
-    np.testing.assert_array_equal(a['image'], b['image'])
+  chex.assert_trees_all_equal(full, again)
   assert len(tail) == 2
-  for a, b in zip(full[4:], tail):
-    np.testing.assert_array_equal(a['image'], b['image'])
-    np.testing.assert_array_equal(a['label'], b['label'])
+  chex.assert_trees_all_equal(full[4:], tail)
   seen = imagenet_indices(full)
   assert len(set(seen)) == 48 and min(seen) >= 10  # never the holdout
   np.testing.assert_array_equal(stack(full, 'label'), (seen * 7) % 1000)

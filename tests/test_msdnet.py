@@ -1,5 +1,6 @@
 """MSDNet topology, configuration errors, initialisation and conversion."""
 
+import chex
 import flax
 import jax
 import jax.numpy as jnp
@@ -22,9 +23,11 @@ def test_forward_returns_one_logit_array_per_exit():
   logits, mutated = model.apply(variables, x, train=True,
                                 mutable=['batch_stats'])
   assert set(mutated) == {'batch_stats'}
+  chex.assert_trees_all_equal_shapes_and_dtypes(mutated['batch_stats'],
+                                                variables['batch_stats'])
   moved = jax.tree_util.tree_leaves(mutated['batch_stats'])
   before = jax.tree_util.tree_leaves(variables['batch_stats'])
-  assert any(not np.allclose(a, b) for a, b in zip(moved, before))
+  assert all(not np.allclose(a, b) for a, b in zip(moved, before, strict=True))
 
 
 @pytest.mark.parametrize('kwargs,field', [
@@ -120,9 +123,7 @@ def test_conversion_round_trip_and_names():
   assert state_dict['blocks.0.0.layers.0.net.1.num_batches_tracked'] == 7
   assert state_dict['classifier.2.linear.weight'].shape == (5, 128)
   back = torch_to_flax(state_dict, variables_template(model, x))
-  for a, b in zip(jax.tree_util.tree_leaves(back),
-                  jax.tree_util.tree_leaves(flax.core.unfreeze(variables))):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(back, flax.core.unfreeze(variables))
 
 
 def test_conversion_reports_missing_unexpected_and_misshapen_entries():

@@ -7,12 +7,16 @@ import subprocess
 import sys
 import time
 
+import chex
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from l2w_jax import data
 from l2w_jax.training import train
-from l2w_jax.training.checkpoint import CheckpointError
+from l2w_jax.training.checkpoint import CheckpointError, Checkpointer
+from l2w_jax.training.learner import build_learner, init_train_state
 from tests.conftest import PROJECT_ROOT, subprocess_env
 from tests.tiny import tiny_train_config
 
@@ -65,11 +69,48 @@ def test_resuming_continues_the_same_run(tmp_path):
   _check_results(resumed, tmp_path / 'split')
 
 
-def test_uniform_method_trains(tmp_path):
+def _restore_state(config, checkpoints, step=None):
+  """The TrainState saved at `step` (default: latest) under `checkpoints`."""
+  learner = build_learner(config)
+  template = init_train_state(learner, jax.random.PRNGKey(0),
+                              data.data_info(config).image_shape)
+  checkpointer = Checkpointer(str(checkpoints))
+  try:
+    return checkpointer.restore(template, step)[0]
+  finally:
+    checkpointer.close()
+
+
+def _metric_rows(workdir):
+  return [json.loads(l) for l in
+          (workdir / 'metrics.jsonl').read_text().splitlines()
+          if '"step"' in l]
+
+
+def test_uniform_method_trains_the_backbone_with_unit_weights(tmp_path):
   config = tiny_train_config('sklearn_digits', num_steps=2, method='uniform')
   config.dataset.data_dir = str(tmp_path / 'data')
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert results['method'] == 'uniform'
+  rows = [r for r in _metric_rows(tmp_path / 'run') if 'train/loss' in r]
+  assert [r['step'] for r in rows] == [1, 2]
+  for row in rows:
+    # With unit weights the training loss is the plain sum of the exits'.
+    assert row['train/loss'] == pytest.approx(
+        sum(row[f'train/loss_exit{k}'] for k in (1, 2, 3)), rel=1e-6)
+    assert [row[f'train/weight_exit{k}'] for k in (1, 2, 3)] == [1.0] * 3
+    assert 'train/meta_loss' not in row
+  learner = build_learner(config)
+  initial = init_train_state(learner, jax.random.PRNGKey(config.seed),
+                             (32, 32, 3))
+  final = _restore_state(config, tmp_path / 'run' / 'checkpoints')
+  assert int(final.step) == 2
+  chex.assert_trees_all_equal(final.meta_params, initial.meta_params)
+  chex.assert_trees_all_equal(final.meta_opt_state, initial.meta_opt_state)
+  changed = jax.tree_util.tree_map(
+      lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+      final.params, initial.params)
+  assert all(jax.tree_util.tree_leaves(changed))  # every backbone array moved
 
 
 def test_missing_dataset_stops_before_compiling(tmp_path):
@@ -102,21 +143,42 @@ def test_nan_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
   config = tiny_train_config('sklearn_digits', num_steps=40)
   config.dataset.data_dir = str(tmp_path / 'data')
   config.train.checkpoint_every_steps = 1
-  config.train.lr = 1e30  # diverges within a few iterations
-  with pytest.raises(train.TrainingDiverged, match='became'):
+  config.train.lr = 1e3  # finite after iteration 1, NaN losses at iteration 2
+  with pytest.raises(train.TrainingDiverged) as error:
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+  message = str(error.value)
+  assert 'train/loss became nan by iteration 2' in message
+  assert 'last checkpoint (step 1, finite) is untouched' in message
+  assert 'resumes from it' in message
   checkpoints = tmp_path / 'run' / 'checkpoints'
-  steps = sorted(int(p.name) for p in checkpoints.iterdir()
-                 if p.name.isdigit())
-  if steps:  # whatever was saved is finite
-    from l2w_jax.training.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-    from l2w_jax.training.learner import build_learner, init_train_state  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
-    learner = build_learner(config)
-    template = init_train_state(learner, jax.random.PRNGKey(0), (32, 32, 3))
-    state, _ = Checkpointer(str(checkpoints)).restore(template)
-    assert all(np.all(np.isfinite(x)) for x in
-               jax.tree_util.tree_leaves(state.params))
+  assert sorted(p.name for p in checkpoints.iterdir()
+                if p.name.isdigit()) == ['1']
+  state = _restore_state(config, checkpoints)
+  assert int(state.step) == 1
+  chex.assert_tree_all_finite(state)
+  learner = build_learner(config)
+  initial = init_train_state(learner, jax.random.PRNGKey(config.seed),
+                             (32, 32, 3))
+  # Iteration 1 did change the state (huge but finite).
+  assert not np.array_equal(state.params['classifier_2']['linear']['kernel'],
+                            initial.params['classifier_2']['linear']['kernel'])
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+  """The state check runs before every save, not only when losses are logged."""
+  config = tiny_train_config('sklearn_digits', num_steps=2)
+  learner = build_learner(config)
+  state = init_train_state(learner, jax.random.PRNGKey(0), (32, 32, 3))
+  bad = state.replace(meta_params=jax.tree_util.tree_map(
+      lambda x: x.at[(0,) * x.ndim].set(np.inf), state.meta_params))
+  checkpointer = Checkpointer(str(tmp_path / 'checkpoints'))
+  try:
+    train._check_state_finite(state, 3, checkpointer)  # pylint: disable=protected-access
+    with pytest.raises(train.TrainingDiverged,
+                       match='became non-finite by iteration 3.*no checkpoint'):
+      train._check_state_finite(bad, 3, checkpointer)  # pylint: disable=protected-access
+  finally:
+    checkpointer.close()
 
 
 def test_corrupt_checkpoint_is_reported_and_kept(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +64,7 @@ def centre(raw: jax.Array, constraint: str) -> jax.Array:
 def sample_weights(raw: jax.Array, constraint: str,
                    epsilon: float) -> jax.Array:
   """w = 1 + epsilon * (raw - mean): (B, K) raw weight-net outputs -> weights."""
+  chex.assert_rank(raw, 2)
   return 1.0 + epsilon * centre(raw, constraint)
 
 
@@ -73,6 +75,7 @@ def per_exit_losses(exit_logits: Sequence[jax.Array], labels: jax.Array,
   With label smoothing s, (1 - s) * NLL + s * mean_c(-log p_c), as
   `torch.nn.functional.cross_entropy(label_smoothing=s)`.
   """
+  chex.assert_shape(labels, (exit_logits[0].shape[0],))
   columns = []
   for logits in exit_logits:
     log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -94,6 +97,8 @@ def exit_confidences(exit_logits: Sequence[jax.Array]) -> jax.Array:
 def weight_net_inputs(losses: jax.Array, confidences: jax.Array,
                       input_kind: str) -> jax.Array:
   """What the weight net sees: 'loss' (B, K), 'conf' (B, K) or 'both' (B, 2K)."""
+  chex.assert_rank(losses, 2)
+  chex.assert_equal_shape((losses, confidences))
   if input_kind == 'loss':
     return losses
   if input_kind == 'conf':
@@ -112,6 +117,7 @@ def allocate_to_exits(confidences: jax.Array,
   those no earlier exit took (ties: lower index first, as a stable sort);
   the last exit takes the rest. One sort per exit, no loop over samples.
   """
+  chex.assert_rank(confidences, 2)
   num_samples, num_exits = confidences.shape
   if len(quotas) != num_exits - 1:
     raise ValueError(f'need {num_exits - 1} quotas for {num_exits} exits, got '
@@ -137,6 +143,8 @@ def allocated_loss(losses: jax.Array, assignment: jax.Array) -> jax.Array:
 
   losses (B, K), assignment (B,) -> scalar; an exit with no samples adds 0.
   """
+  chex.assert_rank(losses, 2)
+  chex.assert_shape(assignment, (losses.shape[0],))
   num_exits = losses.shape[1]
   member = jax.nn.one_hot(assignment, num_exits, dtype=losses.dtype)
   counts = jnp.sum(member, axis=0)

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from l2w_jax.reference.fixtures import (Check, Fixture, FixtureError,
-                                        open_fixture)
+                                        NotCompared, open_fixture)
 
 
 def _runners() -> dict[str, Callable]:
@@ -28,6 +28,7 @@ class FixtureResult:
   fixture: Fixture
   computed: dict[str, np.ndarray]
   checks: list[Check]
+  not_compared: list[NotCompared] = dataclasses.field(default_factory=list)
 
   @property
   def compared(self) -> bool:
@@ -44,6 +45,7 @@ class FixtureResult:
         'passed': self.passed,
         'compared': self.compared,
         'checks': {c.name: c.as_json() for c in self.checks},
+        'not_compared': {n.name: n.reason for n in self.not_compared},
     }
 
   def save(self, path: str) -> None:
@@ -65,10 +67,12 @@ def run_fixture(fixture: Fixture | str) -> FixtureResult:
   if fixture.kind not in runners:
     raise FixtureError(f'{fixture.name}: unknown fixture kind '
                        f'{fixture.kind!r}; this version runs {sorted(runners)}')
-  computed, checks = runners[fixture.kind](fixture)
+  computed, results = runners[fixture.kind](fixture)
+  checks = [c for c in results if isinstance(c, Check)]
+  not_compared = [c for c in results if isinstance(c, NotCompared)]
   if not fixture.has_expected():
-    checks = []
-  return FixtureResult(fixture, computed, checks)
+    checks, not_compared = [], []
+  return FixtureResult(fixture, computed, checks, not_compared)
 
 
 def needs_float64(paths) -> bool:

@@ -141,6 +141,13 @@ class Check:
     return out
 
 
+@dataclasses.dataclass
+class NotCompared:
+  """An expected entry deliberately left unchecked, and why."""
+  name: str
+  reason: str
+
+
 def max_abs_error(computed: Mapping[str, np.ndarray],
                   expected: Mapping[str, np.ndarray]) -> tuple[float, str]:
   """Largest |computed - expected| over shared keys; missing keys are inf."""

@@ -14,6 +14,7 @@ import signal
 import time
 from typing import Callable
 
+import chex
 import jax
 import ml_collections
 import numpy as np
@@ -127,18 +128,40 @@ def _summarise(window: list, num_exits: int) -> dict[str, float]:
   return out
 
 
+def _diverged(what: str, step: int, checkpointer: Checkpointer):
+  """The TrainingDiverged error for `what` going non-finite by `step`,
+  saying truthfully what is on disk and what a rerun does."""
+  last = checkpointer.latest_step()
+  if last is None:
+    disk = ('no checkpoint has been written, so rerunning the command starts '
+            'from scratch')
+  else:
+    disk = (f'the last checkpoint (step {last}, finite) is untouched, and '
+            f'rerunning the command resumes from it')
+  return TrainingDiverged(
+      f'{what} by iteration {step}: training stopped; {disk}. To avoid the '
+      'same divergence lower train.lr or meta.lr (or check the input data); '
+      'a changed config needs a new --workdir.')
+
+
 def _check_finite(scalars: dict[str, float], step: int,
                   checkpointer: Checkpointer) -> None:
+  """Raises TrainingDiverged if a logged loss is NaN or infinite."""
   bad = [k for k in ('train/loss', 'train/meta_loss')
          if k in scalars and not np.isfinite(scalars[k])]
   if bad:
-    last = checkpointer.latest_step()
-    kept = (f'the last good checkpoint (step {last}) is untouched'
-            if last is not None else 'no checkpoint was written')
-    raise TrainingDiverged(
-        f'{", ".join(bad)} became {scalars[bad[0]]} by step {step}; '
-        f'training stopped and {kept}. Lower train.lr or meta.lr, or check '
-        'the input data, then rerun (it resumes from that checkpoint).')
+    raise _diverged(f'{", ".join(bad)} became {scalars[bad[0]]}', step,
+                    checkpointer)
+
+
+def _check_state_finite(state: l2w.TrainState, step: int,
+                        checkpointer: Checkpointer) -> None:
+  """Raises TrainingDiverged instead of letting a NaN/Inf state be saved."""
+  try:
+    chex.assert_tree_all_finite(state)
+  except AssertionError:
+    raise _diverged('the training state (parameters, statistics or optimizer '
+                    'state) became non-finite', step, checkpointer) from None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -196,6 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   progress = metrics_lib.Progress(step, total)
 
   def save(step):
+    _check_state_finite(state, step, checkpointer)
     checkpointer.save(step, state, {
         'step': step, 'epoch': step // steps_per_epoch,
         'batch_in_epoch': step % steps_per_epoch,

@@ -1,0 +1,155 @@
+"""The training loop's schedule: learning rates per iteration, meta steps
+every `meta.interval` batches of an epoch, epoch ends, and resuming there.
+
+Runs on mock CIFAR-10 with 40 training images in batches of 8, so an epoch
+is 5 iterations and an 8-iteration run crosses one epoch boundary.
+"""
+
+import json
+import math
+
+import chex
+import jax
+import pytest
+import tensorflow_datasets as tfds
+
+from l2w_jax import data
+from l2w_jax.training import train
+from l2w_jax.training.checkpoint import Checkpointer
+from l2w_jax.training.learner import build_learner, init_train_state
+from l2w_jax.training.schedules import cosine_learning_rate
+from tests.tiny import tiny_train_config
+
+STEPS_PER_EPOCH = 5
+TOTAL = 8
+
+
+def _cosine(base, iteration, total):
+  return base * (1 + math.cos(math.pi * iteration / total)) / 2
+
+
+def test_cosine_learning_rate_formula():
+  assert cosine_learning_rate(0.8, 0, 100) == 0.8
+  assert cosine_learning_rate(0.8, 50, 100) == pytest.approx(0.4, rel=1e-15)
+  assert cosine_learning_rate(0.8, 100, 100) == pytest.approx(0.0, abs=1e-16)
+  for t in (1, 7, 99):
+    assert cosine_learning_rate(0.8, t, 100) == pytest.approx(
+        _cosine(0.8, t, 100), rel=1e-15)
+  with pytest.raises(ValueError, match='positive number of iterations'):
+    cosine_learning_rate(0.8, 0, 0)
+
+
+def _config():
+  config = tiny_train_config('cifar10', num_steps=TOTAL)
+  config.meta.interval = 2
+  config.train.log_every_steps = 3
+  config.train.checkpoint_every_steps = 1
+  config.train.keep_checkpoints = TOTAL + 1
+  config.train.eval_every_epochs = 1
+  return config
+
+
+def _rows(workdir):
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+  return [r for r in map(json.loads, lines) if 'step' in r]
+
+
+def _recording(monkeypatch):
+  """Records the (epoch, start_step) of every train_batches call."""
+  calls = []
+  original = data.train_batches
+
+  def train_batches(config, epoch, start_step=0, **kwargs):
+    calls.append((epoch, start_step))
+    return original(config, epoch=epoch, start_step=start_step, **kwargs)
+
+  monkeypatch.setattr(data, 'train_batches', train_batches)
+  return calls
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """An uninterrupted run and one stopped at the end of epoch 1, resumed."""
+  base = tmp_path_factory.mktemp('loop')
+  config = _config()
+  with pytest.MonkeyPatch.context() as monkeypatch, \
+      tfds.testing.mock_data(num_examples=48):
+    calls = _recording(monkeypatch)
+    whole = train.train_and_evaluate(config, str(base / 'whole'))
+    whole_calls = list(calls)
+    calls.clear()
+    stopped = train.train_and_evaluate(config, str(base / 'split'),
+                                       interrupt_at_step=STEPS_PER_EPOCH)
+    stopped_calls = list(calls)
+    calls.clear()
+    resumed = train.train_and_evaluate(config, str(base / 'split'))
+    resumed_calls = list(calls)
+  return dict(config=config, base=base, whole=whole, stopped=stopped,
+              resumed=resumed, calls=(whole_calls, stopped_calls,
+                                      resumed_calls))
+
+
+def test_epochs_are_read_from_their_start_and_reshuffled(runs):
+  whole_calls, stopped_calls, resumed_calls = runs['calls']
+  assert whole_calls == [(0, 0), (1, 0)]
+  assert stopped_calls == [(0, 0)]
+  # The checkpoint sits exactly at an epoch end: resume at the next epoch.
+  assert resumed_calls == [(1, 0)]
+
+
+def test_logs_at_the_interval_at_epoch_ends_and_at_the_end(runs):
+  rows = _rows(runs['base'] / 'whole')
+  train_rows = {r['step']: r for r in rows if 'train/loss' in r}
+  assert sorted(train_rows) == [3, 5, 6, 8]  # every 3, epoch end, last
+  assert train_rows[5]['epoch'] == 1.0
+  # Evaluation every epoch, before the last iteration: after iteration 5.
+  assert [r['step'] for r in rows if 'val/acc_exit1' in r] == [5]
+  for step, row in train_rows.items():  # the last iteration of its window
+    assert row['train/lr'] == _cosine(0.1, step - 1, TOTAL)
+    assert row['train/meta_lr'] == _cosine(1e-2, step - 1, TOTAL)
+
+
+def test_resumed_run_logs_the_same_learning_rates(runs):
+  rows = [r for r in _rows(runs['base'] / 'split') if 'train/loss' in r]
+  assert [r['step'] for r in rows] == [3, 5, 6, 8]
+  whole = [r for r in _rows(runs['base'] / 'whole') if 'train/loss' in r]
+  for a, b in zip(rows, whole, strict=True):
+    assert (a['train/lr'], a['train/meta_lr']) == (b['train/lr'],
+                                                   b['train/meta_lr'])
+
+
+def test_meta_steps_follow_the_batch_index_within_the_epoch(runs):
+  """interval 2, 5 batches an epoch: meta steps at batches 0, 2, 4 of epoch 0
+  and 0, 2 of epoch 1 (iterations 1, 3, 5, 6, 8); the weight net and its
+  optimizer state stay untouched by the others."""
+  config = runs['config']
+  learner = build_learner(config)
+  with tfds.testing.mock_data(num_examples=48):
+    shape = data.data_info(config).image_shape
+  state = init_train_state(learner, jax.random.PRNGKey(config.seed), shape)
+  checkpointer = Checkpointer(str(runs['base'] / 'whole' / 'checkpoints'))
+  try:
+    assert checkpointer.all_steps() == list(range(1, TOTAL + 1))
+    changed = []
+    for step in range(1, TOTAL + 1):
+      new, _ = checkpointer.restore(state, step)
+      same = jax.tree_util.tree_all(jax.tree_util.tree_map(
+          lambda a, b: bool((a == b).all()), new.meta_params,
+          state.meta_params))
+      if same:
+        chex.assert_trees_all_equal(new.meta_opt_state, state.meta_opt_state)
+      else:
+        changed.append(step)
+      state = new
+  finally:
+    checkpointer.close()
+  assert changed == [1, 3, 5, 6, 8]
+
+
+def test_resuming_at_an_epoch_end_is_bit_identical(runs):
+  assert runs['stopped'] == {'interrupted_at': STEPS_PER_EPOCH}
+  whole, resumed = runs['whole'], runs['resumed']
+  assert resumed['iterations'] == whole['iterations'] == TOTAL
+  assert resumed['params_sha256'] == whole['params_sha256']
+  assert resumed['anytime'] == whole['anytime']
+  assert resumed['budgeted'] == whole['budgeted']
