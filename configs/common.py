@@ -63,6 +63,22 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 1000
   config.train.keep_checkpoints = 3
   config.train.eval_every_epochs = 10  # 0: only the final evaluation
+  # Data parallelism: train.batch_size is the global batch, split evenly over
+  # all devices of all processes (each device halves its own share, as DDP
+  # does); per_device_batch_size > 0 sets it as per-device x devices instead.
+  config.train.per_device_batch_size = 0
+  config.train.sync_bn = False  # True: BatchNorm statistics over all devices
+  # Running statistics kept: 'device0' (DDP's buffer broadcast) or 'mean'.
+  config.train.bn_stats = 'device0'
+  config.train.compute_dtype = 'float32'  # or 'bfloat16' (activations only)
+
+  # Multi-process runs. On a multi-host TPU slice nothing needs setting; on
+  # CPU/GPU clusters give the coordinator and each process's id.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = config_dict.placeholder(str)
+  config.distributed.num_processes = 1
+  config.distributed.process_id = 0
+  config.distributed.num_devices = 0  # 0: every device; n: the first n
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500

@@ -8,6 +8,9 @@ import jax
 import pytest
 
 jax.config.update('jax_disable_most_optimizations', True)
+# Data-parallel tests run on 8 simulated CPU devices; everything else uses
+# the first one. Must happen before any JAX computation.
+jax.config.update('jax_num_cpu_devices', 8)
 # Many tests compile the same tiny programs (every train_and_evaluate call
 # builds fresh jitted steps): a compilation cache shared by the session and
 # its subprocesses compiles each once.

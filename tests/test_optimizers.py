@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2w_jax.training import optimizers
+from l2w_jax import optim
 
 
 def _tree(rng, scale=1.0):
@@ -19,9 +19,9 @@ def test_virtual_step_is_torch_sgd_with_momentum():
     rng = np.random.default_rng(0)
     params, grads, buf = _tree(rng), _tree(rng), _tree(rng, 0.1)
     lr, momentum, wd = 0.37, 0.9, 1e-3
-    tx = optimizers.torch_sgd(0.1, momentum, wd)
-    state = optimizers.with_sgd_momentum(tx.init(params), buf)
-    new_params, new_state = optimizers.apply_optimizer(tx, grads, state,
+    tx = optim.torch_sgd(0.1, momentum, wd)
+    state = optim.with_sgd_momentum(tx.init(params), buf)
+    new_params, new_state = optim.apply_optimizer(tx, grads, state,
                                                        params, lr)
     for path in (('a',), ('b', 'c')):
       p, g, m = (np.asarray(_get(t, path)) for t in (params, grads, buf))
@@ -30,7 +30,7 @@ def test_virtual_step_is_torch_sgd_with_momentum():
       np.testing.assert_allclose(_get(new_params, path), p - lr * want_buf,
                                  rtol=1e-14)
       np.testing.assert_allclose(
-          _get(optimizers.sgd_momentum(new_state), path), want_buf,
+          _get(optim.sgd_momentum(new_state), path), want_buf,
           rtol=1e-14)
   finally:
     jax.config.update('jax_enable_x64', False)
@@ -38,20 +38,20 @@ def test_virtual_step_is_torch_sgd_with_momentum():
 
 def test_first_sgd_step_uses_the_gradient_as_buffer():
   params, grads = {'w': jnp.array([1.0, -2.0])}, {'w': jnp.array([0.5, 0.5])}
-  tx = optimizers.torch_sgd(0.1, 0.9, 0.0)
-  new_params, _ = optimizers.apply_optimizer(tx, grads, tx.init(params),
+  tx = optim.torch_sgd(0.1, 0.9, 0.0)
+  new_params, _ = optim.apply_optimizer(tx, grads, tx.init(params),
                                              params, 0.1)
   np.testing.assert_allclose(new_params['w'], [0.95, -2.05], rtol=1e-6)
 
 
 def test_virtual_step_is_differentiable_in_the_gradient():
   params = {'w': jnp.array([1.0, 2.0])}
-  tx = optimizers.torch_sgd(0.1, 0.9, 1e-4)
+  tx = optim.torch_sgd(0.1, 0.9, 1e-4)
   state = tx.init(params)
 
   def after(scale):
     grads = {'w': scale * jnp.array([1.0, 3.0])}
-    new, _ = optimizers.apply_optimizer(tx, grads, state, params, 0.5)
+    new, _ = optim.apply_optimizer(tx, grads, state, params, 0.5)
     return jnp.sum(new['w'])
 
   # d/ds sum(p - lr (s g + wd p)) = -lr sum(g)
@@ -64,14 +64,14 @@ def test_adam_is_torch_adam_with_l2():
     rng = np.random.default_rng(1)
     params = _tree(rng)
     lr, wd, b1, b2, eps = 1e-3, 1e-2, 0.9, 0.999, 1e-8
-    tx = optimizers.torch_adam(lr, wd)
+    tx = optim.torch_adam(lr, wd)
     state = tx.init(params)
     p = {k: np.asarray(v) for k, v in _flat(params).items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
     for t in range(1, 4):
       grads = _tree(rng)
-      params, state = optimizers.apply_optimizer(tx, grads, state, params, lr)
+      params, state = optim.apply_optimizer(tx, grads, state, params, lr)
       for k, g in _flat(grads).items():
         g = np.asarray(g) + wd * p[k]
         m[k] = b1 * m[k] + (1 - b1) * g
@@ -85,13 +85,13 @@ def test_adam_is_torch_adam_with_l2():
 
 
 def test_learning_rate_is_injected_per_step():
-  tx = optimizers.torch_sgd(0.1, 0.0, 0.0)
+  tx = optim.torch_sgd(0.1, 0.0, 0.0)
   params = {'w': jnp.ones(2)}
   state = tx.init(params)
-  new, state = optimizers.apply_optimizer(tx, {'w': jnp.ones(2)}, state,
+  new, state = optim.apply_optimizer(tx, {'w': jnp.ones(2)}, state,
                                           params, 0.25)
   np.testing.assert_allclose(new['w'], 0.75)
-  assert float(optimizers.learning_rate_of(state)) == 0.25
+  assert float(optim.learning_rate_of(state)) == 0.25
 
 
 def _get(tree, path):

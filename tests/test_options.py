@@ -22,7 +22,7 @@ from l2w_jax.meta import l2w, weighting
 from l2w_jax.models import WeightNet
 from l2w_jax.training import train
 from l2w_jax.training.learner import build_learner, init_train_state
-from l2w_jax.training.optimizers import apply_optimizer
+from l2w_jax.optim import apply_optimizer
 from tests.tiny import TINY_IMAGE, tiny_config, tiny_train_config
 
 LR, META_LR = 0.1, 1e-2

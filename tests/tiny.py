@@ -53,6 +53,7 @@ def tiny_train_config(dataset: str = 'sklearn_digits', num_steps: int = 3,
     config.dataset.augment = 'imagenet'
     config.model.stem = 'imagenet'
   config.train.batch_size = 8
+  config.distributed.num_devices = 1  # tests of the sharded loop set more
   config.train.num_steps = num_steps
   config.train.log_every_steps = 1
   config.train.checkpoint_every_steps = 100

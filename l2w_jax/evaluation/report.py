@@ -10,11 +10,14 @@ import os
 
 import flax
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from l2w_jax import data
+from l2w_jax import parallel
 from l2w_jax.evaluation import anytime, budgeted, plots
 from l2w_jax.evaluation.flops import count_per_exit
+from l2w_jax.models import DATA_AXIS
 
 RESULTS_FILE = 'results.json'
 PLOT_FILE = 'budgeted.png'
@@ -34,9 +37,27 @@ def params_sha256(params, batch_stats) -> str:
   return digest.hexdigest()
 
 
-def jitted_statistics(model):
-  """f(variables, images, labels) -> per-batch exit statistics, jitted once."""
-  return jax.jit(functools.partial(anytime.exit_statistics, model))
+def jitted_statistics(model, mesh=None):
+  """f(variables, images, labels) -> per-batch exit statistics, jitted once.
+
+  With a mesh, every process passes the whole batch (numpy, a multiple of the
+  device count); each device evaluates its rows and the (K, B) statistics
+  come back replicated, so every process can read them.
+  """
+  stats = functools.partial(anytime.exit_statistics, model)
+  if mesh is None:
+    return jax.jit(stats)
+  sharded = jax.jit(
+      jax.shard_map(stats, mesh=mesh, in_specs=(P(), P(DATA_AXIS),
+                                                P(DATA_AXIS)),
+                    out_specs=P(None, DATA_AXIS), check_vma=False),
+      out_shardings=parallel.replicated(mesh))
+
+  def on_mesh(variables, images, labels):
+    return sharded(variables, parallel.global_from_full(images, mesh),
+                   parallel.global_from_full(labels, mesh))
+
+  return on_mesh
 
 
 def threshold_outputs(config, stats) -> anytime.ExitOutputs:

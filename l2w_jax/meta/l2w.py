@@ -24,6 +24,7 @@ and call the compiled function twice per iteration.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from l2w_jax.meta import weighting
-from l2w_jax.training.optimizers import apply_optimizer
+from l2w_jax.optim import apply_optimizer
 
 
 @flax.struct.dataclass
@@ -47,6 +48,9 @@ class TrainState:
   meta_opt_state: optax.OptState
 
 
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+
 @dataclasses.dataclass(frozen=True)
 class L2WSettings:
   """The hyper-parameters the half step needs at trace time."""
@@ -55,26 +59,50 @@ class L2WSettings:
   input_kind: str = 'loss'
   target_probs: tuple[float, ...] = ()
   label_smoothing: float = 0.0
+  # The backbone's activations; parameters, optimizer states and losses stay
+  # in their own (float32) dtype.
+  compute_dtype: str = 'float32'
+
+
+def _unchanged(tree):
+  return tree
 
 
 @dataclasses.dataclass(frozen=True)
 class Learner:
-  """The static parts of training: networks, optimizers and settings."""
+  """The static parts of training: networks, optimizers, settings, and how
+  per-device results combine (identity on one device; the data-parallel step
+  sets cross-device means, see `training.step`)."""
   model: nn.Module
   weight_net: nn.Module
   tx: optax.GradientTransformation
   meta_tx: optax.GradientTransformation
   settings: L2WSettings
+  reduce_grads: Callable = _unchanged  # both networks' gradients
+  reduce_batch_stats: Callable = _unchanged  # moved running statistics
 
 
 def backbone_losses(model: nn.Module, params, batch_stats, images, labels,
-                    label_smoothing: float = 0.0):
-  """Train-mode forward: returns (losses (B, K), (exit_logits, new_batch_stats))."""
+                    label_smoothing: float = 0.0, compute_dtype=None):
+  """Train-mode forward: returns (losses (B, K), (exit_logits, new_batch_stats)).
+
+  With `compute_dtype` (e.g. 'bfloat16') the images, hence the activations,
+  are in that dtype; logits and losses come back as float32.
+  """
+  if compute_dtype is not None:
+    images = images.astype(compute_dtype)
   exit_logits, mutated = model.apply(
       {'params': params, 'batch_stats': batch_stats}, images, train=True,
       mutable=['batch_stats'])
+  exit_logits = [z.astype(jnp.float32) if compute_dtype is not None else z
+                 for z in exit_logits]
   losses = weighting.per_exit_losses(exit_logits, labels, label_smoothing)
   return losses, (exit_logits, mutated['batch_stats'])
+
+
+def _compute_dtype(settings: L2WSettings):
+  """None for float32 (no casts at all, so float64 fixtures stay float64)."""
+  return None if settings.compute_dtype == 'float32' else settings.compute_dtype
 
 
 def predict_weights(learner: Learner, meta_params, inputs) -> jax.Array:
@@ -96,8 +124,10 @@ def meta_objective(learner: Learner, meta_params, state: TrainState,
 
   `loss_vjp` is the VJP of the train-half losses w.r.t. the backbone
   parameters; the virtual step's gradient is `loss_vjp(w / B)` because the
-  weighted loss is linear in the losses. Returns (meta_loss, (pseudo_weights,
-  exit_assignment)).
+  weighted loss is linear in the losses. Under data parallelism that gradient
+  stays per device (the original's virtual step differentiates a local copy
+  of the network, which DDP does not all-reduce). Returns (meta_loss,
+  (pseudo_weights, exit_assignment)).
   """
   pseudo_weights = predict_weights(learner, meta_params, weight_inputs)
   num_train = pseudo_weights.shape[0]
@@ -105,16 +135,61 @@ def meta_objective(learner: Learner, meta_params, state: TrainState,
   virtual_params, _ = apply_optimizer(learner.tx, grads, state.opt_state,
                                       state.params, learning_rate)
   # Train mode (batch statistics); the moved running statistics are dropped.
-  meta_logits, _ = learner.model.apply(
-      {'params': virtual_params, 'batch_stats': state.batch_stats},
-      meta_images, train=True, mutable=['batch_stats'])
+  # The meta loss is never label-smoothed.
+  meta_losses, (meta_logits, _) = backbone_losses(
+      learner.model, virtual_params, state.batch_stats, meta_images,
+      meta_labels, compute_dtype=_compute_dtype(learner.settings))
   confidences = jax.lax.stop_gradient(weighting.exit_confidences(meta_logits))
   quotas = weighting.exit_quotas(meta_labels.shape[0],
                                  learner.settings.target_probs)
   assignment = weighting.allocate_to_exits(confidences, quotas)
-  meta_losses = weighting.per_exit_losses(meta_logits, meta_labels)
   return weighting.allocated_loss(meta_losses, assignment), (pseudo_weights,
                                                              assignment)
+
+
+def train_forward(learner: Learner, state: TrainState, images, labels):
+  """The train half's forward pass, kept for two VJPs.
+
+  Returns (losses (B, K), loss_vjp, exit_logits, new_batch_stats,
+  weight_inputs): `loss_vjp(cotangent (B, K))` gives the gradient of
+  sum(cotangent * losses) w.r.t. the backbone parameters, and weight_inputs
+  (B, K or 2K) are what the weight net sees, as constants.
+  """
+  s = learner.settings
+  losses, loss_vjp, (exit_logits, new_batch_stats) = jax.vjp(
+      lambda p: backbone_losses(learner.model, p, state.batch_stats, images,
+                                labels, s.label_smoothing,
+                                _compute_dtype(s)),
+      state.params, has_aux=True)
+  confidences = weighting.exit_confidences(exit_logits)
+  weight_inputs = jax.lax.stop_gradient(
+      weighting.weight_net_inputs(losses, confidences, s.input_kind))
+  return losses, loss_vjp, exit_logits, new_batch_stats, weight_inputs
+
+
+def meta_gradient(learner: Learner, state: TrainState, loss_vjp: Callable,
+                  weight_inputs, meta_images, meta_labels, learning_rate):
+  """This device's meta-gradient: ((meta_loss, (pseudo_weights,
+  exit_assignment)), gradient w.r.t. state.meta_params), differentiating
+  through the virtual step (`meta_objective`)."""
+  objective = functools.partial(meta_objective, learner, state=state,
+                                loss_vjp=loss_vjp,
+                                weight_inputs=weight_inputs,
+                                meta_images=meta_images,
+                                meta_labels=meta_labels,
+                                learning_rate=learning_rate)
+  return jax.value_and_grad(objective, has_aux=True)(state.meta_params)
+
+
+def real_gradient(learner: Learner, meta_params, loss_vjp: Callable,
+                  weight_inputs):
+  """This device's gradient of sum_k mean_b(w_bk L_bk) w.r.t. the backbone,
+  with weights (B, K) from the weight net at `meta_params` as constants.
+  Returns (gradient, weights)."""
+  weights = jax.lax.stop_gradient(
+      predict_weights(learner, meta_params, weight_inputs))
+  grads, = loss_vjp(weights / weights.shape[0])
+  return grads, weights
 
 
 def l2w_half_step(learner: Learner, state: TrainState, train_images,
@@ -124,50 +199,44 @@ def l2w_half_step(learner: Learner, state: TrainState, train_images,
 
   Images NHWC, labels int (B,). `learning_rate` drives the real and the
   virtual step, `meta_learning_rate` the weight net's Adam. `state.step` is
-  not advanced (an iteration has two halves). Metrics: `losses` (B, K)
+  not advanced (an iteration has two halves). Both gradients pass through
+  `learner.reduce_grads` before their optimizer steps, the moved running
+  statistics through `learner.reduce_batch_stats`. Metrics: `losses` (B, K)
   per-sample CE of the train half, `weights` (B, K), `train_loss`,
   `loss_per_exit` and `weight_per_exit` (K,) batch means, `correct` (K,)
-  top-1 hits, and with a meta step `meta_loss`,
-  `pseudo_weights` (B, K), `exit_assignment` (B_meta,), `meta_grads`.
+  top-1 hits, and with a meta step `meta_loss`, `pseudo_weights` (B, K),
+  `exit_assignment` (B_meta,), `meta_grads` (as applied).
   """
-  s = learner.settings
-  losses, loss_vjp, (exit_logits, new_batch_stats) = jax.vjp(
-      lambda p: backbone_losses(learner.model, p, state.batch_stats,
-                                train_images, train_labels,
-                                s.label_smoothing),
-      state.params, has_aux=True)
-  confidences = weighting.exit_confidences(exit_logits)
-  weight_inputs = jax.lax.stop_gradient(
-      weighting.weight_net_inputs(losses, confidences, s.input_kind))
-
+  losses, loss_vjp, exit_logits, new_batch_stats, weight_inputs = (
+      train_forward(learner, state, train_images, train_labels))
   metrics = {}
   meta_params, meta_opt_state = state.meta_params, state.meta_opt_state
   if with_meta:
-    objective = lambda mp: meta_objective(  # pylint: disable=g-long-lambda
-        learner, mp, state, loss_vjp, weight_inputs, meta_images, meta_labels,
+    (meta_loss, (pseudo_weights, assignment)), meta_grads = meta_gradient(
+        learner, state, loss_vjp, weight_inputs, meta_images, meta_labels,
         learning_rate)
-    (meta_loss, (pseudo_weights, assignment)), meta_grads = (
-        jax.value_and_grad(objective, has_aux=True)(meta_params))
+    meta_grads = learner.reduce_grads(meta_grads)
     meta_params, meta_opt_state = apply_optimizer(
         learner.meta_tx, meta_grads, meta_opt_state, meta_params,
         meta_learning_rate)
     metrics.update(meta_loss=meta_loss, pseudo_weights=pseudo_weights,
                    exit_assignment=assignment, meta_grads=meta_grads)
 
-  weights = jax.lax.stop_gradient(
-      predict_weights(learner, meta_params, weight_inputs))
-  grads, = loss_vjp(weights / weights.shape[0])
-  params, opt_state = apply_optimizer(learner.tx, grads, state.opt_state,
-                                      state.params, learning_rate)
+  grads, weights = real_gradient(learner, meta_params, loss_vjp,
+                                 weight_inputs)
+  params, opt_state = apply_optimizer(learner.tx, learner.reduce_grads(grads),
+                                      state.opt_state, state.params,
+                                      learning_rate)
   metrics.update(
       losses=losses, weights=weights,
       train_loss=weighted_loss(weights, losses),
       loss_per_exit=jnp.mean(losses, axis=0),
       weight_per_exit=jnp.mean(weights, axis=0),
       correct=top1_hits(exit_logits, train_labels))
-  new_state = state.replace(params=params, batch_stats=new_batch_stats,
-                            opt_state=opt_state, meta_params=meta_params,
-                            meta_opt_state=meta_opt_state)
+  new_state = state.replace(
+      params=params, batch_stats=learner.reduce_batch_stats(new_batch_stats),
+      opt_state=opt_state, meta_params=meta_params,
+      meta_opt_state=meta_opt_state)
   return new_state, metrics
 
 
@@ -181,15 +250,18 @@ def uniform_half_step(learner: Learner, state: TrainState, images, labels,
 
   def loss_fn(params):
     losses, aux = backbone_losses(learner.model, params, state.batch_stats,
-                                  images, labels, s.label_smoothing)
+                                  images, labels, s.label_smoothing,
+                                  _compute_dtype(s))
     return weighted_loss(jnp.ones_like(losses), losses), (losses, aux)
 
   (train_loss, (losses, (exit_logits, new_batch_stats))), grads = (
       jax.value_and_grad(loss_fn, has_aux=True)(state.params))
-  params, opt_state = apply_optimizer(learner.tx, grads, state.opt_state,
-                                      state.params, learning_rate)
-  new_state = state.replace(params=params, batch_stats=new_batch_stats,
-                            opt_state=opt_state)
+  params, opt_state = apply_optimizer(learner.tx, learner.reduce_grads(grads),
+                                      state.opt_state, state.params,
+                                      learning_rate)
+  new_state = state.replace(
+      params=params, batch_stats=learner.reduce_batch_stats(new_batch_stats),
+      opt_state=opt_state)
   return new_state, {'losses': losses, 'train_loss': train_loss,
                      'loss_per_exit': jnp.mean(losses, axis=0),
                      'weight_per_exit': jnp.ones(losses.shape[1:]),

@@ -1,17 +1,25 @@
 """Multi-exit backbones and the weight prediction network."""
 
+import dataclasses
+
 from l2w_jax.models.msdnet import MSDNet, MSDNetConfig
 from l2w_jax.models.weight_net import WeightNet, weight_net_input_size
 
 MODELS = ('msdnet',)
+# The mesh axis that `train.sync_bn` synchronises BatchNorm over (the one
+# `l2w_jax.parallel` shards the batch along).
+DATA_AXIS = 'data'
 
 
 def build_model(config):
-  """The backbone that `config.model` describes, with `config.dataset`'s classes."""
+  """The backbone that `config.model` describes, with `config.dataset`'s
+  classes; with `train.sync_bn`, its BatchNorm averages over DATA_AXIS."""
   name = config.model.get('name', 'msdnet')
   if name == 'msdnet':
-    return MSDNet(MSDNetConfig.from_config(config.model,
-                                           config.dataset.num_classes))
+    cfg = MSDNetConfig.from_config(config.model, config.dataset.num_classes)
+    if config.get('train') and config.train.get('sync_bn', False):
+      cfg = dataclasses.replace(cfg, bn_axis_name=DATA_AXIS)
+    return MSDNet(cfg)
   raise ValueError(f'model.name: unknown model {name!r}; available: {MODELS}')
 
 

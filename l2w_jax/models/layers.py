@@ -114,6 +114,9 @@ class BatchNorm2d(nn.Module):
   features: int
   momentum: float = 0.1
   epsilon: float = 1e-5
+  # A mesh axis name: batch statistics over all its devices (SyncBatchNorm;
+  # equal shards per device). None: this device's batch only.
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -126,11 +129,13 @@ class BatchNorm2d(nn.Module):
     running_var = self.variable('batch_stats', 'var', jnp.ones, (c,), x.dtype)
     if train:
       axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(x, axis=axes)
-      var = jnp.mean(jnp.square(x - mean), axis=axes)
+      mean = self._across_devices(jnp.mean(x, axis=axes))
+      var = self._across_devices(jnp.mean(jnp.square(x - mean), axis=axes))
       if not self.is_initializing() and self.is_mutable_collection(
           'batch_stats'):
         n = math.prod(x.shape[:-1])
+        if self.axis_name is not None:
+          n *= lax.axis_size(self.axis_name)
         unbiased = var * (n / max(n - 1, 1))
         m = self.momentum
         running_mean.value = ((1 - m) * running_mean.value +
@@ -141,6 +146,11 @@ class BatchNorm2d(nn.Module):
       mean, var = running_mean.value, running_var.value
     inv = lax.rsqrt(var.astype(x.dtype) + self.epsilon) * scale.astype(x.dtype)
     return (x - mean.astype(x.dtype)) * inv + bias.astype(x.dtype)
+
+  def _across_devices(self, statistic: jax.Array) -> jax.Array:
+    if self.axis_name is None:
+      return statistic
+    return lax.pmean(statistic, self.axis_name)
 
 
 class ReLU(nn.Module):

@@ -61,6 +61,8 @@ class MSDNetConfig:
   stem: str = 'cifar'
   num_classes: int = 100
   init: str = 'torch_default'
+  # Mesh axis of synchronised BatchNorm (train.sync_bn); None: per device.
+  bn_axis_name: str | None = None
 
   def __post_init__(self):
     object.__setattr__(self, 'gr_factor',
@@ -180,12 +182,13 @@ class ConvBasic(nn.Module):
   stride: int = 1
   padding: int = 1
   init: str = 'torch_default'
+  bn_axis: str | None = None
 
   def setup(self):
     self.net = [
         Conv2d(self.n_in, self.n_out, self.kernel, self.stride, self.padding,
                init=self.init),
-        BatchNorm2d(self.n_out),
+        BatchNorm2d(self.n_out, axis_name=self.bn_axis),
         ReLU(),
     ]
 
@@ -202,6 +205,7 @@ class ConvBN(nn.Module):
   bottleneck: bool
   bn_width: int
   init: str = 'torch_default'
+  bn_axis: str | None = None
 
   def setup(self):
     net = []
@@ -209,10 +213,10 @@ class ConvBN(nn.Module):
     if self.bottleneck:
       n_inner = min(n_inner, self.bn_width * self.n_out)
       net += [Conv2d(self.n_in, n_inner, 1, 1, 0, init=self.init),
-              BatchNorm2d(n_inner), ReLU()]
+              BatchNorm2d(n_inner, axis_name=self.bn_axis), ReLU()]
     stride = 2 if self.kind == 'down' else 1
     net += [Conv2d(n_inner, self.n_out, 3, stride, 1, init=self.init),
-            BatchNorm2d(self.n_out), ReLU()]
+            BatchNorm2d(self.n_out, axis_name=self.bn_axis), ReLU()]
     self.net = net
 
   def __call__(self, x, train: bool):
@@ -230,12 +234,15 @@ class ConvDownNormal(nn.Module):
   bn_width1: int
   bn_width2: int
   init: str = 'torch_default'
+  bn_axis: str | None = None
 
   def setup(self):
     self.conv_down = ConvBN(self.n_in1, self.n_out // 2, 'down',
-                            self.bottleneck, self.bn_width1, self.init)
+                            self.bottleneck, self.bn_width1, self.init,
+                            self.bn_axis)
     self.conv_normal = ConvBN(self.n_in2, self.n_out // 2, 'normal',
-                              self.bottleneck, self.bn_width2, self.init)
+                              self.bottleneck, self.bn_width2, self.init,
+                              self.bn_axis)
 
   def __call__(self, xs, train: bool):
     coarse = xs[1]
@@ -251,10 +258,11 @@ class ConvNormal(nn.Module):
   bottleneck: bool
   bn_width: int
   init: str = 'torch_default'
+  bn_axis: str | None = None
 
   def setup(self):
     self.conv_normal = ConvBN(self.n_in, self.n_out, 'normal', self.bottleneck,
-                              self.bn_width, self.init)
+                              self.bn_width, self.init, self.bn_axis)
 
   def __call__(self, xs, train: bool):
     x = xs[0]
@@ -269,14 +277,17 @@ class MSDNFirstLayer(nn.Module):
     cfg, n = self.cfg, self.cfg.n_channels
     width = n * cfg.gr_factor[0]
     if cfg.stem == 'cifar':
-      first = ConvBasic(3, width, 3, 1, 1, init=cfg.init)
+      first = ConvBasic(3, width, 3, 1, 1, init=cfg.init,
+                  bn_axis=cfg.bn_axis_name)
     else:
       first = [Conv2d(3, width, 7, 2, 3, use_bias=True, init=cfg.init),
-               BatchNorm2d(width), ReLU(), MaxPool2d(3, 2, 1)]
+               BatchNorm2d(width, axis_name=cfg.bn_axis_name), ReLU(),
+               MaxPool2d(3, 2, 1)]
     layers = [first]
     for i in range(1, cfg.n_scales):
       layers.append(ConvBasic(n * cfg.gr_factor[i - 1], n * cfg.gr_factor[i],
-                              3, 2, 1, init=cfg.init))
+                              3, 2, 1, init=cfg.init,
+                              bn_axis=cfg.bn_axis_name))
     self.layers = layers
 
   def __call__(self, x, train: bool) -> Features:
@@ -305,13 +316,16 @@ class MSDNLayer(nn.Module):
     if spec.in_scales > spec.out_scales:
       layers.append(ConvDownNormal(n_in * g[offset - 1], n_in * g[offset],
                                    n_out * g[offset], cfg.bottleneck,
-                                   b[offset - 1], b[offset], cfg.init))
+                                   b[offset - 1], b[offset], cfg.init,
+                                   cfg.bn_axis_name))
     else:
       layers.append(ConvNormal(n_in * g[offset], n_out * g[offset],
-                               cfg.bottleneck, b[offset], cfg.init))
+                               cfg.bottleneck, b[offset], cfg.init,
+                               cfg.bn_axis_name))
     for i in range(offset + 1, cfg.n_scales):
       layers.append(ConvDownNormal(n_in * g[i - 1], n_in * g[i], n_out * g[i],
-                                   cfg.bottleneck, b[i - 1], b[i], cfg.init))
+                                   cfg.bottleneck, b[i - 1], b[i], cfg.init,
+                                   cfg.bn_axis_name))
     self.layers = layers
 
   def __call__(self, xs: Features, train: bool) -> Features:
@@ -333,7 +347,8 @@ class Transition(nn.Module):
     offset = cfg.n_scales - spec.out_scales
     self.m = [ConvBasic(spec.n_in * cfg.gr_factor[offset + i],
                         spec.n_out * cfg.gr_factor[offset + i], 1, 1, 0,
-                        init=cfg.init) for i in range(spec.out_scales)]
+                        init=cfg.init,
+                  bn_axis=cfg.bn_axis_name) for i in range(spec.out_scales)]
 
   def __call__(self, xs: Features, train: bool) -> Features:
     return [m(x, train) for m, x in zip(self.m, xs)]
@@ -347,8 +362,10 @@ class Classifier(nn.Module):
   def setup(self):
     cfg = self.cfg
     inter = 128 if cfg.stem == 'cifar' else self.n_in
-    self.m = [ConvBasic(self.n_in, inter, 3, 2, 1, init=cfg.init),
-              ConvBasic(inter, inter, 3, 2, 1, init=cfg.init),
+    self.m = [ConvBasic(self.n_in, inter, 3, 2, 1, init=cfg.init,
+                  bn_axis=cfg.bn_axis_name),
+              ConvBasic(inter, inter, 3, 2, 1, init=cfg.init,
+                  bn_axis=cfg.bn_axis_name),
               AvgPool2d(2)]
     self.linear = Linear(inter, cfg.num_classes,
                          zero_bias=cfg.init == 'msdnet')

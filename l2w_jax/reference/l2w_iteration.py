@@ -19,7 +19,7 @@ from l2w_jax.reference.fixtures import (Check, Fixture, FixtureError,
                                         mismatch_count,
                                         msdnet_config, nchw_to_nhwc,
                                         relative_error, relative_norm_error)
-from l2w_jax.training.optimizers import torch_adam, torch_sgd, with_sgd_momentum
+from l2w_jax.optim import torch_adam, torch_sgd, with_sgd_momentum
 
 TOLERANCES = {
     'weights': 1e-9,  # pseudo weights and real-step weights, max abs

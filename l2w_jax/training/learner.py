@@ -6,9 +6,17 @@ import jax
 import jax.numpy as jnp
 
 from l2w_jax.meta import weighting
-from l2w_jax.meta.l2w import L2WSettings, Learner, TrainState
+from l2w_jax.meta.l2w import COMPUTE_DTYPES, L2WSettings, Learner, TrainState
 from l2w_jax.models import build_model, build_weight_net
-from l2w_jax.training.optimizers import torch_adam, torch_sgd
+from l2w_jax.optim import torch_adam, torch_sgd
+
+
+def _compute_dtype(config) -> str:
+  name = config.train.get('compute_dtype', 'float32')
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'train.compute_dtype: unknown dtype {name!r}; use one '
+                     f'of {COMPUTE_DTYPES}')
+  return name
 
 
 def build_learner(config) -> Learner:
@@ -26,7 +34,8 @@ def build_learner(config) -> Learner:
       target_probs=tuple(
           float(q) for q in weighting.target_probs(num_exits,
                                                    meta.target_p_index)),
-      label_smoothing=float(config.train.get('label_smoothing', 0.0)))
+      label_smoothing=float(config.train.get('label_smoothing', 0.0)),
+      compute_dtype=_compute_dtype(config))
   return Learner(
       model=model,
       weight_net=build_weight_net(meta, num_exits),

@@ -20,14 +20,16 @@ import ml_collections
 import numpy as np
 
 from l2w_jax import data
+from l2w_jax import parallel
 from l2w_jax.evaluation import anytime, report
 from l2w_jax.meta import l2w
+from l2w_jax.training import methods
 from l2w_jax.training import metrics as metrics_lib
+from l2w_jax.training import step as step_lib
 from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
 from l2w_jax.training.schedules import cosine_learning_rate
 
-METHODS = ('l2w', 'uniform')
 THRESHOLD_SOURCES = ('holdout', 'train')
 RESULTS_FILE = report.RESULTS_FILE
 PLOT_FILE = report.PLOT_FILE
@@ -39,42 +41,16 @@ class TrainingDiverged(FloatingPointError):
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field of a config that cannot run."""
-  if config.method not in METHODS:
-    raise ValueError(f'method: unknown training method {config.method!r}; '
-                     f'available: {METHODS} (IMTA, BoostNet and the '
-                     'training regimes come later)')
-  if config.train.batch_size < 2:
-    raise ValueError('train.batch_size: must be >= 2 (each batch is split '
-                     'into two halves)')
+  methods.get(config.method)  # raises naming the available methods
+  if config.eval.batch_size <= 0:
+    raise ValueError(f'eval.batch_size: must be > 0, got '
+                     f'{config.eval.batch_size}')
   source = config.eval.threshold_source
   if source not in THRESHOLD_SOURCES:
     raise ValueError(f'eval.threshold_source: unknown source {source!r}; use '
                      f'one of {THRESHOLD_SOURCES}')
   if config.train.num_steps <= 0 and config.train.epochs <= 0:
     raise ValueError('train.epochs or train.num_steps must be positive')
-
-
-def make_iteration(learner: l2w.Learner, method: str) -> Callable:
-  """A whole iteration (two half-batch updates) with each half compiled once.
-
-  Returns f(state, images, labels, lr, meta_lr, with_meta) -> (state,
-  (metrics_half1, metrics_half2)).
-  """
-  if method == 'l2w':
-    half_step = jax.jit(functools.partial(l2w.l2w_half_step, learner),
-                        static_argnames='with_meta', donate_argnums=0)
-    return functools.partial(l2w.l2w_iteration, half_step)
-  uniform_step = jax.jit(functools.partial(l2w.uniform_half_step, learner),
-                         donate_argnums=0)
-
-  def iteration(state, images, labels, lr, meta_lr, with_meta):
-    del meta_lr, with_meta
-    (x1, y1), (x2, y2) = l2w.split_halves(images, labels)
-    state, first = uniform_step(state, x1, y1, lr)
-    state, second = uniform_step(state, x2, y2, lr)
-    return state.replace(step=state.step + 1), (first, second)
-
-  return iteration
 
 
 class Preemption:
@@ -111,7 +87,7 @@ def _summarise(window: list, num_exits: int) -> dict[str, float]:
   out = {}
   halves = [h for iteration in fetched for h in iteration['halves']]
   out['train/loss'] = float(np.mean([h['train_loss'] for h in halves]))
-  images = sum(len(h['losses']) for h in halves)
+  images = sum(int(h['num_images']) for h in halves)
   correct = np.sum([h['correct'] for h in halves], axis=0)
   for k in range(num_exits):
     out[f'train/loss_exit{k + 1}'] = float(np.mean(
@@ -126,6 +102,19 @@ def _summarise(window: list, num_exits: int) -> dict[str, float]:
   out['train/lr'] = fetched[-1]['lr']
   out['train/meta_lr'] = fetched[-1]['meta_lr']
   return out
+
+
+def _with_batch_sizes(config: ml_collections.ConfigDict,
+                      layout: parallel.BatchLayout):
+  """A copy of `config` whose `train.batch_size` is the global batch and
+  whose `eval.batch_size` is a multiple of the device count (evaluation pads
+  and masks its last batch anyway)."""
+  config = config.copy_and_resolve_references()
+  devices = layout.num_devices
+  with config.unlocked():
+    config.train.batch_size = layout.global_batch
+    config.eval.batch_size = -(-config.eval.batch_size // devices) * devices
+  return config
 
 
 def _diverged(what: str, step: int, checkpointer: Checkpointer):
@@ -172,6 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   iterations are done (save, stop, return {'interrupted_at': step}); tests
   use it to check that resuming continues the same run.
   """
+  parallel.initialize_distributed(config)
   validate_config(config)
   info = data.data_info(config)  # fails here, before compiling anything
   if config.eval.threshold_source == 'holdout' and info.num_holdout == 0:
@@ -179,9 +169,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         'eval.threshold_source=holdout but the dataset has no held-out part: '
         'set dataset.holdout > 0, or eval.threshold_source=train to search '
         'thresholds on the training set as the original L2W-DEN scripts do')
+  mesh = parallel.make_mesh(config.distributed.num_devices)
+  layout = parallel.batch_layout(config, mesh)
+  config = _with_batch_sizes(config, layout)
   learner = build_learner(config)
   num_exits = learner.model.num_exits
-  batch_size = config.train.batch_size
+  batch_size = layout.global_batch
   steps_per_epoch = data.steps_per_epoch(info, batch_size)
   if steps_per_epoch < 1:
     raise ValueError(f'train.batch_size {batch_size} exceeds the '
@@ -194,21 +187,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metrics_lib.create_writer(workdir, write_to_disk=is_main)
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
                               keep=config.train.keep_checkpoints)
-  state = init_train_state(learner, jax.random.PRNGKey(config.seed),
-                           info.image_shape)
+  state = jax.device_put(
+      init_train_state(learner, jax.random.PRNGKey(config.seed),
+                       info.image_shape), parallel.replicated(mesh))
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state)
-    print(f'resumed from {checkpointer.directory} at iteration '
-          f'{int(state.step)} (epoch {meta.get("epoch")})', flush=True)
+    if is_main:
+      print(f'resumed from {checkpointer.directory} at iteration '
+            f'{int(state.step)} (epoch {meta.get("epoch")})', flush=True)
   else:
     writer.write_hparams(config.to_dict())
   step = int(state.step)
-  print(f'{config.method} on {info.name}: {info.num_train} training images, '
-        f'{steps_per_epoch} iterations/epoch, {total} iterations, '
-        f'{num_exits} exits', flush=True)
+  if is_main:
+    print(f'{config.method} on {info.name}: {info.num_train} training '
+          f'images, {steps_per_epoch} iterations/epoch, {total} iterations, '
+          f'{num_exits} exits; {layout.describe()}', flush=True)
 
-  iteration = make_iteration(learner, config.method)
-  statistics = report.jitted_statistics(learner.model)
+  iteration = step_lib.make_iteration(config.method, learner, mesh,
+                                      config.train.bn_stats)
+  statistics = report.jitted_statistics(learner.model, mesh)
 
   def statistics_for(state):
     return functools.partial(statistics, {'params': state.params,
@@ -268,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           break
     save(step)
     results = final_evaluation(config, workdir, learner, state, info,
-                               statistics)
+                               statistics, layout)
     writer.write_scalars(step, {
         f'test/top1_exit{k + 1}': v
         for k, v in enumerate(results['anytime']['top1'])})
@@ -295,13 +292,19 @@ def _write_eval(writer, step, statistics_fn, config, info) -> None:
   print(f'  {split} top-1 per exit: {accs}', flush=True)
 
 
-def final_evaluation(config, workdir, learner, state, info,
-                     statistics=None) -> dict:
-  """Anytime and 39-budget evaluation; writes results.json and the plot."""
+def final_evaluation(config, workdir, learner, state, info, statistics=None,
+                     layout: parallel.BatchLayout | None = None) -> dict:
+  """Anytime and 39-budget evaluation; writes results.json and the plot
+  (process 0 only)."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   results = report.evaluate_model(config, learner.model, variables, info,
                                   statistics)
   results['iterations'] = int(state.step)
+  if layout is not None:
+    results.update(num_devices=layout.num_devices,
+                   num_processes=layout.num_processes,
+                   per_device_batch=layout.per_device_batch,
+                   global_batch=layout.global_batch)
   if jax.process_index() == 0:
     report.write_results(results, workdir, config.method.upper(),
                          f'{info.name}: budgeted batch classification')

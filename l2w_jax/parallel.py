@@ -1,0 +1,210 @@
+"""Data parallelism over a ('data',) device mesh, on one host or many.
+
+The original trains with PyTorch DDP: every device takes its own shard of the
+global batch, splits *that shard* into the two halves, runs the meta step with
+its own BatchNorm batch statistics and its own exit allocation, and the
+gradients of the backbone and of the weight net are averaged over devices
+before each optimizer step. Here that is one `jax.shard_map` over a 1-D mesh:
+the batch is sharded along 'data', the train state is replicated, and the half
+step runs per device with `lax.pmean` of its gradients (`Learner.reduce_grads`).
+
+Running BatchNorm statistics stay per device in DDP, but DDP broadcasts rank
+0's buffers to every rank at each forward, so the statistics the original
+uses and saves are device 0's (`train.bn_stats = 'device0'`, the default);
+`'mean'` averages them over devices instead. `train.sync_bn` normalises with
+statistics over the whole global half-batch (PyTorch's SyncBatchNorm).
+
+Multi-host: `initialize_distributed` calls `jax.distributed.initialize` (on
+TPU VMs without arguments; elsewhere with `config.distributed.*`), each
+process reads its own part of every global batch, and
+`jax.make_array_from_process_local_data` assembles the global arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+from l2w_jax.models import DATA_AXIS
+BN_STATS_RULES = ('device0', 'mean')
+# Environment variables that mark a multi-host TPU slice, where
+# `jax.distributed.initialize()` finds its coordinator by itself.
+_TPU_POD_VARIABLES = ('TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')
+
+
+def initialize_distributed(config) -> None:
+  """Starts multi-process JAX once, before any computation, when the run has
+  several processes: explicitly with `config.distributed.coordinator_address`
+  (CPU/GPU clusters, local tests), automatically on a multi-host TPU slice.
+  Does nothing for a single process or when already initialised."""
+  if jax.distributed.is_initialized():
+    return
+  dist = config.get('distributed')
+  address = dist.get('coordinator_address') if dist else None
+  if address:
+    if dist.num_processes < 1 or not 0 <= dist.process_id < dist.num_processes:
+      raise ValueError(
+          f'distributed.process_id must be in [0, distributed.num_processes); '
+          f'got process_id={dist.process_id}, num_processes='
+          f'{dist.num_processes}')
+    jax.distributed.initialize(coordinator_address=address,
+                               num_processes=dist.num_processes,
+                               process_id=dist.process_id)
+  elif any(len(os.environ.get(v, '').split(',')) > 1 or
+           (v != 'TPU_WORKER_HOSTNAMES' and os.environ.get(v))
+           for v in _TPU_POD_VARIABLES):
+    jax.distributed.initialize()
+
+
+def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+  """A 1-D ('data',) mesh over all devices of all processes (or the first
+  `num_devices` of them, for single-process debugging)."""
+  devices = jax.devices()
+  if num_devices > 0:
+    if num_devices > len(devices):
+      raise ValueError(f'distributed.num_devices={num_devices} but only '
+                       f'{len(devices)} devices are available')
+    if jax.process_count() > 1 and num_devices != len(devices):
+      raise ValueError('distributed.num_devices must be 0 (all devices) in a '
+                       'multi-process run')
+    devices = devices[:num_devices]
+    return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh) -> NamedSharding:
+  """Leading (batch) axis split over 'data'."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def local_device_count(mesh) -> int:
+  """Devices of the mesh that belong to this process."""
+  return sum(d.process_index == jax.process_index()
+             for d in mesh.devices.flat)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """How a global batch spreads over devices and processes."""
+  global_batch: int
+  num_devices: int
+  num_processes: int
+
+  @property
+  def per_device_batch(self) -> int:
+    return self.global_batch // self.num_devices
+
+  @property
+  def per_process_batch(self) -> int:
+    return self.global_batch // self.num_processes
+
+  def describe(self) -> str:
+    return (f'{self.num_devices} devices on {self.num_processes} '
+            f'process(es): per-device batch {self.per_device_batch}, global '
+            f'batch {self.global_batch}')
+
+
+def batch_layout(config, mesh) -> BatchLayout:
+  """The global / per-device batch of `config` on `mesh`; raises ValueError
+  naming the fields when the batch does not divide or cannot be halved."""
+  num_devices = mesh.devices.size
+  train = config.train
+  per_device = train.get('per_device_batch_size') or 0
+  if per_device > 0:
+    global_batch = per_device * num_devices
+    if train.batch_size not in (-1, 0, global_batch):
+      raise ValueError(
+          f'train.batch_size={train.batch_size} contradicts '
+          f'train.per_device_batch_size={per_device} x {num_devices} devices '
+          f'= {global_batch}; set only one of them (batch_size=-1)')
+  else:
+    global_batch = train.batch_size
+    if global_batch <= 0:
+      raise ValueError(f'train.batch_size: must be > 0, got {global_batch}')
+    if global_batch % num_devices:
+      raise ValueError(
+          f'train.batch_size={global_batch} does not divide into the '
+          f'{num_devices} devices; use a multiple of {num_devices} (or set '
+          'train.per_device_batch_size)')
+  if global_batch // num_devices < 2:
+    raise ValueError(
+        f'per-device batch {global_batch // num_devices} (train.batch_size='
+        f'{global_batch} over {num_devices} devices) cannot be split into two '
+        'non-empty halves: use at least 2 samples per device')
+  return BatchLayout(global_batch, num_devices, jax.process_count())
+
+
+def device_halves(images: np.ndarray, labels: np.ndarray,
+                  num_local_devices: int):
+  """Splits each local device's part of a process-local batch into halves.
+
+  (B_local, ...) -> ((x1, y1), (x2, y2)), where device j's rows of x1 are
+  the first ceil(b/2) of its b rows of the input (`torch.chunk(2)` on each
+  device's own shard), so that sharding x1 and x2 along 'data' hands every
+  device its own halves. One device: `l2w.split_halves`.
+  """
+  b = images.shape[0] // num_local_devices
+  if b * num_local_devices != images.shape[0]:
+    raise ValueError(f'a local batch of {images.shape[0]} does not divide '
+                     f'into {num_local_devices} devices')
+  first = -(-b // 2)
+
+  def split(x):
+    x = x.reshape((num_local_devices, b) + x.shape[1:])
+    return (x[:, :first].reshape((-1,) + x.shape[2:]),
+            x[:, first:].reshape((-1,) + x.shape[2:]))
+
+  (x1, x2), (y1, y2) = split(images), split(labels)
+  return (x1, y1), (x2, y2)
+
+
+def global_array(local: np.ndarray, mesh) -> jax.Array:
+  """This process's rows -> the global array sharded along 'data'."""
+  return jax.make_array_from_process_local_data(batch_sharded(mesh), local)
+
+
+def global_from_full(full: np.ndarray, mesh) -> jax.Array:
+  """A batch every process holds whole -> a global array sharded along
+  'data' (each process places only its own devices' rows)."""
+  return jax.make_array_from_callback(full.shape, batch_sharded(mesh),
+                                      lambda index: full[index])
+
+
+def pmean(axis_name: str = DATA_AXIS) -> Callable:
+  """Tree -> its mean over the devices of `axis_name` (inside shard_map)."""
+  return lambda tree: jax.lax.pmean(tree, axis_name)
+
+
+def from_device0(axis_name: str = DATA_AXIS) -> Callable:
+  """Tree -> device 0's value on every device (DDP's buffer broadcast): one
+  psum of the tree masked to device 0."""
+
+  def broadcast(tree):
+    first = jax.lax.axis_index(axis_name) == 0
+    return jax.lax.psum(jax.tree_util.tree_map(
+        lambda x: jax.numpy.where(first, x, jax.numpy.zeros_like(x)), tree),
+                        axis_name)
+
+  return broadcast
+
+
+def batch_stats_reduction(rule: str) -> Callable:
+  """How per-device running statistics become the replicated state:
+  'device0' (DDP's buffer broadcast) or 'mean' over devices. With
+  `train.sync_bn` every device moves them identically, and both rules agree."""
+  if rule not in BN_STATS_RULES:
+    raise ValueError(f'train.bn_stats: unknown rule {rule!r}; use one of '
+                     f'{BN_STATS_RULES}')
+  return from_device0() if rule == 'device0' else pmean()
