@@ -44,6 +44,20 @@ def original_with_threshold(max_preds, argmax, labels, thresholds, flops):
   return acc * 100.0 / n, expected
 
 
+def _assert_budget_matches_original(result, i, thresholds, val, test,
+                                    flops):
+  """Budget i of `result` against the original's loop with `thresholds`;
+  `val` and `test` are (probabilities (K, N, C), labels (N,))."""
+  (val_probs, val_labels), (test_probs, test_labels) = val, test
+  val_acc, _ = original_with_threshold(val_probs.max(2), val_probs.argmax(2),
+                                       val_labels, thresholds, flops)
+  test_acc, test_flops = original_with_threshold(
+      test_probs.max(2), test_probs.argmax(2), test_labels, thresholds, flops)
+  assert result.val_acc[i] == val_acc
+  assert result.test_acc[i] == test_acc
+  assert result.test_flops[i] == pytest.approx(test_flops, rel=1e-12)
+
+
 def _outputs(rng, exits, n, classes, ties):
   probs = rng.dirichlet(np.full(classes, 0.3), size=(exits, n))
   probs = probs.astype(np.float32)
@@ -63,20 +77,14 @@ def test_matches_the_original_loops(exits, n_val, n_test, ties):
   flops = np.cumsum(rng.uniform(1e6, 3e6, size=exits))
   result = budgeted.budgeted_evaluation_from_probs(val, val_labels, test,
                                                    test_labels, flops)
-  val_conf, val_pred = val.max(2), val.argmax(2)
-  test_conf, test_pred = test.max(2), test.argmax(2)
+  val_conf = val.max(2)
   sentinels = 0
   for i, q in enumerate(budgeted.budget_proportions(exits)):
     thresholds = original_find_threshold(val_conf, q)
     np.testing.assert_array_equal(result.thresholds[i], thresholds)
     sentinels += int(np.sum(thresholds == np.float32(1e8)))
-    val_acc, _ = original_with_threshold(val_conf, val_pred, val_labels,
-                                         thresholds, flops)
-    test_acc, test_flops = original_with_threshold(
-        test_conf, test_pred, test_labels, thresholds, flops)
-    assert result.val_acc[i] == val_acc
-    assert result.test_acc[i] == test_acc
-    assert result.test_flops[i] == pytest.approx(test_flops, rel=1e-12)
+    _assert_budget_matches_original(result, i, thresholds, (val, val_labels),
+                                    (test, test_labels), flops)
   if exits >= 5:  # small quotas: the "nobody exits here" case is exercised
     assert sentinels > 0
 
@@ -211,8 +219,7 @@ def test_heavy_ties_leave_fewer_samples_than_the_next_quota(exits, tied_exit,
   flops = np.cumsum(rng.uniform(1e6, 3e6, size=exits))
   result = budgeted.budgeted_evaluation_from_probs(val, val_labels, test,
                                                    test_labels, flops)
-  val_conf, val_pred = val.max(2), val.argmax(2)
-  test_conf, test_pred = test.max(2), test.argmax(2)
+  val_conf = val.max(2)
   assert np.sum(val_conf[tied_exit] == np.float32(0.7)) == num_tied
   assert np.all(np.sort(val_conf[tied_exit])[:n_val - num_tied] <= 0.6)
   exceeded, equalled, exits_after = 0, 0, 0
@@ -227,13 +234,8 @@ def test_heavy_ties_leave_fewer_samples_than_the_next_quota(exits, tied_exit,
     # a later (not last) exit still gets a real threshold after a sentinel
     exits_after += sum(int(thresholds[j] < 1) for k in exceeds
                        for j in range(k + 1, exits - 1))
-    val_acc, _ = original_with_threshold(val_conf, val_pred, val_labels,
-                                         thresholds, flops)
-    test_acc, test_flops = original_with_threshold(
-        test_conf, test_pred, test_labels, thresholds, flops)
-    assert result.val_acc[i] == val_acc
-    assert result.test_acc[i] == test_acc
-    assert result.test_flops[i] == pytest.approx(test_flops, rel=1e-12)
+    _assert_budget_matches_original(result, i, thresholds, (val, val_labels),
+                                    (test, test_labels), flops)
   assert exceeded > 0  # the quota-exceeds-free branch was reached
   if (exits, tied_exit) == (4, 0):
     assert equalled > 0  # and the quota == free boundary too
