@@ -33,9 +33,14 @@ import numpy as np
 
 from l2w_jax.models import DATA_AXIS
 BN_STATS_RULES = ('device0', 'mean')
-# Environment variables that mark a multi-host TPU slice, where
-# `jax.distributed.initialize()` finds its coordinator by itself.
-_TPU_POD_VARIABLES = ('TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')
+
+
+def _on_multi_host_tpu() -> bool:
+  """Whether this is one host of a multi-host TPU slice (several worker
+  hostnames, or a multislice coordinator), where `jax.distributed.initialize()`
+  finds its coordinator by itself."""
+  return (',' in os.environ.get('TPU_WORKER_HOSTNAMES', '') or
+          bool(os.environ.get('MEGASCALE_COORDINATOR_ADDRESS')))
 
 
 def initialize_distributed(config) -> None:
@@ -56,9 +61,7 @@ def initialize_distributed(config) -> None:
     jax.distributed.initialize(coordinator_address=address,
                                num_processes=dist.num_processes,
                                process_id=dist.process_id)
-  elif any(len(os.environ.get(v, '').split(',')) > 1 or
-           (v != 'TPU_WORKER_HOSTNAMES' and os.environ.get(v))
-           for v in _TPU_POD_VARIABLES):
+  elif _on_multi_host_tpu():
     jax.distributed.initialize()
 
 
