@@ -308,6 +308,44 @@ def test_meta_loss_is_not_smoothed(state, forward, sgd_step, smoothed_step):
 
 
 # ----------------------------------------------------------------------------
+# train.compute_dtype: bfloat16 activations, float32 everything else.
+
+
+def test_bfloat16_compute_dtype_keeps_parameters_and_losses_float32(
+    learner, state):
+  config = tiny_config()
+  config.train.compute_dtype = 'bfloat16'
+  bf16 = build_learner(config)
+  (x1, y1), (x2, y2) = _batch()
+  step = jax.jit(functools.partial(l2w.l2w_half_step, bf16, with_meta=True))
+  hlo = step.lower(state, x1, y1, x2, y2, LR, META_LR).as_text()
+  # The convolutions (forward and the gradients') run on bfloat16.
+  convolutions = [l for l in hlo.splitlines() if 'convolution' in l]
+  assert convolutions and all('bf16' in l for l in convolutions)
+  new, metrics = step(state, x1, y1, x2, y2, LR, META_LR)
+  reference, expected = _half_step(learner, True)(state, x1, y1, x2, y2, LR,
+                                                  META_LR)
+  chex.assert_trees_all_equal_dtypes(new, state)  # float32 state
+  for key in ('losses', 'weights', 'meta_loss', 'train_loss'):
+    assert metrics[key].dtype == jnp.float32, key
+  # bfloat16 rounding (8 bits of mantissa) moves the losses by ~1e-2
+  # relative, not more; the update is the float32 one up to that rounding.
+  np.testing.assert_allclose(metrics['losses'], expected['losses'],
+                             rtol=5e-2)
+  assert not np.array_equal(metrics['losses'], expected['losses'])
+  chex.assert_trees_all_close(new.params, reference.params, atol=2e-2)
+  assert float(metrics['meta_loss']) > 0
+
+
+def test_unknown_compute_dtype_is_named():
+  config = tiny_config()
+  config.train.compute_dtype = 'float16'
+  with pytest.raises(ValueError, match="train.compute_dtype: unknown dtype "
+                     "'float16'"):
+    build_learner(config)
+
+
+# ----------------------------------------------------------------------------
 # eval.threshold_source.
 
 

@@ -122,11 +122,15 @@ class BatchNorm2d(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     _check_width(self, x.shape[-1], self.features)
     c = self.features
-    scale = self.param('scale', nn.initializers.ones, (c,), x.dtype)
-    bias = self.param('bias', nn.initializers.zeros, (c,), x.dtype)
+    # Statistics and the normalisation in at least float32: with bfloat16
+    # activations (train.compute_dtype) only the output is bfloat16.
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    out_dtype, x = x.dtype, x.astype(dtype)
+    scale = self.param('scale', nn.initializers.ones, (c,), dtype)
+    bias = self.param('bias', nn.initializers.zeros, (c,), dtype)
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,),
-                                 x.dtype)
-    running_var = self.variable('batch_stats', 'var', jnp.ones, (c,), x.dtype)
+                                 dtype)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (c,), dtype)
     if train:
       axes = tuple(range(x.ndim - 1))
       mean = self._across_devices(jnp.mean(x, axis=axes))
@@ -145,7 +149,8 @@ class BatchNorm2d(nn.Module):
     else:
       mean, var = running_mean.value, running_var.value
     inv = lax.rsqrt(var.astype(x.dtype) + self.epsilon) * scale.astype(x.dtype)
-    return (x - mean.astype(x.dtype)) * inv + bias.astype(x.dtype)
+    y = (x - mean.astype(x.dtype)) * inv + bias.astype(x.dtype)
+    return y.astype(out_dtype)
 
   def _across_devices(self, statistic: jax.Array) -> jax.Array:
     if self.axis_name is None:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import chex
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -54,14 +55,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 class Preemption:
-  """Set by SIGTERM (or, for tests, at a given step): save and stop."""
+  """Set by SIGTERM (or, for tests, at a given step): save and stop.
+
+  With several processes the decision must be collective (a process that
+  stopped alone would leave the others waiting in the next all-reduce): JAX's
+  preemption service catches SIGTERM on any host, and every process stops
+  after the same iteration (`reached_preemption_sync_point`). Its own SIGTERM
+  handler must stay in place, so no Python handler is installed then.
+  """
 
   def __init__(self, at_step: int | None = None):
     self.requested = False
     self._at_step = at_step
     self._previous = None
+    self._collective = jax.process_count() > 1
 
   def install(self) -> None:
+    if self._collective:
+      return
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: no signal handling
@@ -77,6 +88,13 @@ class Preemption:
     self.requested = True
 
   def should_stop(self, step: int) -> bool:
+    """Whether to save and stop after iteration `step`; call it once per
+    iteration, on every process."""
+    if self._collective and multihost_utils.reached_preemption_sync_point(
+        step):
+      print(f'SIGTERM on some process: every process saves iteration {step} '
+            'and stops', flush=True)
+      self.requested = True
     return self.requested or (self._at_step is not None and
                               step >= self._at_step)
 
@@ -236,10 +254,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state, halves = iteration(state, batch['image'], batch['label'], lr,
                                   meta_lr, with_meta)
         step += 1
+        stop = preemption.should_stop(step)
         window.append({'halves': halves, 'lr': lr, 'meta_lr': meta_lr})
         last_of_epoch = step % steps_per_epoch == 0 or step == total
-        if (step % config.train.log_every_steps == 0 or last_of_epoch or
-            preemption.should_stop(step)):
+        if step % config.train.log_every_steps == 0 or last_of_epoch or stop:
           scalars = _summarise(window, num_exits)
           _check_finite(scalars, step, checkpointer)
           elapsed = time.perf_counter() - window_start
@@ -256,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             (step // steps_per_epoch) % config.train.eval_every_epochs == 0
             and step < total):
           _write_eval(writer, step, statistics_for(state), config, info)
-        if preemption.should_stop(step):
+        if stop:
           save(step)
           print(f'interrupted: checkpoint saved at iteration {step}; rerun '
                 'the same command to resume', flush=True)
