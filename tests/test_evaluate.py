@@ -24,10 +24,7 @@ def trained_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('runs')
   config = tiny_train_config('sklearn_digits', num_steps=3)
   config.dataset.data_dir = str(root / 'data')
-  results = {}
-  for method in ('l2w', 'uniform'):
-    config.method = method
-    results[method] = train.train_and_evaluate(config, str(root / method))
+  results = {'l2w': train.train_and_evaluate(config, str(root / 'l2w'))}
   return root, results
 
 
@@ -68,7 +65,12 @@ def test_evaluate_without_a_run_says_so(tmp_path):
 
 
 def test_plot_overlays_runs(trained_run):
-  root, _ = trained_run
+  root, results = trained_run
+  # A second run: the first one's results with the curve lowered by 5 points.
+  (root / 'uniform').mkdir(exist_ok=True)
+  other = dict(results['l2w'], method='uniform', budgeted=[
+      dict(r, test_top1=r['test_top1'] - 5) for r in results['l2w']['budgeted']])
+  (root / 'uniform' / 'results.json').write_text(json.dumps(other))
   figure = root / 'both.png'
   out = _run('experiments.plot',
              f'--workdirs={root / "l2w"},{root / "uniform"}',
