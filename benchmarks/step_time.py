@@ -108,10 +108,9 @@ def _time_training_iterations(learner, state, images, labels, lr, meta_lr):
   times = {method: [] for method in runs}
   for _ in range(_ITERS.value):
     for method, run in runs.items():
-      start = time.perf_counter()
-      run[1] = jax.block_until_ready(
-          run[0](run[1], images, labels, lr, meta_lr, True)[0])
-      times[method].append(time.perf_counter() - start)
+      (run[1], _), seconds = _timed(run[0], run[1], images, labels, lr,
+                                    meta_lr, True)
+      times[method].append(seconds)
   return statistics.median(times['uniform']), statistics.median(times['l2w'])
 
 

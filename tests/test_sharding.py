@@ -26,11 +26,11 @@ from l2w_jax.meta import l2w
 from l2w_jax.optim import apply_optimizer
 from l2w_jax.training import step as step_lib
 from l2w_jax.training import train
-from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
 from l2w_jax.training.schedules import cosine_learning_rate
 from tests.conftest import PROJECT_ROOT, subprocess_env
-from tests.tiny import TINY_IMAGE, tiny_config, tiny_train_config
+from tests.tiny import (TINY_IMAGE, restore_state, tiny_config,
+                        tiny_train_config)
 
 NUM_DEVICES = 8
 PER_DEVICE = 4
@@ -270,16 +270,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _restore_state(config, checkpoints, step):
-  learner = build_learner(config)
-  template = init_train_state(learner, jax.random.PRNGKey(0), (32, 32, 3))
-  checkpointer = Checkpointer(str(checkpoints))
-  try:
-    return checkpointer.restore(template, step)[0]
-  finally:
-    checkpointer.close()
-
-
 def _two_processes(workdir, overrides, terminate_after: str | None = None):
   """Runs experiments.main as 2 local processes x 4 CPU devices; with
   `terminate_after`, SIGTERMs both once process 0 prints it. Returns
@@ -386,7 +376,7 @@ def test_two_processes_train_like_one_process_on_the_same_mesh(tmp_path):
         cosine_learning_rate(config.train.lr, step, num_steps),
         cosine_learning_rate(config.meta.lr, step, num_steps), True)
     assert float(first['meta_loss']) > 0
-    state = _restore_state(config, workdir / 'checkpoints', step + 1)
+    state = restore_state(config, workdir / 'checkpoints', step + 1)
     chex.assert_trees_all_close(ours.replace(meta_opt_state=None),
                                 state.replace(meta_opt_state=None),
                                 atol=1e-5, rtol=0)

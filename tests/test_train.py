@@ -18,7 +18,7 @@ from l2w_jax.training import train
 from l2w_jax.training.checkpoint import CheckpointError, Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
 from tests.conftest import PROJECT_ROOT, subprocess_env
-from tests.tiny import tiny_train_config
+from tests.tiny import restore_state, tiny_train_config
 
 
 def _check_results(results, workdir, num_exits=3):
@@ -70,18 +70,6 @@ def test_resuming_continues_the_same_run(tmp_path):
   _check_results(resumed, tmp_path / 'split')
 
 
-def _restore_state(config, checkpoints, step=None):
-  """The TrainState saved at `step` (default: latest) under `checkpoints`."""
-  learner = build_learner(config)
-  template = init_train_state(learner, jax.random.PRNGKey(0),
-                              data.data_info(config).image_shape)
-  checkpointer = Checkpointer(str(checkpoints))
-  try:
-    return checkpointer.restore(template, step)[0]
-  finally:
-    checkpointer.close()
-
-
 def _metric_rows(workdir):
   return [json.loads(l) for l in
           (workdir / 'metrics.jsonl').read_text().splitlines()
@@ -104,7 +92,7 @@ def test_uniform_method_trains_the_backbone_with_unit_weights(tmp_path):
   learner = build_learner(config)
   initial = init_train_state(learner, jax.random.PRNGKey(config.seed),
                              (32, 32, 3))
-  final = _restore_state(config, tmp_path / 'run' / 'checkpoints')
+  final = restore_state(config, tmp_path / 'run' / 'checkpoints')
   assert int(final.step) == 2
   chex.assert_trees_all_equal(final.meta_params, initial.meta_params)
   chex.assert_trees_all_equal(final.meta_opt_state, initial.meta_opt_state)
@@ -154,7 +142,7 @@ def test_nan_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
   checkpoints = tmp_path / 'run' / 'checkpoints'
   assert sorted(p.name for p in checkpoints.iterdir()
                 if p.name.isdigit()) == ['1']
-  state = _restore_state(config, checkpoints)
+  state = restore_state(config, checkpoints)
   assert int(state.step) == 1
   chex.assert_tree_all_finite(state)
   learner = build_learner(config)

@@ -1,8 +1,12 @@
 """Tiny models and configs shared by the tests."""
 
+import jax
 import ml_collections
 
 from configs import common
+from l2w_jax import data
+from l2w_jax.training.checkpoint import Checkpointer
+from l2w_jax.training.learner import build_learner, init_train_state
 from l2w_jax.models.msdnet import MSDNetConfig
 
 # Two scales (16x16, 8x8) so that each classifier ends at 1x1.
@@ -60,3 +64,15 @@ def tiny_train_config(dataset: str = 'sklearn_digits', num_steps: int = 3,
   config.train.eval_every_epochs = 0
   config.eval.batch_size = 16
   return config
+
+
+def restore_state(config: ml_collections.ConfigDict, checkpoints, step=None):
+  """The TrainState of `config`'s run saved at `step` (default: latest)
+  under the directory `checkpoints`."""
+  template = init_train_state(build_learner(config), jax.random.PRNGKey(0),
+                              data.data_info(config).image_shape)
+  checkpointer = Checkpointer(str(checkpoints))
+  try:
+    return checkpointer.restore(template, step)[0]
+  finally:
+    checkpointer.close()
