@@ -22,7 +22,7 @@ VENV = pathlib.Path(os.environ.get('L2W_VENV', ROOT / '.venv'))
 COMMANDS = {
     'demo': ['-m', 'experiments.main', '--config=configs/digits.py',
              '--workdir=workdir/digits'],
-    'test': ['-m', 'pytest', '-q'],
+    'test': ['-m', 'pytest', '-q', '--numprocesses=auto', '--maxprocesses=4'],
 }
 
 

@@ -56,6 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.epochs = 300
   config.train.num_steps = -1  # > 0 overrides epochs
   config.train.lr = 0.8
+  # 'cosine' (per iteration, L2W-DEN) or 'multistep' (per epoch: x lr_gamma
+  # at each of lr_milestones, fractions of the run; MSDNet, IMTA, BoostNet).
+  config.train.schedule = 'cosine'
+  config.train.lr_milestones = (0.5, 0.75)
+  config.train.lr_gamma = 0.1
   config.train.momentum = 0.9
   config.train.weight_decay = 1e-4
   config.train.label_smoothing = 0.0
@@ -79,6 +84,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.distributed.num_processes = 1
   config.distributed.process_id = 0
   config.distributed.num_devices = 0  # 0: every device; n: the first n
+
+  # BoostNet (method 'boostnet'): the ensemble reweight r as a tuple of one
+  # value for every exit, two (linspace over the exits) or one per exit,
+  # e.g. --config.boostnet.reweight='(0.2,0.6)'; 0.5 in every script of the
+  # original.
+  config.boostnet = ml_collections.ConfigDict()
+  config.boostnet.reweight = (0.5,)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500

@@ -63,13 +63,13 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
   from l2w_jax import data  # pylint: disable=g-import-not-at-top
   from l2w_jax.evaluation import cascade_report, report  # pylint: disable=g-import-not-at-top
-  from l2w_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training.learner import method_model  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   out = _OUT.value or _WORKDIR.value
   if not out:
     raise app.UsageError('give --out when evaluating a PyTorch checkpoint')
   info = data.data_info(config)
-  model = build_model(config)
+  model = method_model(config)
   variables, iteration = _variables(config, model, info)
   if _MODE.value == 'budgeted':
     results = report.evaluate_model(config, model, variables, info)

@@ -39,8 +39,46 @@ def shared_reference() -> pathlib.Path:
   return SHARED_REFERENCE
 
 
+# Modules whose session fixtures train runs that all their tests read: under
+# pytest-xdist each runs on one worker, so the fixture trains once.
+SHARED_FIXTURE_MODULES = ('tests/test_cascade.py', 'tests/test_evaluate.py',
+                          'tests/test_options.py',
+                          'tests/test_training_loop.py')
+
+try:
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+except ImportError:  # the suite also runs without pytest-xdist, serially
+  LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+
+  class _SharedFixtureScheduling(LoadScopeScheduling):
+    """Load balancing test by test, except that the tests of each module in
+    SHARED_FIXTURE_MODULES go to one worker together. (xdist's own
+    `--dist=loadgroup` marks rely on renaming node ids, which pytest 9 no
+    longer allows.)"""
+
+    def _split_scope(self, nodeid: str) -> str:
+      module = nodeid.split('::', 1)[0]
+      return module if module in SHARED_FIXTURE_MODULES else nodeid
+
+  def pytest_xdist_make_scheduler(config, log):
+    return _SharedFixtureScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items):
+  """Tests marked `long` first (stable order otherwise): under pytest-xdist
+  the longest ones then overlap the many short ones instead of finishing
+  last on one worker."""
+  items.sort(key=lambda item: item.get_closest_marker('long') is None)
+
+
 def subprocess_env() -> dict:
+  """The environment of a CLI run by a test: this project importable, CPU,
+  and the session's compiler settings, so that the programs it shares with
+  in-process tests come from the compilation cache."""
   env = dict(os.environ)
   env['PYTHONPATH'] = str(PROJECT_ROOT)
   env.setdefault('JAX_PLATFORMS', 'cpu')
+  env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'
   return env

@@ -14,7 +14,7 @@ from l2w_jax.models.msdnet import MSDNet
 from tests.tiny import TINY_IMAGE, TINY_MSDNET
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def trained_like():
   model = MSDNet(TINY_MSDNET)
   images = jax.random.normal(jax.random.PRNGKey(1), (90,) + TINY_IMAGE)

@@ -142,7 +142,7 @@ def imagenet():
     yield
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def digits_dir(tmp_path_factory):
   """The real sklearn_digits, prepared once (no download) in a tmp data_dir."""
   path = str(tmp_path_factory.mktemp('tfds'))

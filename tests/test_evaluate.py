@@ -11,6 +11,8 @@ from l2w_jax.training import train
 from tests.conftest import PROJECT_ROOT, subprocess_env
 from tests.tiny import tiny_train_config
 
+pytestmark = pytest.mark.long
+
 
 def _run(*args):
   out = subprocess.run([sys.executable, '-m', *args], cwd=PROJECT_ROOT,
@@ -19,7 +21,7 @@ def _run(*args):
   return out
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def trained_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('runs')
   config = tiny_train_config('sklearn_digits', num_steps=3)

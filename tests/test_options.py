@@ -97,19 +97,19 @@ def _half_step(learner, with_meta):
 # Shared by the tests below, built once (eager init and compiles are slow).
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def learner():
   """The default tiny learner; every tiny_config variant used here has the
   same backbone, optimizers and weight-net parameter shapes."""
   return build_learner(tiny_config())
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def state(learner):
   return init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def forward(learner):
   """f(params, batch_stats, images) -> exit logits of the train-mode forward
   (batch statistics), as the half step runs the backbone."""
@@ -123,7 +123,7 @@ def forward(learner):
   return jax.jit(apply)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def sgd_step(learner):
   """f(state, images, labels, weights (B, K), smoothing, lr) -> parameters
   after one SGD step on sum_k mean_b(w_bk * CE_s), written without the
@@ -247,7 +247,7 @@ def test_confidence_input_drives_the_real_step_weights(state, forward):
 SMOOTHING = 0.1
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def smoothed_step(state):
   """(learner, new_state, metrics) of one meta half step with smoothing."""
   config = tiny_config()
@@ -349,7 +349,7 @@ def test_unknown_compute_dtype_is_named():
 # eval.threshold_source.
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def digits_dir(tmp_path_factory):
   """One sklearn_digits tfds directory for the tests of this section."""
   return str(tmp_path_factory.mktemp('data'))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import PROJECT_ROOT, subprocess_env
 
@@ -18,6 +19,7 @@ def _check_reference(*args):
   return out.returncode, lines, out.stderr
 
 
+@pytest.mark.long
 def test_shared_fixtures_pass(shared_reference, tmp_path):
   fixtures = [shared_reference / 'msdnet_cifar100_forward.npz',
               shared_reference / 'l2w_iteration_cifar100.npz',
@@ -47,6 +49,30 @@ def test_shared_fixtures_pass(shared_reference, tmp_path):
       assert expected and set(expected) <= set(got.files)
       for key in expected:
         assert got[key].shape == want[key].shape, key
+
+
+@pytest.mark.long
+def test_gradient_equilibrium_and_boostnet_fixtures_pass(shared_reference,
+                                                         tmp_path):
+  """IMTA's gradient equilibrium and BoostNet, float64 against the
+  original's numbers, by the README's tolerances."""
+  fixtures = [shared_reference / 'ge_gradients_cifar100.npz',
+              shared_reference / 'boostnet_gradients_cifar100.npz']
+  code, lines, stderr = _check_reference(*fixtures, '--save', tmp_path)
+  assert code == 0, stderr[-2000:]
+  assert [l['kind'] for l in lines] == ['ge_gradients', 'boostnet_gradients']
+  ge, boost = (l['checks'] for l in lines)
+  assert set(ge) == {'exit_losses', 'grad'}
+  assert set(boost) == {'stage_losses', 'grad', 'eval_ensemble_logits'}
+  assert ge['exit_losses']['error'] <= 1e-9 and ge['grad']['error'] <= 1e-6
+  assert boost['stage_losses']['error'] <= 1e-9
+  assert boost['grad']['error'] <= 1e-6
+  assert boost['eval_ensemble_logits']['error'] <= 1e-9 * 100
+  for fixture in fixtures:  # every gradient computed, under its own name
+    with np.load(fixture) as want, np.load(tmp_path / fixture.name) as got:
+      expected = [k for k in want.files if k.startswith('expected')]
+      assert len([k for k in expected if '/grad/' in k]) == 218
+      assert set(expected) <= set(got.files)
 
 
 def test_save_format_of_an_inputs_only_fixture(shared_reference, tmp_path):

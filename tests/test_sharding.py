@@ -92,19 +92,28 @@ def _reference_half(learner, state, shards, train_index):
     _, loss_vjp, _, stats, inputs = l2w.train_forward(learner, state, xt, yt)
     return l2w.real_gradient(learner, meta_params, loss_vjp, inputs)[0], stats
 
+  # Jitted so that the optimizers' many small ops compile once, not one by one.
+  @jax.jit
+  def meta_update(state, meta_grads):
+    return apply_optimizer(learner.meta_tx, _mean(meta_grads),
+                           state.meta_opt_state, state.meta_params, META_LR)
+
+  @jax.jit
+  def real_update(state, grads):
+    return apply_optimizer(learner.tx, _mean(grads), state.opt_state,
+                           state.params, LR)
+
   halves = [(s[train_index], s[1 - train_index]) for s in shards]
-  meta_grads = _mean([meta_part(state, *t, *m) for t, m in halves])
-  meta_params, meta_opt_state = apply_optimizer(
-      learner.meta_tx, meta_grads, state.meta_opt_state, state.meta_params,
-      META_LR)
+  meta_params, meta_opt_state = meta_update(
+      state, [meta_part(state, *t, *m) for t, m in halves])
   parts = [real_part(state, meta_params, *t) for t, _ in halves]
-  params, opt_state = apply_optimizer(learner.tx, _mean([g for g, _ in parts]),
-                                      state.opt_state, state.params, LR)
+  params, opt_state = real_update(state, [g for g, _ in parts])
   return state.replace(params=params, batch_stats=parts[0][1],
                        opt_state=opt_state, meta_params=meta_params,
                        meta_opt_state=meta_opt_state)
 
 
+@pytest.mark.long
 def test_sharded_l2w_step_equals_each_device_alone_then_averaged(float64):
   del float64
   learner, state, images, labels = _setup(dtype=jnp.float64)
@@ -198,6 +207,7 @@ def _size(tree) -> int:
   return sum(x.size for x in jax.tree_util.tree_leaves(tree))
 
 
+@pytest.mark.long
 @pytest.mark.parametrize('with_meta', [True, False])
 def test_sharded_step_collectives_do_not_scale_with_the_batch(with_meta):
   """Per half step: each network's gradient all-reduced once, the running
@@ -303,6 +313,7 @@ def _two_processes(workdir, overrides, terminate_after: str | None = None):
       p.kill()
 
 
+@pytest.mark.long
 def test_two_processes_train_like_one_process_on_the_same_mesh(tmp_path):
   """2 local processes x 4 CPU devices with a localhost coordinator train 6
   L2W iterations of digits at the digits config's learning rates; only
@@ -320,7 +331,7 @@ def test_two_processes_train_like_one_process_on_the_same_mesh(tmp_path):
                'train.num_steps': num_steps, 'train.batch_size': -1,
                'train.per_device_batch_size': 4, 'train.lr': 0.1,
                'meta.lr': 1e-3,
-               'eval.batch_size': 60,  # rounded up to 64 for 8 devices
+               'eval.batch_size': 250,  # rounded up to 256 for 8 devices
                'train.checkpoint_every_steps': 1,
                'train.keep_checkpoints': num_steps,
                'distributed.num_devices': 0}

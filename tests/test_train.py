@@ -56,6 +56,7 @@ def test_train_and_evaluate_on_mock_datasets(dataset, tmp_path):
   assert results['iterations'] == 2 and results['dataset'] == dataset
 
 
+@pytest.mark.long
 def test_resuming_continues_the_same_run(tmp_path):
   config = tiny_train_config('sklearn_digits', num_steps=5)
   config.dataset.data_dir = str(tmp_path / 'data')
@@ -186,6 +187,7 @@ def test_corrupt_checkpoint_is_reported_and_kept(tmp_path):
   assert step_dir.exists()
 
 
+@pytest.mark.long
 def test_sigterm_saves_and_the_rerun_finishes(tmp_path):
   workdir = tmp_path / 'run'
   args = [sys.executable, '-m', 'experiments.main',

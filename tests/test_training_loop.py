@@ -17,8 +17,10 @@ from l2w_jax import data
 from l2w_jax.training import train
 from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
-from l2w_jax.training.schedules import cosine_learning_rate
+from l2w_jax.training.schedules import cosine_learning_rate, learning_rate
 from tests.tiny import tiny_train_config
+
+pytestmark = pytest.mark.long
 
 STEPS_PER_EPOCH = 5
 TOTAL = 8
@@ -37,6 +39,24 @@ def test_cosine_learning_rate_formula():
         _cosine(0.8, t, 100), rel=1e-15)
   with pytest.raises(ValueError, match='positive number of iterations'):
     cosine_learning_rate(0.8, 0, 0)
+
+
+def test_multistep_learning_rate_divides_at_epoch_milestones():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  train_config = ml_collections.ConfigDict({
+      'lr': 0.1, 'schedule': 'multistep', 'lr_milestones': (0.5, 0.75),
+      'lr_gamma': 0.1})
+  # 300 epochs of 10 iterations: /10 from epoch 150, /100 from epoch 225.
+  rates = {epoch: learning_rate(train_config, epoch * 10 + 9, 3000, 10)
+           for epoch in (0, 149, 150, 224, 225, 299)}
+  assert rates == pytest.approx({0: 0.1, 149: 0.1, 150: 0.01, 224: 0.01,
+                                 225: 0.001, 299: 0.001}, rel=1e-15)
+  train_config.schedule = 'cosine'
+  assert learning_rate(train_config, 5, 10, 3) == pytest.approx(
+      _cosine(0.1, 5, 10), rel=1e-15)
+  train_config.schedule = 'step'
+  with pytest.raises(ValueError, match='train.schedule'):
+    learning_rate(train_config, 5, 10, 3)
 
 
 def _config():
@@ -67,7 +87,7 @@ def _recording(monkeypatch):
   return calls
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def runs(tmp_path_factory):
   """An uninterrupted run and one stopped at the end of epoch 1, resumed."""
   base = tmp_path_factory.mktemp('loop')

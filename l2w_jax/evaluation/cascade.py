@@ -51,6 +51,16 @@ def _stage(model: nn.Module, index: int, variables, features):
   return features, confidence, jnp.argmax(logits, axis=-1)
 
 
+def _require_exit_logits(model: nn.Module) -> None:
+  """The cascade reads each exit's own logits; BoostNet's ensembles Q_k would
+  need the previous exits' outputs carried along, which it does not do yet."""
+  if getattr(getattr(model, 'cfg', None), 'ensemble_reweight', ()):
+    raise NotImplementedError(
+        'the cascade does not carry BoostNet\'s ensemble (Q_k = o_k + r '
+        'Q_k-1) from stage to stage yet; evaluate boostnet runs with '
+        '--mode=budgeted')
+
+
 def _gather(features, rows):
   """Keeps rows (bucket,) of every scale's features."""
   return jax.tree_util.tree_map(lambda f: jnp.take(f, rows, axis=0), features)
@@ -69,6 +79,7 @@ class Cascade:
 
   def __init__(self, model: nn.Module, variables, thresholds,
                max_batch: int):
+    _require_exit_logits(model)
     self.model = model
     self.variables = variables
     self.num_exits = model.num_exits
@@ -147,6 +158,7 @@ class SingleImageCascade:
   """
 
   def __init__(self, model: nn.Module, variables, thresholds):
+    _require_exit_logits(model)
     self.model = model
     self.variables = variables
     self.thresholds = np.asarray(thresholds, np.float32)

@@ -82,12 +82,12 @@ class Learner:
   reduce_batch_stats: Callable = _unchanged  # moved running statistics
 
 
-def backbone_losses(model: nn.Module, params, batch_stats, images, labels,
-                    label_smoothing: float = 0.0, compute_dtype=None):
-  """Train-mode forward: returns (losses (B, K), (exit_logits, new_batch_stats)).
+def train_mode_logits(model: nn.Module, params, batch_stats, images,
+                      compute_dtype=None):
+  """Train-mode forward: (exit_logits K x (B, C), new_batch_stats).
 
   With `compute_dtype` (e.g. 'bfloat16') the images, hence the activations,
-  are in that dtype; logits and losses come back as float32.
+  are in that dtype; the logits come back as float32.
   """
   if compute_dtype is not None:
     images = images.astype(compute_dtype)
@@ -96,11 +96,22 @@ def backbone_losses(model: nn.Module, params, batch_stats, images, labels,
       mutable=['batch_stats'])
   exit_logits = [z.astype(jnp.float32) if compute_dtype is not None else z
                  for z in exit_logits]
+  return exit_logits, mutated['batch_stats']
+
+
+def backbone_losses(model: nn.Module, params, batch_stats, images, labels,
+                    label_smoothing: float = 0.0, compute_dtype=None):
+  """Train-mode forward: returns (losses (B, K), (exit_logits, new_batch_stats)).
+
+  `compute_dtype` as in `train_mode_logits`; losses are float32 then.
+  """
+  exit_logits, batch_stats = train_mode_logits(model, params, batch_stats,
+                                               images, compute_dtype)
   losses = weighting.per_exit_losses(exit_logits, labels, label_smoothing)
-  return losses, (exit_logits, mutated['batch_stats'])
+  return losses, (exit_logits, batch_stats)
 
 
-def _compute_dtype(settings: L2WSettings):
+def compute_dtype(settings: L2WSettings):
   """None for float32 (no casts at all, so float64 fixtures stay float64)."""
   return None if settings.compute_dtype == 'float32' else settings.compute_dtype
 
@@ -138,7 +149,7 @@ def meta_objective(learner: Learner, meta_params, state: TrainState,
   # The meta loss is never label-smoothed.
   meta_losses, (meta_logits, _) = backbone_losses(
       learner.model, virtual_params, state.batch_stats, meta_images,
-      meta_labels, compute_dtype=_compute_dtype(learner.settings))
+      meta_labels, compute_dtype=compute_dtype(learner.settings))
   confidences = jax.lax.stop_gradient(weighting.exit_confidences(meta_logits))
   quotas = weighting.exit_quotas(meta_labels.shape[0],
                                  learner.settings.target_probs)
@@ -159,7 +170,7 @@ def train_forward(learner: Learner, state: TrainState, images, labels):
   losses, loss_vjp, (exit_logits, new_batch_stats) = jax.vjp(
       lambda p: backbone_losses(learner.model, p, state.batch_stats, images,
                                 labels, s.label_smoothing,
-                                _compute_dtype(s)),
+                                compute_dtype(s)),
       state.params, has_aux=True)
   confidences = weighting.exit_confidences(exit_logits)
   weight_inputs = jax.lax.stop_gradient(
@@ -251,7 +262,7 @@ def uniform_half_step(learner: Learner, state: TrainState, images, labels,
   def loss_fn(params):
     losses, aux = backbone_losses(learner.model, params, state.batch_stats,
                                   images, labels, s.label_smoothing,
-                                  _compute_dtype(s))
+                                  compute_dtype(s))
     return weighted_loss(jnp.ones_like(losses), losses), (losses, aux)
 
   (train_loss, (losses, (exit_logits, new_batch_stats))), grads = (

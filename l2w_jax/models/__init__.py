@@ -11,15 +11,16 @@ MODELS = ('msdnet',)
 DATA_AXIS = 'data'
 
 
-def build_model(config):
+def build_model(config, **overrides):
   """The backbone that `config.model` describes, with `config.dataset`'s
-  classes; with `train.sync_bn`, its BatchNorm averages over DATA_AXIS."""
+  classes; with `train.sync_bn`, its BatchNorm averages over DATA_AXIS.
+  `overrides` are MSDNetConfig fields a training method sets."""
   name = config.model.get('name', 'msdnet')
   if name == 'msdnet':
     cfg = MSDNetConfig.from_config(config.model, config.dataset.num_classes)
     if config.get('train') and config.train.get('sync_bn', False):
       cfg = dataclasses.replace(cfg, bn_axis_name=DATA_AXIS)
-    return MSDNet(cfg)
+    return MSDNet(dataclasses.replace(cfg, **overrides))
   raise ValueError(f'model.name: unknown model {name!r}; available: {MODELS}')
 
 

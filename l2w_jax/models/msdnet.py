@@ -26,6 +26,8 @@ import math
 import flax.linen as nn
 import jax
 
+from l2w_jax.models import gradient_equilibrium as ge
+from l2w_jax.models.ensemble import ensemble_logits
 from l2w_jax.models.layers import (AvgPool2d, BatchNorm2d, Conv2d, Linear,
                                    MaxPool2d, ReLU, flatten_features)
 
@@ -63,12 +65,20 @@ class MSDNetConfig:
   init: str = 'torch_default'
   # Mesh axis of synchronised BatchNorm (train.sync_bn); None: per device.
   bn_axis_name: str | None = None
+  # IMTA's gradient equilibrium on the coarsest scale (backward only; see
+  # `gradient_equilibrium`). Set by the methods that train with it.
+  gradient_equilibrium: bool = False
+  # BoostNet's reweights r_k, one per exit: in eval mode the outputs are the
+  # ensembles Q_k (`ensemble.ensemble_logits`) instead of the exit logits.
+  ensemble_reweight: tuple[float, ...] = ()
 
   def __post_init__(self):
     object.__setattr__(self, 'gr_factor',
                        _parse_factors(self.gr_factor, 'gr_factor'))
     object.__setattr__(self, 'bn_factor',
                        _parse_factors(self.bn_factor, 'bn_factor'))
+    object.__setattr__(self, 'ensemble_reweight',
+                       tuple(float(r) for r in self.ensemble_reweight))
     self.validate()
 
   @property
@@ -104,6 +114,10 @@ class MSDNetConfig:
         bad(field, f'must be >= 1, got {getattr(self, field)}')
     if not 0.0 <= self.reduction <= 1.0:
       bad('reduction', f'must be in [0, 1], got {self.reduction}')
+    if self.ensemble_reweight and (len(self.ensemble_reweight) !=
+                                   self.n_blocks):
+      bad('ensemble_reweight', f'needs one value per exit ({self.n_blocks}), '
+          f'got {len(self.ensemble_reweight)}')
 
   @classmethod
   def from_config(cls, model_config, num_classes: int,
@@ -416,11 +430,21 @@ class MSDNet(nn.Module):
     return self.classifier[index](features, train)
 
   def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-    """Images (B, H, W, 3) -> list of per-exit logits, each (B, classes)."""
+    """Images (B, H, W, 3) -> list of per-exit logits, each (B, classes);
+    BoostNet's ensembles Q_k in eval mode when `ensemble_reweight` is set."""
     logits = []
     features = x
-    for i in range(self.cfg.n_blocks):
+    num_blocks = self.cfg.n_blocks
+    for i in range(num_blocks):
       features = self.run_block(i, features, train)
+      if self.cfg.gradient_equilibrium:
+        features = features[:-1] + [ge.scale_gradient(
+            features[-1], ge.classifier_scale(i, num_blocks))]
       logits.append(self.exit_logits(i, features, train))
+      if self.cfg.gradient_equilibrium:
+        features = features[:-1] + [ge.scale_gradient(
+            features[-1], ge.onward_scale(i, num_blocks))]
+    if self.cfg.ensemble_reweight and not train:
+      logits = ensemble_logits(logits, self.cfg.ensemble_reweight)
     return logits
 

@@ -9,6 +9,7 @@ from l2w_jax.meta import weighting
 from l2w_jax.meta.l2w import COMPUTE_DTYPES, L2WSettings, Learner, TrainState
 from l2w_jax.models import build_model, build_weight_net
 from l2w_jax.optim import torch_adam, torch_sgd
+from l2w_jax.training import methods
 
 
 def _compute_dtype(config) -> str:
@@ -19,9 +20,17 @@ def _compute_dtype(config) -> str:
   return name
 
 
+def method_model(config):
+  """The backbone of `config.model` as `config.method` trains and evaluates
+  it (e.g. BoostNet's: gradient equilibrium, ensemble outputs)."""
+  method = methods.get(config.method)
+  return build_model(config, **(method.backbone(config) if method.backbone
+                                else {}))
+
+
 def build_learner(config) -> Learner:
   """Networks, optimizers and L2W settings from `config`."""
-  model = build_model(config)
+  model = method_model(config)
   num_exits = model.num_exits
   meta = config.meta
   weighting.centre(jnp.zeros((1, 1)), meta.constraint)  # validates the name

@@ -1,4 +1,4 @@
-"""Learning-rate schedules, evaluated on the host in float64 like the original."""
+"""Learning-rate schedules, evaluated on the host in float64 like the originals."""
 
 import math
 
@@ -13,3 +13,33 @@ def cosine_learning_rate(base: float, iteration: int, total: int) -> float:
     raise ValueError(f'the schedule needs a positive number of iterations, '
                      f'got {total}')
   return 0.5 * base * (1.0 + math.cos(math.pi * iteration / total))
+
+
+SCHEDULES = ('cosine', 'multistep')
+
+
+def multistep_learning_rate(base: float, epoch: int, total_epochs: float,
+                            milestones, gamma: float = 0.1) -> float:
+  """lr0 * gamma^(number of milestones reached), per epoch.
+
+  Milestones are fractions of the run: MSDNet, IMTA and BoostNet on CIFAR
+  divide by 10 at epochs 150 and 225 of 300 (0.5, 0.75; IMTA's
+  `epoch >= 0.5 * epochs`), on ImageNet at 30 and 60 of 90 (1/3, 2/3).
+  """
+  reached = sum(1 for m in milestones if epoch >= m * total_epochs)
+  return base * gamma**reached
+
+
+def learning_rate(train_config, step: int, total: int,
+                  steps_per_epoch: int) -> float:
+  """The backbone's learning rate at iteration `step` of `total` under
+  `train.schedule` ('cosine' per iteration, or 'multistep' per epoch)."""
+  schedule = train_config.get('schedule', 'cosine')
+  if schedule == 'cosine':
+    return cosine_learning_rate(train_config.lr, step, total)
+  if schedule == 'multistep':
+    return multistep_learning_rate(
+        train_config.lr, step // steps_per_epoch, total / steps_per_epoch,
+        train_config.lr_milestones, train_config.lr_gamma)
+  raise ValueError(f'train.schedule: unknown schedule {schedule!r}; use one '
+                   f'of {SCHEDULES}')

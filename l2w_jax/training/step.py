@@ -1,11 +1,14 @@
 """The data-parallel training iteration of any registered method.
 
 `make_iteration` returns f(state, images, labels, lr, meta_lr, with_meta) ->
-(state, (metrics_half1, metrics_half2)) that takes this process's part of a
-global batch (numpy), hands every device its own two halves, and runs the
-method's half step twice (train p1 / meta p2, then train p2 / meta p1) as one
-jitted `shard_map` over the mesh, compiled once per `with_meta` value. The
-state is replicated; the metrics it returns are reduced over devices.
+(state, per-step metrics) that takes this process's part of a global batch
+(numpy). For a method trained in halves (L2W and its uniform baseline) it
+hands every device its own two halves and runs the method's half step twice
+(train p1 / meta p2, then train p2 / meta p1), giving two metrics dicts; for
+a whole-batch method (BoostNet, IMTA, ...) it runs one step on every device's
+whole shard, giving one. Each step is one jitted `shard_map` over the mesh
+(compiled once per `with_meta` value); the state is replicated, and the
+metrics it returns are reduced over devices.
 """
 
 from __future__ import annotations
@@ -71,11 +74,41 @@ def sharded_half_step(half_step: Callable, learner: l2w.Learner,
   return jax.jit(step, static_argnames='with_meta', donate_argnums=0)
 
 
+def sharded_batch_step(batch_step: Callable, learner: l2w.Learner,
+                       mesh) -> Callable:
+  """A whole-batch step `batch_step(learner, state, images, labels, lr)` per
+  device under `shard_map`, jitted; the input state is donated."""
+
+  def per_device(state, images, labels, lr):
+    state, metrics = batch_step(learner, state, images, labels, lr)
+    return state, reduce_metrics(metrics, images.shape[0])
+
+  def step(state, images, labels, lr):
+    batch = P(AXIS)
+    return jax.shard_map(per_device, mesh=mesh,
+                         in_specs=(P(), batch, batch, P()),
+                         out_specs=(P(), P()), check_vma=False)(
+                             state, images, labels, lr)
+
+  return jax.jit(step, donate_argnums=0)
+
+
 def make_iteration(method_name: str, learner: l2w.Learner, mesh,
                    bn_stats: str = 'device0') -> Callable:
   """The whole iteration of `method_name` on `mesh` (see module doc)."""
   method = methods.get(method_name)
   learner = data_parallel_learner(learner, bn_stats)
+  if method.batch_step is not None:
+    step = sharded_batch_step(method.batch_step, learner, mesh)
+
+    def batch_iteration(state, images, labels, lr, meta_lr, with_meta):
+      del meta_lr, with_meta
+      state, metrics = step(state, parallel.global_array(images, mesh),
+                            parallel.global_array(labels, mesh), lr)
+      return state.replace(step=state.step + 1), (metrics,)
+
+    return batch_iteration
+
   step = sharded_half_step(method.half_step, learner, mesh)
   num_local = parallel.local_device_count(mesh)
 

@@ -29,6 +29,7 @@ from l2w_jax.training import metrics as metrics_lib
 from l2w_jax.training import step as step_lib
 from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
+from l2w_jax.training import schedules
 from l2w_jax.training.schedules import cosine_learning_rate
 
 THRESHOLD_SOURCES = ('holdout', 'train')
@@ -52,6 +53,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f'one of {THRESHOLD_SOURCES}')
   if config.train.num_steps <= 0 and config.train.epochs <= 0:
     raise ValueError('train.epochs or train.num_steps must be positive')
+  schedule = config.train.get('schedule', 'cosine')
+  if schedule not in schedules.SCHEDULES:
+    raise ValueError(f'train.schedule: unknown schedule {schedule!r}; use '
+                     f'one of {schedules.SCHEDULES}')
+  if schedule == 'multistep' and any(
+      not 0.0 < m <= 1.0 for m in config.train.lr_milestones):
+    raise ValueError('train.lr_milestones: fractions of the run in (0, 1], '
+                     f'got {config.train.lr_milestones}')
 
 
 class Preemption:
@@ -248,7 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                       process_index=jax.process_index(),
                                       process_count=jax.process_count()):
         in_epoch = step % steps_per_epoch
-        lr = cosine_learning_rate(config.train.lr, step, total)
+        lr = schedules.learning_rate(config.train, step, total,
+                                     steps_per_epoch)
         meta_lr = cosine_learning_rate(config.meta.lr, step, total)
         with_meta = in_epoch % config.meta.interval == 0
         state, halves = iteration(state, batch['image'], batch['label'], lr,

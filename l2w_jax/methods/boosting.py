@@ -1,0 +1,102 @@
+"""BoostNet (Yu et al., "Boosted Dynamic Neural Networks", AAAI 2023).
+
+Each exit is a weak learner on top of the ensemble of the exits before it.
+With per-exit reweights r (the original's `--ensemble_reweight`, 0.5 in
+every released script), following `DynamicNet` of the original:
+
+  training  P_0 = 0,  P_k = (o_k + P_{k-1}) * r_k,
+            loss = sum_k CE(o_k + stop_gradient(P_{k-1}), y)
+  test      Q_0 = o_0 (= o_0 + 0 * r_0),  Q_k = o_k + Q_{k-1} * r_k
+
+(0-based k; sums in exit order; CE is the batch mean). The test-time rule
+lives with the model (`models.ensemble`), whose eval-mode outputs it is. With one r for all
+exits both give o_k + r o_{k-1} + r^2 o_{k-2} + ...; with varying r the
+original indexes r by the exit that produced the partial sum in training and
+by the exit that consumes it at test time, reproduced here.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from l2w_jax.meta import l2w, weighting
+from l2w_jax.meta.l2w import Learner, TrainState
+from l2w_jax.models.ensemble import ensemble_logits
+from l2w_jax.optim import apply_optimizer
+
+
+def reweights(value, num_exits: int) -> tuple[float, ...]:
+  """The original's `--ensemble_reweight` rule: one value repeated, two values
+  as `linspace(a, b, K)`, or K values as given."""
+  values = tuple(float(v) for v in (value if isinstance(value, (tuple, list))
+                                    else (value,)))
+  if len(values) == 1:
+    return values * num_exits
+  if len(values) == 2:
+    a, b = values
+    if num_exits == 1:
+      return (a,)
+    return tuple(a + (b - a) * i / (num_exits - 1) for i in range(num_exits))
+  if len(values) == num_exits:
+    return values
+  raise ValueError(f'boostnet.reweight: give 1, 2 or {num_exits} (number of '
+                   f'exits) values, got {len(values)}')
+
+
+def training_inputs(exit_logits: Sequence[jax.Array],
+                    reweight: Sequence[float]) -> list[jax.Array]:
+  """The logits each exit's cross-entropy sees in training:
+  o_k + stop_gradient(P_{k-1}), each (B, C)."""
+  inputs = []
+  previous = None
+  for logits, r in zip(exit_logits, reweight):
+    summed = logits if previous is None else logits + previous
+    inputs.append(summed)
+    previous = jax.lax.stop_gradient(summed * r)
+  return inputs
+
+
+def stage_losses(exit_logits: Sequence[jax.Array], labels: jax.Array,
+                 reweight: Sequence[float],
+                 label_smoothing: float = 0.0) -> jax.Array:
+  """(K,) batch-mean cross-entropy of each exit's boosted training input."""
+  per_sample = weighting.per_exit_losses(
+      training_inputs(exit_logits, reweight), labels, label_smoothing)
+  return jnp.mean(per_sample, axis=0)
+
+
+def boostnet_step(learner: Learner, state: TrainState, images, labels,
+                  learning_rate):
+  """One SGD step on a whole (per-device) batch with the summed stage losses;
+  the reweights are the model's `ensemble_reweight`.
+
+  Returns (new_state, metrics) as the methods registry documents; `correct`
+  counts the hits of the boosted predictions Q_k.
+  """
+  reweight = learner.model.cfg.ensemble_reweight
+  settings = learner.settings
+
+  def loss_fn(params):
+    exit_logits, batch_stats = l2w.train_mode_logits(
+        learner.model, params, state.batch_stats, images,
+        l2w.compute_dtype(settings))
+    losses = stage_losses(exit_logits, labels, reweight,
+                          settings.label_smoothing)
+    return jnp.sum(losses), (losses, exit_logits, batch_stats)
+
+  (train_loss, (losses, exit_logits, batch_stats)), grads = (
+      jax.value_and_grad(loss_fn, has_aux=True)(state.params))
+  params, opt_state = apply_optimizer(learner.tx, learner.reduce_grads(grads),
+                                      state.opt_state, state.params,
+                                      learning_rate)
+  predictions = [jax.lax.stop_gradient(q)
+                 for q in ensemble_logits(exit_logits, reweight)]
+  new_state = state.replace(
+      params=params, batch_stats=learner.reduce_batch_stats(batch_stats),
+      opt_state=opt_state)
+  return new_state, {'train_loss': train_loss, 'loss_per_exit': losses,
+                     'weight_per_exit': jnp.ones_like(losses),
+                     'correct': l2w.top1_hits(predictions, labels)}

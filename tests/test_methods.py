@@ -1,0 +1,254 @@
+"""Training methods other than L2W: gradient equilibrium, BoostNet, and the
+registry that plugs them into the (sharded) training loop."""
+
+import dataclasses
+import functools
+import importlib
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from l2w_jax import parallel
+from l2w_jax.meta import l2w
+from l2w_jax.methods import boosting
+from l2w_jax.models import gradient_equilibrium as ge
+from l2w_jax.models.ensemble import ensemble_logits
+from l2w_jax.models.msdnet import MSDNet
+from l2w_jax.training import methods
+from l2w_jax.training import step as step_lib
+from l2w_jax.training import train
+from l2w_jax.training.learner import build_learner, init_train_state
+from tests.tiny import TINY_IMAGE, TINY_MSDNET, tiny_config, tiny_train_config
+
+NUM_DEVICES = 8
+
+
+# ----------------------------------------------------------------------------
+# Gradient equilibrium.
+
+
+def test_scale_gradient_is_an_identity_with_a_scaled_backward():
+  x = jnp.array([1.5, -2.0, 3.25])
+  assert ge.scale_gradient(x, 0.25) is x or bool(
+      jnp.all(ge.scale_gradient(x, 0.25) == x))
+  grad = jax.grad(lambda v: jnp.sum(ge.scale_gradient(v, 0.25) * v))(x)
+  # d/dv [s(v) * v] = 0.25 * v (through the rescale) + v (direct).
+  np.testing.assert_allclose(grad, 1.25 * x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('block,num_blocks', [(0, 4), (1, 4), (2, 4), (3, 4)])
+def test_two_rescales_of_one_block_on_a_toy_graph(block, num_blocks):
+  """h -> a = s(h, 1/(K-i)) -> classifier loss c*a; b = s(a, K-i-1) ->
+  later loss d*b: dL/dh = (c + (K-i-1) d) / (K-i); the classifier side
+  itself is unscaled."""
+  c, d = 0.7, -1.3
+
+  def loss(h, weight):
+    a = ge.scale_gradient(h, ge.classifier_scale(block, num_blocks))
+    b = ge.scale_gradient(a, ge.onward_scale(block, num_blocks))
+    return weight * c * a + d * b
+
+  dh, dw = jax.grad(loss, argnums=(0, 1))(2.0, 1.0)
+  k = num_blocks - block
+  assert dh == pytest.approx((c + (k - 1) * d) / k, rel=1e-6)
+  assert dw == pytest.approx(c * 2.0, rel=1e-6)
+
+
+def _exit_loss_grads(model, variables, images, labels):
+  def total(params):
+    logits, _ = model.apply({'params': params,
+                             'batch_stats': variables['batch_stats']},
+                            images, train=True, mutable=['batch_stats'])
+    return jnp.sum(jnp.mean(l2w.weighting.per_exit_losses(logits, labels),
+                            axis=0))
+  return jax.jit(jax.grad(total))(variables['params'])
+
+
+def test_gradient_equilibrium_rescales_only_the_backbone():
+  """On the tiny MSDNet (3 blocks): same forward; every classifier's own
+  gradient and the last block's are the plain ones; block 0 receives
+  (1/3) of the summed exits' gradient through the coarsest scale and differs."""
+  plain = MSDNet(TINY_MSDNET)
+  with_ge = MSDNet(dataclasses.replace(TINY_MSDNET, gradient_equilibrium=True))
+  images = jax.random.normal(jax.random.PRNGKey(0), (6,) + TINY_IMAGE)
+  labels = jnp.arange(6) % 5
+  variables = plain.init(jax.random.PRNGKey(1), images, train=False)
+  for a, b in zip(plain.apply(variables, images), with_ge.apply(variables,
+                                                                images)):
+    np.testing.assert_array_equal(a, b)
+  g_plain = _exit_loss_grads(plain, variables, images, labels)
+  g_ge = _exit_loss_grads(with_ge, variables, images, labels)
+  for name in g_plain:
+    if name.startswith('classifier') or name.startswith('blocks_2'):
+      chex.assert_trees_all_close(g_ge[name], g_plain[name], rtol=1e-5,
+                                  atol=1e-7)
+  differs = jax.tree_util.tree_map(
+      lambda a, b: float(jnp.max(jnp.abs(a - b))), g_ge['blocks_0_0'],
+      g_plain['blocks_0_0'])
+  assert max(jax.tree_util.tree_leaves(differs)) > 1e-4
+
+
+# ----------------------------------------------------------------------------
+# BoostNet.
+
+
+def test_reweights_follow_the_original_rule():
+  assert boosting.reweights(0.5, 3) == (0.5, 0.5, 0.5)
+  assert boosting.reweights((0.2, 0.6), 3) == pytest.approx((0.2, 0.4, 0.6))
+  assert boosting.reweights([0.1, 0.2, 0.3], 3) == (0.1, 0.2, 0.3)
+  with pytest.raises(ValueError, match='boostnet.reweight'):
+    boosting.reweights((0.1, 0.2, 0.3, 0.4), 3)
+
+
+def _toy_logits():
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  return [jax.random.normal(k, (4, 5), jnp.float32) for k in keys]
+
+
+def test_boosted_losses_against_a_hand_computation():
+  o = _toy_logits()
+  labels = jnp.array([0, 3, 1, 4])
+  r = (0.5, 0.25, 0.75)
+  p1 = o[0] * r[0]
+  p2 = (o[1] + p1) * r[1]
+  inputs = [o[0], o[1] + p1, o[2] + p2]
+
+  def ce(z):
+    z = np.asarray(z, np.float64)
+    log_probs = z - np.log(np.sum(np.exp(z), axis=1, keepdims=True))
+    return -np.mean(log_probs[np.arange(4), np.asarray(labels)])
+
+  np.testing.assert_allclose(boosting.stage_losses(o, labels, r),
+                             [ce(z) for z in inputs], rtol=1e-6)
+  # Test time: Q_k = o_k + Q_{k-1} r_k (the consumer's r).
+  q1 = o[1] + o[0] * r[1]
+  q2 = o[2] + q1 * r[2]
+  for got, want in zip(ensemble_logits(o, r), [o[0], q1, q2]):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_no_gradient_from_exit_k_reaches_earlier_exit_logits():
+  o = _toy_logits()
+  labels = jnp.array([0, 3, 1, 4])
+  for k in (1, 2):
+    grads = jax.grad(lambda o: boosting.stage_losses(o, labels, (0.5,) * 3)[k])(o)
+    for j in range(k):
+      assert float(jnp.max(jnp.abs(grads[j]))) == 0.0
+    assert float(jnp.max(jnp.abs(grads[k]))) > 1e-3
+
+
+def test_boostnet_model_predicts_with_the_ensemble_in_eval_mode():
+  cfg = dataclasses.replace(TINY_MSDNET, ensemble_reweight=(0.5, 0.5, 0.5))
+  boosted, plain = MSDNet(cfg), MSDNet(TINY_MSDNET)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2,) + TINY_IMAGE)
+  variables = plain.init(jax.random.PRNGKey(1), images, train=False)
+  raw = plain.apply(variables, images)
+  for got, want in zip(boosted.apply(variables, images),
+                       ensemble_logits(raw, cfg.ensemble_reweight)):
+    np.testing.assert_array_equal(got, want)
+  train_out, _ = boosted.apply(variables, images, train=True,
+                               mutable=['batch_stats'])
+  train_raw, _ = plain.apply(variables, images, train=True,
+                             mutable=['batch_stats'])
+  for got, want in zip(train_out, train_raw):  # training sees o_k itself
+    np.testing.assert_array_equal(got, want)
+
+
+def test_boostnet_config_errors_name_the_field():
+  config = tiny_config()
+  config.method = 'boostnet'
+  config.boostnet.reweight = (1.5,)
+  with pytest.raises(ValueError, match=r'boostnet.reweight: .*\[0, 1\]'):
+    build_learner(config)
+  config.boostnet.reweight = (0.1, 0.2, 0.3, 0.4)
+  with pytest.raises(ValueError, match='boostnet.reweight'):
+    build_learner(config)
+
+
+def test_method_registry_rejects_ambiguous_registrations():
+  with pytest.raises(ValueError, match='exactly one'):
+    methods.register('neither', uses_meta_step=False)
+  with pytest.raises(ValueError, match='already registered'):
+    methods.register('boostnet', batch_step=lambda *a: a,
+                     uses_meta_step=False)
+  assert {'l2w', 'uniform', 'boostnet'} <= set(methods.available())
+
+
+@pytest.fixture
+def float64():
+  jax.config.update('jax_enable_x64', True)
+  yield
+  jax.config.update('jax_enable_x64', False)
+
+
+def test_sharded_boostnet_step_equals_each_device_then_averaged(float64):
+  """8 devices, each its own BN statistics and shard: SGD is linear in the
+  gradient, so the sharded update is the mean of the per-device updates
+  (running statistics: device 0's)."""
+  del float64
+  config = tiny_config()
+  config.method = 'boostnet'
+  learner = build_learner(config)
+  state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE,
+                           jnp.float64)
+  images = np.asarray(jax.random.normal(
+      jax.random.PRNGKey(1), (NUM_DEVICES * 4,) + TINY_IMAGE, jnp.float64))
+  labels = np.arange(NUM_DEVICES * 4, dtype=np.int32) % 5
+  mesh = parallel.make_mesh(NUM_DEVICES)
+  iteration = step_lib.make_iteration('boostnet', learner, mesh)
+  sharded, (metrics,) = iteration(
+      jax.device_put(jax.tree_util.tree_map(jnp.copy, state),
+                     parallel.replicated(mesh)), images, labels, 0.3, 0.0,
+      False)
+  one = jax.jit(functools.partial(boosting.boostnet_step, learner))
+  alone = [one(state, x, y, 0.3)[0] for x, y in zip(
+      np.split(images, NUM_DEVICES), np.split(labels, NUM_DEVICES))]
+  mean = jax.tree_util.tree_map(lambda *xs: sum(xs) / len(xs),
+                                *[s.replace(batch_stats=None) for s in alone])
+  chex.assert_trees_all_close(
+      sharded.replace(step=state.step, batch_stats=None), mean,
+      rtol=1e-9, atol=1e-12)
+  chex.assert_trees_all_close(sharded.batch_stats, alone[0].batch_stats,
+                              rtol=1e-12, atol=1e-14)
+  assert int(sharded.step) == 1 and int(metrics['num_images']) == 32
+  assert metrics['loss_per_exit'].shape == (3,)
+
+
+def test_boostnet_trains_and_evaluates_with_the_ensemble(tmp_path):
+  config = tiny_train_config('sklearn_digits', num_steps=2, method='boostnet')
+  config.dataset.data_dir = str(tmp_path / 'data')
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['method'] == 'boostnet' and results['iterations'] == 2
+  assert len(results['budgeted']) == 39
+  rows = [json.loads(l) for l in
+          (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  rows = [r for r in rows if 'train/loss' in r]
+  assert [r['step'] for r in rows] == [1, 2]
+  for row in rows:  # one whole-batch step per iteration: the summed stages
+    assert row['train/loss'] == pytest.approx(
+        sum(row[f'train/loss_exit{k}'] for k in (1, 2, 3)), rel=1e-6)
+    assert 'train/meta_loss' not in row
+
+
+@pytest.mark.parametrize('name', ['boostnet_cifar100', 'boostnet_imagenet'])
+def test_boostnet_paper_configs_build(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  train.validate_config(config)
+  model = build_learner(config).model
+  assert model.cfg.gradient_equilibrium
+  assert model.cfg.ensemble_reweight == (0.5,) * config.model.n_blocks
+  assert config.train.schedule == 'multistep' and config.train.lr == 0.1
+
+
+def test_cascade_refuses_a_boosted_model_instead_of_ignoring_the_ensemble():
+  from l2w_jax.evaluation import cascade  # pylint: disable=g-import-not-at-top
+  model = MSDNet(dataclasses.replace(TINY_MSDNET,
+                                     ensemble_reweight=(0.5, 0.5, 0.5)))
+  for build in (lambda: cascade.Cascade(model, {}, [0.5] * 3, 4),
+                lambda: cascade.SingleImageCascade(model, {}, [0.5] * 3)):
+    with pytest.raises(NotImplementedError, match='--mode=budgeted'):
+      build()
