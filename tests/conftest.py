@@ -62,6 +62,7 @@ if LoadScopeScheduling is not None:
       module = nodeid.split('::', 1)[0]
       return module if module in SHARED_FIXTURE_MODULES else nodeid
 
+  @pytest.hookimpl(optionalhook=True)  # absent with -p no:xdist
   def pytest_xdist_make_scheduler(config, log):
     return _SharedFixtureScheduling(config, log)
 

@@ -15,6 +15,7 @@ import pytest
 from l2w_jax import parallel
 from l2w_jax.meta import l2w
 from l2w_jax.methods import boosting
+from l2w_jax.methods import imta
 from l2w_jax.models import gradient_equilibrium as ge
 from l2w_jax.models.ensemble import ensemble_logits
 from l2w_jax.models.msdnet import MSDNet
@@ -252,3 +253,53 @@ def test_cascade_refuses_a_boosted_model_instead_of_ignoring_the_ensemble():
                 lambda: cascade.SingleImageCascade(model, {}, [0.5] * 3)):
     with pytest.raises(NotImplementedError, match='--mode=budgeted'):
       build()
+
+
+# ----------------------------------------------------------------------------
+# IMTA stage 2.
+
+
+def test_distillation_uses_the_mean_over_batch_and_classes():
+  student, teacher = _toy_logits()[:2]
+  t = 2.0
+  p = np.asarray(jax.nn.softmax(teacher / t, axis=-1), np.float64)
+  log_q = np.asarray(jax.nn.log_softmax(student / t, axis=-1), np.float64)
+  want = np.mean(p * (np.log(p) - log_q))  # over B*C entries, not batchmean
+  assert float(imta.kl_divergence_mean(student, teacher, t)) == pytest.approx(
+      want, rel=1e-5)
+  labels = jnp.array([0, 3, 1, 4])
+  o = _toy_logits()
+  ce = [float(boosting.stage_losses([z], labels, (1.0,))[0]) for z in o]
+  kl = [float(imta.kl_divergence_mean(z, teacher, t)) for z in o[:2]]
+  gamma = 0.3
+  want = ce[2] + sum((1 - gamma) * ce[k] + gamma * t * t * kl[k]
+                     for k in (0, 1))
+  assert float(imta.distillation_loss(o, teacher, labels, t, gamma)) == (
+      pytest.approx(want, rel=1e-5))
+  # The teacher is a constant.
+  grad = jax.grad(lambda z: imta.distillation_loss(o, z, labels, t, gamma))(
+      teacher)
+  assert float(jnp.max(jnp.abs(grad))) == 0.0
+
+
+def test_isc_heads_pass_gradients_back_to_earlier_heads():
+  heads = imta.IMTAHeads((6, 6, 6), 5)
+  features = [jax.random.normal(jax.random.PRNGKey(k), (4, 6))
+              for k in range(3)]
+  variables = heads.init(jax.random.PRNGKey(9), features, False)
+  params = variables['params']
+  assert params['classifier_0']['kernel'].shape == (6, 5)  # no ISC input
+  assert params['classifier_2']['kernel'].shape == (12, 5)
+  assert set(params) == {'classifier_0', 'classifier_1', 'classifier_2',
+                         'isc_modules_0_0', 'isc_modules_0_1',
+                         'isc_modules_1_0', 'isc_modules_1_1'}
+
+  def last_exit_loss(params):
+    logits, _ = heads.apply({'params': params,
+                             'batch_stats': variables['batch_stats']},
+                            features, True, mutable=['batch_stats'])
+    return jnp.sum(logits[-1] ** 2)
+
+  grads = jax.grad(last_exit_loss)(params)
+  # Not detached: the last exit's loss reaches head 0 through two ISCs.
+  assert float(jnp.max(jnp.abs(grads['classifier_0']['kernel']))) > 0

@@ -52,27 +52,34 @@ def test_shared_fixtures_pass(shared_reference, tmp_path):
 
 
 @pytest.mark.long
-def test_gradient_equilibrium_and_boostnet_fixtures_pass(shared_reference,
-                                                         tmp_path):
-  """IMTA's gradient equilibrium and BoostNet, float64 against the
-  original's numbers, by the README's tolerances."""
+def test_imta_and_boostnet_fixtures_pass(shared_reference, tmp_path):
+  """IMTA's gradient equilibrium and stage 2, and BoostNet, float64 against
+  the original's numbers, by the README's tolerances."""
   fixtures = [shared_reference / 'ge_gradients_cifar100.npz',
-              shared_reference / 'boostnet_gradients_cifar100.npz']
+              shared_reference / 'boostnet_gradients_cifar100.npz',
+              shared_reference / 'imta_stage2_cifar100.npz']
   code, lines, stderr = _check_reference(*fixtures, '--save', tmp_path)
   assert code == 0, stderr[-2000:]
-  assert [l['kind'] for l in lines] == ['ge_gradients', 'boostnet_gradients']
-  ge, boost = (l['checks'] for l in lines)
+  assert [l['kind'] for l in lines] == ['ge_gradients', 'boostnet_gradients',
+                                        'imta_stage2']
+  ge, boost, imta = (l['checks'] for l in lines)
+  assert set(imta) == {'loss', 'grad', 'train_logits', 'eval_logits',
+                       'bn_after_train_forward'}
+  assert imta['loss']['error'] <= 1e-9 and imta['grad']['error'] <= 1e-6
+  assert imta['bn_after_train_forward']['error'] <= 1e-6
+  assert all(c['passed'] for c in imta.values())
   assert set(ge) == {'exit_losses', 'grad'}
   assert set(boost) == {'stage_losses', 'grad', 'eval_ensemble_logits'}
   assert ge['exit_losses']['error'] <= 1e-9 and ge['grad']['error'] <= 1e-6
   assert boost['stage_losses']['error'] <= 1e-9
   assert boost['grad']['error'] <= 1e-6
   assert boost['eval_ensemble_logits']['error'] <= 1e-9 * 100
-  for fixture in fixtures:  # every gradient computed, under its own name
+  gradients = [218, 218, 20]  # every parameter; IMTA: heads and ISC only
+  for fixture, count in zip(fixtures, gradients):
     with np.load(fixture) as want, np.load(tmp_path / fixture.name) as got:
       expected = [k for k in want.files if k.startswith('expected')]
-      assert len([k for k in expected if '/grad/' in k]) == 218
-      assert set(expected) <= set(got.files)
+      assert len([k for k in expected if '/grad/' in k]) == count
+      assert set(expected) <= set(got.files)  # all under their own names
 
 
 def test_save_format_of_an_inputs_only_fixture(shared_reference, tmp_path):

@@ -384,7 +384,9 @@ class Classifier(nn.Module):
     self.linear = Linear(inter, cfg.num_classes,
                          zero_bias=cfg.init == 'msdnet')
 
-  def __call__(self, xs: Features, train: bool) -> jax.Array:
+  def pooled_features(self, xs: Features, train: bool) -> jax.Array:
+    """The pooled, flattened feature the linear layer reads: (B, 128) on
+    CIFAR, (B, n_in) on ImageNet (IMTA's heads read it too)."""
     conv1, conv2, pool = self.m
     x = pool(conv2(conv1(xs[-1], train), train))
     if x.shape[1:3] != (1, 1):
@@ -394,7 +396,10 @@ class Classifier(nn.Module):
           'classifier, like the original, needs 1x1: image size and number '
           'of scales (len(gr_factor)) do not fit (CIFAR: 32 px, 3 scales; '
           'ImageNet: 224 px, 4 scales).')
-    return self.linear(flatten_features(x))
+    return flatten_features(x)
+
+  def __call__(self, xs: Features, train: bool) -> jax.Array:
+    return self.linear(self.pooled_features(xs, train))
 
 
 class MSDNet(nn.Module):
@@ -429,10 +434,11 @@ class MSDNet(nn.Module):
     """Classifier `index` on a block's output features: (B, num_classes)."""
     return self.classifier[index](features, train)
 
-  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-    """Images (B, H, W, 3) -> list of per-exit logits, each (B, classes);
-    BoostNet's ensembles Q_k in eval mode when `ensemble_reweight` is set."""
-    logits = []
+  def exit_features(self, x: jax.Array,
+                    train: bool = False) -> tuple[list, list]:
+    """Images (B, H, W, 3) -> (pooled features K x (B, D_k), exit logits
+    K x (B, classes)); the logits are always the exits' own o_k."""
+    pooled, logits = [], []
     features = x
     num_blocks = self.cfg.n_blocks
     for i in range(num_blocks):
@@ -440,10 +446,17 @@ class MSDNet(nn.Module):
       if self.cfg.gradient_equilibrium:
         features = features[:-1] + [ge.scale_gradient(
             features[-1], ge.classifier_scale(i, num_blocks))]
-      logits.append(self.exit_logits(i, features, train))
+      pooled.append(self.classifier[i].pooled_features(features, train))
+      logits.append(self.classifier[i].linear(pooled[-1]))
       if self.cfg.gradient_equilibrium:
         features = features[:-1] + [ge.scale_gradient(
             features[-1], ge.onward_scale(i, num_blocks))]
+    return pooled, logits
+
+  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+    """Images (B, H, W, 3) -> list of per-exit logits, each (B, classes);
+    BoostNet's ensembles Q_k in eval mode when `ensemble_reweight` is set."""
+    _, logits = self.exit_features(x, train)
     if self.cfg.ensemble_reweight and not train:
       logits = ensemble_logits(logits, self.cfg.ensemble_reweight)
     return logits

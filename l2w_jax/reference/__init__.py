@@ -18,12 +18,14 @@ def _runners() -> dict[str, Callable]:
   from l2w_jax.reference.forward import run_forward_fixture
   from l2w_jax.reference.gradients import (run_boostnet_gradients_fixture,
                                            run_ge_gradients_fixture)
+  from l2w_jax.reference.imta_stage2 import run_imta_stage2_fixture
   from l2w_jax.reference.l2w_iteration import run_l2w_iteration_fixture
   return {'forward': run_forward_fixture,
           'l2w_iteration': run_l2w_iteration_fixture,
           'dynamic_eval': run_dynamic_eval_fixture,
           'ge_gradients': run_ge_gradients_fixture,
-          'boostnet_gradients': run_boostnet_gradients_fixture}
+          'boostnet_gradients': run_boostnet_gradients_fixture,
+          'imta_stage2': run_imta_stage2_fixture}
 
 
 @dataclasses.dataclass
