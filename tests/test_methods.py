@@ -245,14 +245,38 @@ def test_boostnet_paper_configs_build(name):
   assert config.train.schedule == 'multistep' and config.train.lr == 0.1
 
 
-def test_cascade_refuses_a_boosted_model_instead_of_ignoring_the_ensemble():
-  from l2w_jax.evaluation import cascade  # pylint: disable=g-import-not-at-top
+def test_cascade_of_a_boosted_model_predicts_with_the_ensembles():
+  """Real early exiting of BoostNet carries Q_k from stage to stage and
+  gives what simulated exiting on the ensembles gives."""
+  from l2w_jax.evaluation import anytime, budgeted, cascade  # pylint: disable=g-import-not-at-top
   model = MSDNet(dataclasses.replace(TINY_MSDNET,
-                                     ensemble_reweight=(0.5, 0.5, 0.5)))
-  for build in (lambda: cascade.Cascade(model, {}, [0.5] * 3, 4),
-                lambda: cascade.SingleImageCascade(model, {}, [0.5] * 3)):
-    with pytest.raises(NotImplementedError, match='--mode=budgeted'):
-      build()
+                                     ensemble_reweight=(0.5, 0.25, 0.75)))
+  images = jax.random.normal(jax.random.PRNGKey(1), (60,) + TINY_IMAGE)
+  labels = jnp.zeros((60,), jnp.int32)
+  variables = model.init(jax.random.PRNGKey(0), images[:1])
+  stats = jax.jit(functools.partial(anytime.exit_statistics, model,
+                                    variables))
+  held_out, test = stats(images[:30], labels[:30]), stats(images[30:],
+                                                           labels[30:])
+  thresholds = budgeted.find_thresholds(
+      np.asarray(held_out['confidence']),
+      budgeted.budget_proportions(model.num_exits)[19])
+  want_pred, want_exits = cascade.simulated_exits(
+      np.asarray(test['confidence']), np.asarray(test['prediction']),
+      thresholds)
+  assert len(set(want_exits.tolist())) > 1  # several exits are used
+  batch = cascade.Cascade(model, variables, thresholds, max_batch=16)
+  outputs = [batch(np.asarray(images[30 + i:30 + i + 15]))
+             for i in (0, 15)]
+  np.testing.assert_array_equal(
+      np.concatenate([o.predictions for o in outputs]), want_pred)
+  np.testing.assert_array_equal(np.concatenate([o.exits for o in outputs]),
+                                want_exits)
+  single = cascade.SingleImageCascade(model, variables, thresholds)
+  for i in range(0, 30, 4):
+    prediction, exit_index = single(np.asarray(images[30 + i:31 + i]))
+    assert (int(prediction), int(exit_index)) == (want_pred[i],
+                                                  want_exits[i])
 
 
 # ----------------------------------------------------------------------------

@@ -39,30 +39,41 @@ def _bucket(n: int, sizes: Sequence[int]) -> int:
   return next(s for s in sizes if s >= n)
 
 
-def _stage(model: nn.Module, index: int, variables, features):
-  """Block `index` and its classifier: features -> (features, conf, pred)."""
+def _reweight(model: nn.Module) -> tuple[float, ...]:
+  """BoostNet's reweights if the model predicts with ensembles, else ()."""
+  return tuple(getattr(getattr(model, 'cfg', None), 'ensemble_reweight', ()))
+
+
+def _start(model: nn.Module, images):
+  """The carry of stage 0: (images, the running ensemble Q or None)."""
+  if not _reweight(model):
+    return images, None
+  return images, jnp.zeros((images.shape[0], model.cfg.num_classes),
+                           images.dtype)
+
+
+def _stage(model: nn.Module, index: int, variables, carry):
+  """Block `index` and its classifier: (features, Q_{k-1}) -> ((features,
+  Q_k), conf, pred). For BoostNet the exit predicts with the ensemble
+  Q_k = o_k + Q_{k-1} r_k, carried from stage to stage; otherwise Q is None
+  and the exit predicts with its own logits."""
+  features, ensemble = carry
 
   def run(module, x):
     out = module.run_block(index, x, False)
     return out, module.exit_logits(index, out, False)
 
   features, logits = model.apply(variables, features, method=run)
+  reweight = _reweight(model)
+  if reweight:
+    logits = logits if index == 0 else logits + ensemble * reweight[index]
+    ensemble = logits
   confidence = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
-  return features, confidence, jnp.argmax(logits, axis=-1)
-
-
-def _require_exit_logits(model: nn.Module) -> None:
-  """The cascade reads each exit's own logits; BoostNet's ensembles Q_k would
-  need the previous exits' outputs carried along, which it does not do yet."""
-  if getattr(getattr(model, 'cfg', None), 'ensemble_reweight', ()):
-    raise NotImplementedError(
-        'the cascade does not carry BoostNet\'s ensemble (Q_k = o_k + r '
-        'Q_k-1) from stage to stage yet; evaluate boostnet runs with '
-        '--mode=budgeted')
+  return (features, ensemble), confidence, jnp.argmax(logits, axis=-1)
 
 
 def _gather(features, rows):
-  """Keeps rows (bucket,) of every scale's features."""
+  """Keeps rows (bucket,) of every scale's features (and of Q, if any)."""
   return jax.tree_util.tree_map(lambda f: jnp.take(f, rows, axis=0), features)
 
 
@@ -79,7 +90,6 @@ class Cascade:
 
   def __init__(self, model: nn.Module, variables, thresholds,
                max_batch: int):
-    _require_exit_logits(model)
     self.model = model
     self.variables = variables
     self.num_exits = model.num_exits
@@ -102,7 +112,8 @@ class Cascade:
     exits = np.full((n,), self.num_exits - 1, np.int64)
     active = np.arange(n)  # original positions of the rows in `features`
     size = _bucket(n, self.buckets)
-    features = jnp.asarray(_pad_rows(np.asarray(images), size))
+    features = _start(self.model,
+                      jnp.asarray(_pad_rows(np.asarray(images), size)))
     sizes = []
     for k in range(self.num_exits):
       sizes.append(len(active))
@@ -147,7 +158,7 @@ def _exit_early(model: nn.Module, variables, image, thresholds):
         lambda f: (prediction[0].astype(jnp.int32), jnp.int32(k)),
         lambda f: from_stage(k + 1, f), features)
 
-  return from_stage(0, image)
+  return from_stage(0, _start(model, image))
 
 
 class SingleImageCascade:
@@ -158,7 +169,6 @@ class SingleImageCascade:
   """
 
   def __init__(self, model: nn.Module, variables, thresholds):
-    _require_exit_logits(model)
     self.model = model
     self.variables = variables
     self.thresholds = np.asarray(thresholds, np.float32)
