@@ -19,15 +19,22 @@ def _check_reference(*args):
   return out.returncode, lines, out.stderr
 
 
+def _passing_run(fixtures, save_dir, kinds):
+  """check_reference --save on `fixtures`: exit 0, one line per fixture of
+  the given kinds, in order; returns the lines."""
+  code, lines, stderr = _check_reference(*fixtures, '--save', save_dir)
+  assert code == 0, stderr[-2000:]
+  assert [l['kind'] for l in lines] == kinds
+  return lines
+
+
 @pytest.mark.long
 def test_shared_fixtures_pass(shared_reference, tmp_path):
   fixtures = [shared_reference / 'msdnet_cifar100_forward.npz',
               shared_reference / 'l2w_iteration_cifar100.npz',
               shared_reference / 'dynamic_eval_reference.npz']
-  code, lines, stderr = _check_reference(*fixtures, '--save', tmp_path)
-  assert code == 0, stderr[-2000:]
-  assert [l['kind'] for l in lines] == ['forward', 'l2w_iteration',
-                                        'dynamic_eval']
+  lines = _passing_run(fixtures, tmp_path,
+                       ['forward', 'l2w_iteration', 'dynamic_eval'])
   for line in lines:
     assert line['passed'] and line['compared']
   checks = lines[1]['checks']
@@ -58,10 +65,8 @@ def test_imta_and_boostnet_fixtures_pass(shared_reference, tmp_path):
   fixtures = [shared_reference / 'ge_gradients_cifar100.npz',
               shared_reference / 'boostnet_gradients_cifar100.npz',
               shared_reference / 'imta_stage2_cifar100.npz']
-  code, lines, stderr = _check_reference(*fixtures, '--save', tmp_path)
-  assert code == 0, stderr[-2000:]
-  assert [l['kind'] for l in lines] == ['ge_gradients', 'boostnet_gradients',
-                                        'imta_stage2']
+  lines = _passing_run(fixtures, tmp_path,
+                       ['ge_gradients', 'boostnet_gradients', 'imta_stage2'])
   ge, boost, imta = (l['checks'] for l in lines)
   assert set(imta) == {'loss', 'grad', 'train_logits', 'eval_logits',
                        'bn_after_train_forward'}
