@@ -137,3 +137,11 @@ def test_unknown_kind_and_missing_keys_are_named(tmp_path):
   assert code == 1
   assert "unknown fixture kind 'telepathy'" in lines[0]['error']
   assert "lacks entries ['x']" in lines[1]['error']
+
+
+def test_a_fixture_of_another_backbone_is_named_not_misread():
+  from l2w_jax.reference.fixtures import FixtureError, msdnet_config  # pylint: disable=g-import-not-at-top
+  config = {'data': 'cifar10', 'stepmode': 'even', 'model': 'ranet'}
+  with pytest.raises(FixtureError, match="model 'ranet' is not implemented"):
+    msdnet_config(config)
+  assert msdnet_config({**config, 'model': 'msdnet'}).num_classes == 10

@@ -97,6 +97,10 @@ def open_fixture(path: str | os.PathLike) -> Fixture:
 
 def msdnet_config(config: Mapping[str, Any]) -> MSDNetConfig:
   """The original's argument names (nBlocks, stepmode, ...) -> MSDNetConfig."""
+  model = str(config.get('model', 'msdnet')).lower()
+  if model != 'msdnet':
+    raise FixtureError(f'config_json: model {model!r} is not implemented in '
+                       'this version (it runs msdnet fixtures)')
   if 'data' not in config:
     raise FixtureError('config_json lacks "data" (cifar10, cifar100 or '
                        'ImageNet), which decides the stem and classifiers')
