@@ -57,6 +57,15 @@ def test_multistep_learning_rate_divides_at_epoch_milestones():
   train_config.schedule = 'step'
   with pytest.raises(ValueError, match='train.schedule'):
     learning_rate(train_config, 5, 10, 3)
+  train_config.schedule = 'multistep'
+  train_config.lr_milestones = (0.5, 1.5)
+  with pytest.raises(ValueError, match=r'train.lr_milestones: .*\(0, 1\]'):
+    learning_rate(train_config, 5, 10, 3)
+  config = _config()  # the same check before anything compiles
+  config.train.schedule = 'multistep'
+  config.train.lr_milestones = (0.0,)
+  with pytest.raises(ValueError, match='train.lr_milestones'):
+    train.validate_config(config)
 
 
 def _config():

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from l2w_jax.meta import weighting
 from l2w_jax.models.layers import BatchNorm2d, Linear
 
 
@@ -64,11 +65,6 @@ class IMTAHeads(nn.Module):
     return logits
 
 
-def _mean_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
-
-
 def kl_divergence_mean(student_logits: jax.Array, teacher_logits: jax.Array,
                        temperature: float) -> jax.Array:
   """`nn.KLDivLoss()(log_softmax(s/T), softmax(t/T))`: the element-wise mean
@@ -84,10 +80,12 @@ def distillation_loss(head_logits: Sequence[jax.Array],
   """IMTA's stage-2 loss (module doc), accumulated in the original's order;
   the teacher gets no gradient."""
   teacher = jax.lax.stop_gradient(teacher_logits)
+  cross_entropy = jnp.mean(weighting.per_exit_losses(head_logits, labels),
+                           axis=0)
   last = len(head_logits) - 1
-  loss = _mean_cross_entropy(head_logits[last], labels)
+  loss = cross_entropy[last]
   for k in range(last):
-    loss = loss + (1 - gamma) * _mean_cross_entropy(head_logits[k], labels)
+    loss = loss + (1 - gamma) * cross_entropy[k]
     loss = loss + (kl_divergence_mean(head_logits[k], teacher, temperature)
                    * gamma * temperature * temperature)
   return loss

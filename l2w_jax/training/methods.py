@@ -85,6 +85,8 @@ def _uniform_half_step(learner, state, train_images, train_labels,
 
 register('l2w', l2w.l2w_half_step, uses_meta_step=True)
 register('uniform', _uniform_half_step, uses_meta_step=False)
+
+
 def _boostnet_backbone(config) -> dict:
   r = config.boostnet.reweight
   reweight = boosting.reweights(r, config.model.n_blocks)

@@ -30,16 +30,25 @@ def multistep_learning_rate(base: float, epoch: int, total_epochs: float,
   return base * gamma**reached
 
 
+def check_schedule(train_config) -> None:
+  """Raises ValueError naming the field if `train.schedule` cannot run."""
+  schedule = train_config.get('schedule', 'cosine')
+  if schedule not in SCHEDULES:
+    raise ValueError(f'train.schedule: unknown schedule {schedule!r}; use one '
+                     f'of {SCHEDULES}')
+  if schedule == 'multistep' and any(
+      not 0.0 < m <= 1.0 for m in train_config.lr_milestones):
+    raise ValueError('train.lr_milestones: fractions of the run in (0, 1], '
+                     f'got {train_config.lr_milestones}')
+
+
 def learning_rate(train_config, step: int, total: int,
                   steps_per_epoch: int) -> float:
   """The backbone's learning rate at iteration `step` of `total` under
   `train.schedule` ('cosine' per iteration, or 'multistep' per epoch)."""
-  schedule = train_config.get('schedule', 'cosine')
-  if schedule == 'cosine':
+  if train_config.get('schedule', 'cosine') == 'cosine':
     return cosine_learning_rate(train_config.lr, step, total)
-  if schedule == 'multistep':
-    return multistep_learning_rate(
-        train_config.lr, step // steps_per_epoch, total / steps_per_epoch,
-        train_config.lr_milestones, train_config.lr_gamma)
-  raise ValueError(f'train.schedule: unknown schedule {schedule!r}; use one '
-                   f'of {SCHEDULES}')
+  check_schedule(train_config)
+  return multistep_learning_rate(
+      train_config.lr, step // steps_per_epoch, total / steps_per_epoch,
+      train_config.lr_milestones, train_config.lr_gamma)

@@ -26,10 +26,10 @@ from l2w_jax.evaluation import anytime, report
 from l2w_jax.meta import l2w
 from l2w_jax.training import methods
 from l2w_jax.training import metrics as metrics_lib
+from l2w_jax.training import schedules
 from l2w_jax.training import step as step_lib
 from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
-from l2w_jax.training import schedules
 from l2w_jax.training.schedules import cosine_learning_rate
 
 THRESHOLD_SOURCES = ('holdout', 'train')
@@ -53,14 +53,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f'one of {THRESHOLD_SOURCES}')
   if config.train.num_steps <= 0 and config.train.epochs <= 0:
     raise ValueError('train.epochs or train.num_steps must be positive')
-  schedule = config.train.get('schedule', 'cosine')
-  if schedule not in schedules.SCHEDULES:
-    raise ValueError(f'train.schedule: unknown schedule {schedule!r}; use '
-                     f'one of {schedules.SCHEDULES}')
-  if schedule == 'multistep' and any(
-      not 0.0 < m <= 1.0 for m in config.train.lr_milestones):
-    raise ValueError('train.lr_milestones: fractions of the run in (0, 1], '
-                     f'got {config.train.lr_milestones}')
+  schedules.check_schedule(config.train)
 
 
 class Preemption:
