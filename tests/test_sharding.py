@@ -313,18 +313,43 @@ def _two_processes(workdir, overrides, terminate_after: str | None = None):
       p.kill()
 
 
+_STATE_FIELDS = ('params', 'batch_stats', 'opt_state', 'meta_params',
+                 'meta_opt_state')
+
+
+def _scaled(state, factor):
+  """`state` with the backbone's parameters multiplied by `factor`."""
+  return state.replace(params=jax.tree_util.tree_map(lambda p: p * factor,
+                                                     state.params))
+
+
+def _max_abs_difference(a, b) -> float:
+  """Largest |a - b| over two trees of the same structure (host arrays)."""
+  chex.assert_trees_all_equal_structs(a, b)
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree_util.tree_leaves(a),
+                             jax.tree_util.tree_leaves(b), strict=True))
+
+
 @pytest.mark.long
 def test_two_processes_train_like_one_process_on_the_same_mesh(tmp_path):
   """2 local processes x 4 CPU devices with a localhost coordinator train 6
   L2W iterations of digits at the digits config's learning rates; only
-  process 0 writes results; every iteration equals, within 1e-5, the same
-  iteration of 1 process x 8 devices from the same state; a SIGTERM stops
-  both processes after the same iteration, and the rerun resumes.
+  process 0 writes results; every iteration agrees with the same iteration
+  of 1 process x 8 devices from the same state; a SIGTERM stops both
+  processes after the same iteration, and the rerun resumes.
 
-  Iteration by iteration, not whole runs: the two layouts sum their
-  all-reduces in different orders, and on digits such last-bit differences
-  grow to 1e-4..1e-2 within a few iterations, as they do between two
-  1-process runs started 1e-7 apart (benchmarks/perturbation_growth.py).
+  "Agrees" means: within 1e-5, or within what rounding alone does to that
+  iteration, whichever is larger. The two layouts sum their all-reduces in
+  different orders, i.e. they differ by rounding; how much an iteration
+  amplifies rounding depends on the state and the CPU. Measured on an AMD
+  EPYC (Zen 5): from the initial state, parameters scaled by 1 + 1e-7 move
+  one iteration's SGD momentum by 9e-4, and the two layouts are 4e-5 apart
+  there; from the later states both are below 1e-5. A layout bug (a process
+  reading the wrong columns, a missing cross-process reduction) changes the
+  iteration by far more than rounding. Whole runs are not compared:
+  rounding differences grow to 1e-4..1e-2 within a few iterations
+  (benchmarks/perturbation_growth.py).
   """
   num_steps = 6
   overrides = {'dataset.data_dir': tmp_path / 'data',
@@ -371,7 +396,9 @@ def test_two_processes_train_like_one_process_on_the_same_mesh(tmp_path):
   assert len(list(tmp_path.rglob(train.RESULTS_FILE))) == 1
 
   # The same iterations on 1 process x 8 devices, each from the state the
-  # two processes had before it.
+  # two processes had before it; where they differ by more than 1e-5, once
+  # more from that state scaled by 1 + 1e-7: how far rounding alone moves
+  # this iteration's result.
   config.distributed.num_devices = NUM_DEVICES
   config.train.batch_size = 32
   learner = build_learner(config)
@@ -380,21 +407,34 @@ def test_two_processes_train_like_one_process_on_the_same_mesh(tmp_path):
   batches = data.train_batches(config, epoch=0)
   state = init_train_state(learner, jax.random.PRNGKey(config.seed),
                            (32, 32, 3))
-  for step, batch in zip(range(num_steps), batches):
-    ours, (first, _) = iteration(
+
+  def replay(state, batch, step):
+    new, (first, _) = iteration(
         jax.device_put(_copy(state), parallel.replicated(mesh)),
         batch['image'], batch['label'],
         cosine_learning_rate(config.train.lr, step, num_steps),
         cosine_learning_rate(config.meta.lr, step, num_steps), True)
     assert float(first['meta_loss']) > 0
-    state = restore_state(config, workdir / 'checkpoints', step + 1)
-    chex.assert_trees_all_close(ours.replace(meta_opt_state=None),
-                                state.replace(meta_opt_state=None),
-                                atol=1e-5, rtol=0)
-    # Adam's moments hold the raw meta-gradient, the most sensitive number
-    # of the step (0.2 % apart at iteration 1 when measured).
-    chex.assert_trees_all_close(ours.meta_opt_state, state.meta_opt_state,
-                                atol=1e-5, rtol=1e-2)
+    return jax.device_get(new)
+
+  for step, batch in zip(range(num_steps), batches):
+    ours = replay(state, batch, step)
+    before, state = state, restore_state(config, workdir / 'checkpoints',
+                                         step + 1)
+    theirs = jax.device_get(state)
+    bound = {f: 1e-5 for f in _STATE_FIELDS}
+    difference = {f: _max_abs_difference(getattr(ours, f), getattr(theirs, f))
+                  for f in _STATE_FIELDS}
+    if any(difference[f] > bound[f] for f in _STATE_FIELDS):
+      rounded = replay(_scaled(before, 1 + 1e-7), batch, step)
+      for f in _STATE_FIELDS:
+        bound[f] = max(bound[f], _max_abs_difference(getattr(ours, f),
+                                                     getattr(rounded, f)))
+    for f in _STATE_FIELDS:
+      assert difference[f] <= bound[f], (step + 1, f, difference[f], bound[f])
+    # The bound stays far below what the iteration changes.
+    moved = _max_abs_difference(jax.device_get(before.params), theirs.params)
+    assert 100 * bound['params'] < moved, (step + 1, bound['params'], moved)
   # The parameters moved much more than the tolerance.
   initial = init_train_state(learner, jax.random.PRNGKey(config.seed),
                              (32, 32, 3))
