@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.schedule = 'cosine'
   config.train.lr_milestones = (0.5, 0.75)
   config.train.lr_gamma = 0.1
+  # Methods trained in two phases (regime_disjoint, regime_mixed): the
+  # fraction of the iterations in the first phase.
+  config.train.phase_split = 0.5
   config.train.momentum = 0.9
   config.train.weight_decay = 1e-4
   config.train.label_smoothing = 0.0

@@ -23,6 +23,13 @@ same reductions and metrics.
 Adding a method is `register('name', half_step, uses_meta_step=...)` or
 `register('name', batch_step=..., uses_meta_step=False)`; `backbone` names
 what the method changes in the backbone (e.g. gradient equilibrium).
+
+A whole-batch method may run in phases (the training regimes: backbone,
+then heads): `register(..., phases=('backbone', 'heads'))` calls the batch
+step with `part=<phase name>` (static, one program per phase);
+`phase_plan` splits the run by `train.phase_split`, and the training loop
+restarts the learning-rate schedule and the backbone's optimizer state at
+every phase boundary.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import dataclasses
 from typing import Callable
 
 from l2w_jax.meta import l2w
-from l2w_jax.methods import boosting
+from l2w_jax.methods import boosting, regimes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +51,20 @@ class Method:
   # config -> the MSDNetConfig fields the method sets (e.g. gradient
   # equilibrium, BoostNet's reweights); None: the backbone as configured.
   backbone: Callable | None = None
+  # A method trained in phases (a batch step taking `part=<phase name>`):
+  # the phase names in order; () for one phase, the whole run.
+  phases: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One phase of a run: `length` iterations from iteration `start`. Each
+  phase has its own learning-rate schedule, and every phase after the first
+  starts with a fresh optimizer state of the backbone."""
+  index: int
+  name: str
+  start: int
+  length: int
 
 
 _METHODS: dict[str, Method] = {}
@@ -51,16 +72,48 @@ _METHODS: dict[str, Method] = {}
 
 def register(name: str, half_step: Callable | None = None, *,
              uses_meta_step: bool, batch_step: Callable | None = None,
-             backbone: Callable | None = None) -> None:
+             backbone: Callable | None = None,
+             phases: tuple[str, ...] = ()) -> None:
   """Makes a step available as `config.method = name` (exactly one of
-  `half_step` and `batch_step`)."""
+  `half_step` and `batch_step`; `phases` only with `batch_step`)."""
   if name in _METHODS:
     raise ValueError(f'method {name!r} is already registered')
   if (half_step is None) == (batch_step is None):
     raise ValueError(f'method {name!r}: give exactly one of half_step and '
                      'batch_step')
+  if phases and batch_step is None:
+    raise ValueError(f'method {name!r}: phases need a batch_step')
   _METHODS[name] = Method(name, half_step, uses_meta_step, batch_step,
-                          backbone)
+                          backbone, tuple(phases))
+
+
+def phase_plan(config, total: int) -> tuple[Phase, ...]:
+  """The phases of `config.method` over a run of `total` iterations. A
+  two-phase method gives its first phase round(train.phase_split * total)
+  iterations; ValueError naming the field if a phase would be empty."""
+  method = get(config.method)
+  if len(method.phases) <= 1:
+    return (Phase(0, method.phases[0] if method.phases else method.name, 0,
+                  total),)
+  if len(method.phases) > 2:
+    raise NotImplementedError('phase_plan splits runs into at most 2 phases')
+  split = config.train.phase_split
+  first = round(split * total)
+  if not 0.0 < split < 1.0 or not 1 <= first < total:
+    raise ValueError(
+        f'train.phase_split: the fraction of the {total} iterations that '
+        f'{config.method} spends in its first phase ({method.phases[0]!r}) '
+        f'must leave both phases at least one iteration, got {split}')
+  return (Phase(0, method.phases[0], 0, first),
+          Phase(1, method.phases[1], first, total - first))
+
+
+def phase_at(plan: tuple[Phase, ...], step: int) -> Phase:
+  """The phase that iteration `step` (0-based) belongs to."""
+  for phase in plan:
+    if phase.start <= step < phase.start + phase.length:
+      return phase
+  raise ValueError(f'iteration {step} lies outside the run {plan}')
 
 
 def available() -> tuple[str, ...]:
@@ -97,3 +150,8 @@ def _boostnet_backbone(config) -> dict:
 
 register('boostnet', batch_step=boosting.boostnet_step, uses_meta_step=False,
          backbone=_boostnet_backbone)
+
+
+for _name, _parts in regimes.REGIMES.items():
+  register(_name, batch_step=regimes.regime_step, uses_meta_step=False,
+           phases=_parts)

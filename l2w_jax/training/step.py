@@ -1,8 +1,8 @@
 """The data-parallel training iteration of any registered method.
 
-`make_iteration` returns f(state, images, labels, lr, meta_lr, with_meta) ->
-(state, per-step metrics) that takes this process's part of a global batch
-(numpy). For a method trained in halves (L2W and its uniform baseline) it
+`make_iteration` returns f(state, images, labels, lr, meta_lr, with_meta,
+phase=None) -> (state, per-step metrics) that takes this process's part of
+a global batch (numpy); `phase` names the phase of a phased method. For a method trained in halves (L2W and its uniform baseline) it
 hands every device its own two halves and runs the method's half step twice
 (train p1 / meta p2, then train p2 / meta p1), giving two metrics dicts; for
 a whole-batch method (BoostNet, IMTA, ...) it runs one step on every device's
@@ -99,12 +99,22 @@ def make_iteration(method_name: str, learner: l2w.Learner, mesh,
   method = methods.get(method_name)
   learner = data_parallel_learner(learner, bn_stats)
   if method.batch_step is not None:
-    step = sharded_batch_step(method.batch_step, learner, mesh)
+    # One program per phase, compiled when the phase is first reached.
+    steps = {part: sharded_batch_step(
+        functools.partial(method.batch_step, part=part), learner, mesh)
+             for part in method.phases}
+    single = (None if method.phases else
+              sharded_batch_step(method.batch_step, learner, mesh))
 
-    def batch_iteration(state, images, labels, lr, meta_lr, with_meta):
+    def batch_iteration(state, images, labels, lr, meta_lr, with_meta,
+                        phase=None):
       del meta_lr, with_meta
-      state, metrics = step(state, parallel.global_array(images, mesh),
-                            parallel.global_array(labels, mesh), lr)
+      if single is None and phase not in steps:
+        raise ValueError(f'{method_name}: phase must be one of '
+                         f'{method.phases}, got {phase!r}')
+      state, metrics = (single or steps[phase])(
+          state, parallel.global_array(images, mesh),
+          parallel.global_array(labels, mesh), lr)
       return state.replace(step=state.step + 1), (metrics,)
 
     return batch_iteration
@@ -112,7 +122,8 @@ def make_iteration(method_name: str, learner: l2w.Learner, mesh,
   step = sharded_half_step(method.half_step, learner, mesh)
   num_local = parallel.local_device_count(mesh)
 
-  def iteration(state, images, labels, lr, meta_lr, with_meta):
+  def iteration(state, images, labels, lr, meta_lr, with_meta, phase=None):
+    del phase  # methods trained in halves have one phase
     halves = parallel.device_halves(images, labels, num_local)
     (x1, y1), (x2, y2) = [[parallel.global_array(a, mesh) for a in half]
                           for half in halves]

@@ -121,6 +121,7 @@ def _summarise(window: list, num_exits: int) -> dict[str, float]:
     out['train/meta_loss'] = float(np.mean(meta))
   out['train/lr'] = fetched[-1]['lr']
   out['train/meta_lr'] = fetched[-1]['meta_lr']
+  out['train/phase'] = fetched[-1]['phase']
   return out
 
 
@@ -201,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      f'{info.num_train} training images')
   total = (config.train.num_steps if config.train.num_steps > 0 else
            config.train.epochs * steps_per_epoch)
+  plan = methods.phase_plan(config, total)  # fails before anything compiles
 
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -225,6 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   iteration = step_lib.make_iteration(config.method, learner, mesh,
                                       config.train.bn_stats)
+  fresh_opt_state = jax.jit(learner.tx.init)
   statistics = report.jitted_statistics(learner.model, mesh)
 
   def statistics_for(state):
@@ -250,15 +253,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                       process_index=jax.process_index(),
                                       process_count=jax.process_count()):
         in_epoch = step % steps_per_epoch
-        lr = schedules.learning_rate(config.train, step, total,
-                                     steps_per_epoch)
+        phase = methods.phase_at(plan, step)
+        if step == phase.start and phase.index > 0:
+          # A new phase trains other parameters with a fresh optimizer, as
+          # the original's separate jobs do.
+          state = state.replace(opt_state=fresh_opt_state(state.params))
+          if is_main:
+            print(f'phase {phase.index + 1}/{len(plan)} ({phase.name}) from '
+                  f'iteration {step}', flush=True)
+        lr = schedules.learning_rate(config.train, step - phase.start,
+                                     phase.length, steps_per_epoch)
         meta_lr = cosine_learning_rate(config.meta.lr, step, total)
         with_meta = in_epoch % config.meta.interval == 0
         state, halves = iteration(state, batch['image'], batch['label'], lr,
-                                  meta_lr, with_meta)
+                                  meta_lr, with_meta, phase=phase.name)
         step += 1
         stop = preemption.should_stop(step)
-        window.append({'halves': halves, 'lr': lr, 'meta_lr': meta_lr})
+        window.append({'halves': halves, 'lr': lr, 'meta_lr': meta_lr,
+                       'phase': phase.index})
         last_of_epoch = step % steps_per_epoch == 0 or step == total
         if step % config.train.log_every_steps == 0 or last_of_epoch or stop:
           scalars = _summarise(window, num_exits)
@@ -286,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           break
     save(step)
     results = final_evaluation(config, workdir, learner, state, info,
-                               statistics, layout)
+                               statistics, layout, plan)
     writer.write_scalars(step, {
         f'test/top1_exit{k + 1}': v
         for k, v in enumerate(results['anytime']['top1'])})
@@ -314,13 +326,17 @@ def _write_eval(writer, step, statistics_fn, config, info) -> None:
 
 
 def final_evaluation(config, workdir, learner, state, info, statistics=None,
-                     layout: parallel.BatchLayout | None = None) -> dict:
+                     layout: parallel.BatchLayout | None = None,
+                     plan: tuple[methods.Phase, ...] = ()) -> dict:
   """Anytime and 39-budget evaluation; writes results.json and the plot
   (process 0 only)."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   results = report.evaluate_model(config, learner.model, variables, info,
                                   statistics)
   results['iterations'] = int(state.step)
+  if plan:
+    results['phases'] = [{'name': p.name, 'start': p.start,
+                          'length': p.length} for p in plan]
   if layout is not None:
     results.update(num_devices=layout.num_devices,
                    num_processes=layout.num_processes,
