@@ -2,8 +2,9 @@
 
 `make_iteration` returns f(state, images, labels, lr, meta_lr, with_meta,
 phase=None) -> (state, per-step metrics) that takes this process's part of
-a global batch (numpy); `phase` names the phase of a phased method. For a method trained in halves (L2W and its uniform baseline) it
-hands every device its own two halves and runs the method's half step twice
+a global batch (numpy); `phase` names the phase of a phased method. For a
+method trained in halves (L2W and its uniform baseline) it hands every
+device its own two halves and runs the method's half step twice
 (train p1 / meta p2, then train p2 / meta p1), giving two metrics dicts; for
 a whole-batch method (BoostNet, IMTA, ...) it runs one step on every device's
 whole shard, giving one. Each step is one jitted `shard_map` over the mesh

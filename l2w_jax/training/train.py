@@ -227,7 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   iteration = step_lib.make_iteration(config.method, learner, mesh,
                                       config.train.bn_stats)
-  fresh_opt_state = jax.jit(learner.tx.init)
+  fresh_opt_state = jax.jit(learner.tx.init,
+                            out_shardings=parallel.replicated(mesh))
   statistics = report.jitted_statistics(learner.model, mesh)
 
   def statistics_for(state):
