@@ -61,8 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.schedule = 'cosine'
   config.train.lr_milestones = (0.5, 0.75)
   config.train.lr_gamma = 0.1
-  # Methods trained in two phases (regime_disjoint, regime_mixed): the
-  # fraction of the iterations in the first phase.
+  # Methods trained in two phases (regime_disjoint, regime_mixed, imta):
+  # the fraction of the iterations in the first phase.
   config.train.phase_split = 0.5
   config.train.momentum = 0.9
   config.train.weight_decay = 1e-4
@@ -94,6 +94,13 @@ def base_config() -> ml_collections.ConfigDict:
   # original.
   config.boostnet = ml_collections.ConfigDict()
   config.boostnet.reweight = (0.5,)
+
+  # IMTA (method 'imta'): stage-2 distillation temperature T and weight
+  # gamma, as the original's run_IMTA.sh sets them (its argparse defaults
+  # are T=3, gamma=0.9). The stages split the run by train.phase_split.
+  config.imta = ml_collections.ConfigDict()
+  config.imta.temperature = 1.0
+  config.imta.gamma = 0.1
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500

@@ -85,11 +85,23 @@ class CascadeOutput:
   samples_per_stage: list[int]
 
 
+def _check_stageable(model: nn.Module) -> None:
+  """ValueError unless `model` runs block by block (`run_block`,
+  `exit_logits`): an MSDNet, plain or boosted."""
+  if not hasattr(model, 'run_block'):
+    raise ValueError(
+        'the real cascade runs an MSDNet block by block; '
+        f'{type(model).__name__} (method imta: heads fed by the previous '
+        'exit through ISC) is not supported yet; use --mode=budgeted for '
+        'its simulated early exits')
+
+
 class Cascade:
   """Early-exit inference of a multi-exit model with fixed thresholds."""
 
   def __init__(self, model: nn.Module, variables, thresholds,
                max_batch: int):
+    _check_stageable(model)
     self.model = model
     self.variables = variables
     self.num_exits = model.num_exits
@@ -169,6 +181,7 @@ class SingleImageCascade:
   """
 
   def __init__(self, model: nn.Module, variables, thresholds):
+    _check_stageable(model)
     self.model = model
     self.variables = variables
     self.thresholds = np.asarray(thresholds, np.float32)

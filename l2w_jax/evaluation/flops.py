@@ -7,7 +7,8 @@ elements of its input; a pooling layer out_h*out_w*channels*kernel^2 (with
 out_h = out_w computed from the input height); a linear layer its weights and
 biases; BatchNorm nothing. Parameters are those of the leaf layers met so
 far. Each exit's figure is the running total when its linear layer runs, so
-it includes every block and every classifier before it.
+it includes every block and every classifier before it (a network with
+other linear layers, IMTA's, names its exits' by `is_exit_layer(path)`).
 
 Here the same rules are applied by intercepting the Flax leaf modules during
 an abstract forward pass (`jax.eval_shape`): nothing is computed.
@@ -58,6 +59,8 @@ def count_per_exit(model: nn.Module, image_shape) -> tuple[list[float],
   """Cumulative (FLOPs, params) at each exit for one image of (H, W, C)."""
   totals = {'ops': 0, 'params': 0}
   per_exit_ops, per_exit_params = [], []
+  # A network with more linear layers than exits (IMTA's) names its exits'.
+  is_exit_layer = getattr(type(model), 'is_exit_layer', None)
 
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
@@ -68,7 +71,8 @@ def count_per_exit(model: nn.Module, image_shape) -> tuple[list[float],
                                    getattr(out, 'shape', None))
         totals['ops'] += ops
         totals['params'] += params
-        if isinstance(context.module, Linear):
+        if isinstance(context.module, Linear) and (
+            is_exit_layer is None or is_exit_layer(context.module.path)):
           per_exit_ops.append(float(totals['ops']))
           per_exit_params.append(float(totals['params']))
     return out

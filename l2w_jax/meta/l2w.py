@@ -80,6 +80,16 @@ class Learner:
   settings: L2WSettings
   reduce_grads: Callable = _unchanged  # both networks' gradients
   reduce_batch_stats: Callable = _unchanged  # moved running statistics
+  # Static hyper-parameters of the configured method other than L2W's
+  # (e.g. IMTA's distillation temperature), as sorted (name, value) pairs.
+  method_options: tuple = ()
+
+  def option(self, name: str):
+    """The method option `name` (KeyError naming the ones there are)."""
+    options = dict(self.method_options)
+    if name not in options:
+      raise KeyError(f'method option {name!r} not set; set: {sorted(options)}')
+    return options[name]
 
 
 def train_mode_logits(model: nn.Module, params, batch_stats, images,

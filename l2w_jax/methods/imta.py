@@ -29,8 +29,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from l2w_jax.meta import weighting
-from l2w_jax.models.layers import BatchNorm2d, Linear
+from l2w_jax.meta import l2w, weighting
+from l2w_jax.meta.l2w import Learner, TrainState
+from l2w_jax.methods import partial
+from l2w_jax.models.layers import BatchNorm2d, Linear, ReLU
+from l2w_jax.models.msdnet import MSDNet, MSDNetConfig, msdnet_topology
 
 
 class IMTAHeads(nn.Module):
@@ -48,21 +51,88 @@ class IMTAHeads(nn.Module):
     self.classifier = [Linear(d if k == 0 else 2 * d, classes)
                        for k, d in enumerate(dims)]
     self.isc_modules = [[Linear(classes, dims[k + 1]),
-                         BatchNorm2d(dims[k + 1], axis_name=self.bn_axis_name)]
+                         BatchNorm2d(dims[k + 1], axis_name=self.bn_axis_name),
+                         ReLU()]
                         for k in range(len(dims) - 1)]
+
+  def head(self, k: int, feature: jax.Array, collaboration, train: bool):
+    """Head k on its pooled feature (B, D_k) and the previous head's ISC
+    output (None for k = 0) -> (logits (B, C), ISC output for head k + 1,
+    None after the last head)."""
+    inputs = (feature if k == 0 else
+              jnp.concatenate([feature, collaboration], axis=-1))
+    logits = self.classifier[k](inputs)
+    if k == len(self.feature_dims) - 1:
+      return logits, None
+    linear, norm, relu = self.isc_modules[k]
+    return logits, relu(norm(linear(logits), train))
 
   def __call__(self, features: Sequence[jax.Array],
                train: bool) -> list[jax.Array]:
     """K pooled features (B, D_k) -> K head logits (B, num_classes)."""
     logits, collaboration = [], None
     for k, feature in enumerate(features):
-      inputs = (feature if k == 0 else
-                jnp.concatenate([feature, collaboration], axis=-1))
-      logits.append(self.classifier[k](inputs))
-      if k < len(features) - 1:
-        linear, norm = self.isc_modules[k]
-        collaboration = jax.nn.relu(norm(linear(logits[-1]), train))
+      out, collaboration = self.head(k, feature, collaboration, train)
+      logits.append(out)
     return logits
+
+
+def pooled_feature_dims(cfg: MSDNetConfig) -> tuple[int, ...]:
+  """Width of each exit's pooled feature: 128 on the CIFAR stem, the
+  classifier's input channels on the ImageNet stem."""
+  _, classifier_in = msdnet_topology(cfg)
+  return tuple(128 if cfg.stem == 'cifar' else n for n in classifier_in)
+
+
+class IMTANetwork(nn.Module):
+  """The network the `imta` method trains: the gradient-equilibrium MSDNet
+  (`net`, stage 1) and the stage-2 heads with ISC (`heads`), as the
+  original's `IMTA_MSDNet` holds them.
+
+  Called, it gives the heads' logits (what the original evaluates after
+  stage 2); `backbone_logits` gives the MSDNet's own exits (stage 1).
+  Exit k runs block k, the old classifier k (whose pooled feature head k
+  reads, and whose linear layer the original also computes), then ISC k-1
+  and head k, so the FLOPs counter's running total at head k's linear layer
+  is exit k's cost.
+  """
+  cfg: MSDNetConfig
+
+  def setup(self):
+    self.net = MSDNet(self.cfg)
+    self.heads = IMTAHeads(pooled_feature_dims(self.cfg),
+                           self.cfg.num_classes, self.cfg.bn_axis_name)
+
+  @property
+  def num_exits(self) -> int:
+    return self.cfg.n_blocks
+
+  def backbone_logits(self, x: jax.Array, train: bool) -> list[jax.Array]:
+    """The MSDNet's exits o_k, each (B, C) (stage 1's outputs)."""
+    return self.net(x, train)
+
+  def stage2_outputs(self, x: jax.Array, train: bool):
+    """(head logits K x (B, C), the MSDNet's own exit logits K x (B, C)),
+    exit by exit."""
+    heads, backbone, features, collaboration = [], [], x, None
+    for k in range(self.num_exits):
+      features, feature, own = self.net.exit_step(k, features, train)
+      logits, collaboration = self.heads.head(k, feature, collaboration,
+                                              train)
+      heads.append(logits)
+      backbone.append(own)
+    return heads, backbone
+
+  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+    """Images (B, H, W, 3) -> the heads' logits, each (B, num_classes)."""
+    return self.stage2_outputs(x, train)[0]
+
+  @staticmethod
+  def is_exit_layer(path: tuple[str, ...]) -> bool:
+    """Whether the leaf layer at `path` is an exit's last layer (for the
+    FLOPs counter): the heads' linear layers."""
+    return len(path) >= 2 and path[-2] == 'heads' and path[-1].startswith(
+        'classifier_')
 
 
 def kl_divergence_mean(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -89,3 +159,69 @@ def distillation_loss(head_logits: Sequence[jax.Array],
     loss = loss + (kl_divergence_mean(head_logits[k], teacher, temperature)
                    * gamma * temperature * temperature)
   return loss
+
+
+STAGES = ('stage1', 'stage2')
+
+
+def imta_step(learner: Learner, state: TrainState, images, labels,
+              learning_rate, *, part: str):
+  """One SGD step of IMTA's stage `part` on a whole (per-device) batch.
+
+  stage1: the gradient-equilibrium MSDNet (`net`) on the plain sum of its
+  exits' batch-mean cross-entropies; the heads neither run nor change.
+  stage2: the heads and ISC modules on `distillation_loss`, the teacher
+  being `net`'s own last exit; `net` is frozen but runs in train mode, so
+  its running statistics keep moving (the original's `model.train()`).
+  T and gamma are `learner.option('temperature' / 'gamma')`.
+
+  Returns (new_state, metrics) as the methods registry documents;
+  `loss_per_exit` and `correct` are those of the stage's outputs (the old
+  exits, then the heads), `weight_per_exit` each exit's cross-entropy
+  coefficient.
+  """
+  model = learner.model
+  num_exits = model.num_exits
+  mask = {'net': part == 'stage1', 'heads': part == 'stage2'}
+  trainable, frozen = partial.split(state.params, mask)
+  dtype = l2w.compute_dtype(learner.settings)
+  x = images if dtype is None else images.astype(dtype)
+  temperature, gamma = learner.option('temperature'), learner.option('gamma')
+
+  def loss_fn(trainable):
+    variables = {'params': {**frozen, **trainable},
+                 'batch_stats': state.batch_stats}
+    method = (IMTANetwork.backbone_logits if part == 'stage1' else
+              IMTANetwork.stage2_outputs)
+    outputs, moved = model.apply(variables, x, True, method=method,
+                                 mutable=['batch_stats'])
+    if dtype is not None:
+      outputs = jax.tree_util.tree_map(lambda z: z.astype(jnp.float32),
+                                       outputs)
+    if part == 'stage1':
+      exit_logits = outputs
+      losses = jnp.mean(weighting.per_exit_losses(exit_logits, labels),
+                        axis=0)
+      loss = jnp.sum(losses)
+    else:
+      exit_logits, backbone = outputs
+      losses = jnp.mean(weighting.per_exit_losses(exit_logits, labels),
+                        axis=0)
+      loss = distillation_loss(exit_logits, backbone[-1], labels,
+                               temperature, gamma)
+    return loss, (losses, exit_logits, moved['batch_stats'])
+
+  (train_loss, (losses, exit_logits, batch_stats)), grads = (
+      jax.value_and_grad(loss_fn, has_aux=True)(trainable))
+  params, opt_state = partial.masked_sgd_update(learner, state, grads, mask,
+                                                learning_rate)
+  coefficients = (jnp.ones((num_exits,)) if part == 'stage1' else
+                  jnp.full((num_exits,), 1.0 - gamma).at[-1].set(1.0))
+  new_state = state.replace(
+      params=params, batch_stats=learner.reduce_batch_stats(batch_stats),
+      opt_state=opt_state)
+  return new_state, {
+      'train_loss': train_loss, 'loss_per_exit': losses,
+      'weight_per_exit': coefficients,
+      'correct': l2w.top1_hits([jax.lax.stop_gradient(z)
+                                for z in exit_logits], labels)}

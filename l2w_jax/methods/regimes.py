@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from l2w_jax.meta import l2w, weighting
 from l2w_jax.meta.l2w import Learner, TrainState
-from l2w_jax.optim import apply_optimizer, sgd_momentum, with_sgd_momentum
+from l2w_jax.methods import partial
 
 PARTS = ('backbone', 'heads', 'all')
 REGIMES = {
@@ -114,11 +114,6 @@ def phase_loss(exit_logits, labels, part: str, num_exits: int,
   return jnp.sum(per_exit) / num_exits, losses
 
 
-def _where(mask: dict, new, old):
-  """Per top-level module: `new` where the mask is True, else `old`."""
-  return {name: new[name] if mask[name] else old[name] for name in new}
-
-
 def regime_step(learner: Learner, state: TrainState, images, labels,
                 learning_rate, *, part: str):
   """One SGD step of a `part` phase on a whole (per-device) batch.
@@ -132,7 +127,7 @@ def regime_step(learner: Learner, state: TrainState, images, labels,
   model = learner.model
   num_exits = model.num_exits
   mask = trainable_mask(state.params, part, num_exits)
-  frozen = {k: v for k, v in state.params.items() if not mask[k]}
+  trainable, frozen = partial.split(state.params, mask)
 
   def loss_fn(trainable):
     variables = {'params': {**frozen, **trainable},
@@ -147,16 +142,10 @@ def regime_step(learner: Learner, state: TrainState, images, labels,
                               learner.settings.label_smoothing)
     return loss, (losses, exit_logits, moved)
 
-  trainable = {k: v for k, v in state.params.items() if mask[k]}
   (train_loss, (losses, exit_logits, batch_stats)), grads = (
       jax.value_and_grad(loss_fn, has_aux=True)(trainable))
-  grads = {**jax.tree_util.tree_map(jnp.zeros_like, frozen), **grads}
-  params, opt_state = apply_optimizer(learner.tx, learner.reduce_grads(grads),
-                                      state.opt_state, state.params,
-                                      learning_rate)
-  params = _where(mask, params, state.params)
-  opt_state = with_sgd_momentum(opt_state, _where(
-      mask, sgd_momentum(opt_state), sgd_momentum(state.opt_state)))
+  params, opt_state = partial.masked_sgd_update(learner, state, grads, mask,
+                                                learning_rate)
   run_hits = l2w.top1_hits([jax.lax.stop_gradient(z) for z in exit_logits],
                            labels)
   hits = jnp.zeros((num_exits,), run_hits.dtype).at[

@@ -434,23 +434,32 @@ class MSDNet(nn.Module):
     """Classifier `index` on a block's output features: (B, num_classes)."""
     return self.classifier[index](features, train)
 
+  def exit_step(self, i: int, features, train: bool):
+    """Block i on the image (i = 0) or block i-1's features, then exit i:
+    (features for block i+1, pooled feature (B, D_i), logits o_i (B, C)),
+    with gradient equilibrium's rescales if configured."""
+    num_blocks = self.cfg.n_blocks
+    features = self.run_block(i, features, train)
+    if self.cfg.gradient_equilibrium:
+      features = features[:-1] + [ge.scale_gradient(
+          features[-1], ge.classifier_scale(i, num_blocks))]
+    pooled = self.classifier[i].pooled_features(features, train)
+    logits = self.classifier[i].linear(pooled)
+    if self.cfg.gradient_equilibrium:
+      features = features[:-1] + [ge.scale_gradient(
+          features[-1], ge.onward_scale(i, num_blocks))]
+    return features, pooled, logits
+
   def exit_features(self, x: jax.Array,
                     train: bool = False) -> tuple[list, list]:
     """Images (B, H, W, 3) -> (pooled features K x (B, D_k), exit logits
     K x (B, classes)); the logits are always the exits' own o_k."""
     pooled, logits = [], []
     features = x
-    num_blocks = self.cfg.n_blocks
-    for i in range(num_blocks):
-      features = self.run_block(i, features, train)
-      if self.cfg.gradient_equilibrium:
-        features = features[:-1] + [ge.scale_gradient(
-            features[-1], ge.classifier_scale(i, num_blocks))]
-      pooled.append(self.classifier[i].pooled_features(features, train))
-      logits.append(self.classifier[i].linear(pooled[-1]))
-      if self.cfg.gradient_equilibrium:
-        features = features[:-1] + [ge.scale_gradient(
-            features[-1], ge.onward_scale(i, num_blocks))]
+    for i in range(self.cfg.n_blocks):
+      features, feature, out = self.exit_step(i, features, train)
+      pooled.append(feature)
+      logits.append(out)
     return pooled, logits
 
   def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:

@@ -21,11 +21,14 @@ def _compute_dtype(config) -> str:
 
 
 def method_model(config):
-  """The backbone of `config.model` as `config.method` trains and evaluates
-  it (e.g. BoostNet's: gradient equilibrium, ensemble outputs)."""
+  """The network `config.method` trains and evaluates: the backbone of
+  `config.model` with the method's changes (e.g. BoostNet's gradient
+  equilibrium and ensemble outputs), inside the method's own network if it
+  has one (IMTA's heads)."""
   method = methods.get(config.method)
-  return build_model(config, **(method.backbone(config) if method.backbone
-                                else {}))
+  model = build_model(config, **(method.backbone(config) if method.backbone
+                                 else {}))
+  return method.network(model) if method.network else model
 
 
 def build_learner(config) -> Learner:
@@ -45,13 +48,16 @@ def build_learner(config) -> Learner:
                                                    meta.target_p_index)),
       label_smoothing=float(config.train.get('label_smoothing', 0.0)),
       compute_dtype=_compute_dtype(config))
+  method = methods.get(config.method)
+  options = method.options(config) if method.options else {}
   return Learner(
       model=model,
       weight_net=build_weight_net(meta, num_exits),
       tx=torch_sgd(config.train.lr, config.train.momentum,
                    config.train.weight_decay),
       meta_tx=torch_adam(meta.lr, meta.weight_decay),
-      settings=settings)
+      settings=settings,
+      method_options=tuple(sorted(options.items())))
 
 
 def init_train_state(learner: Learner, rng: jax.Array, image_shape,

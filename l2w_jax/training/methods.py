@@ -38,7 +38,7 @@ import dataclasses
 from typing import Callable
 
 from l2w_jax.meta import l2w
-from l2w_jax.methods import boosting, regimes
+from l2w_jax.methods import boosting, imta, regimes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,12 @@ class Method:
   # A method trained in phases (a batch step taking `part=<phase name>`):
   # the phase names in order; () for one phase, the whole run.
   phases: tuple[str, ...] = ()
+  # backbone (MSDNet) -> the network the method trains around it; None:
+  # the backbone itself.
+  network: Callable | None = None
+  # config -> {name: value} static hyper-parameters of the method, checked
+  # (ValueError naming the field); the step reads `learner.option(name)`.
+  options: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +79,8 @@ _METHODS: dict[str, Method] = {}
 def register(name: str, half_step: Callable | None = None, *,
              uses_meta_step: bool, batch_step: Callable | None = None,
              backbone: Callable | None = None,
-             phases: tuple[str, ...] = ()) -> None:
+             phases: tuple[str, ...] = (), network: Callable | None = None,
+             options: Callable | None = None) -> None:
   """Makes a step available as `config.method = name` (exactly one of
   `half_step` and `batch_step`; `phases` only with `batch_step`)."""
   if name in _METHODS:
@@ -84,7 +91,7 @@ def register(name: str, half_step: Callable | None = None, *,
   if phases and batch_step is None:
     raise ValueError(f'method {name!r}: phases need a batch_step')
   _METHODS[name] = Method(name, half_step, uses_meta_step, batch_step,
-                          backbone, tuple(phases))
+                          backbone, tuple(phases), network, options)
 
 
 def phase_plan(config, total: int) -> tuple[Phase, ...]:
@@ -155,3 +162,24 @@ register('boostnet', batch_step=boosting.boostnet_step, uses_meta_step=False,
 for _name, _parts in regimes.REGIMES.items():
   register(_name, batch_step=regimes.regime_step, uses_meta_step=False,
            phases=_parts)
+
+
+def _imta_options(config) -> dict:
+  temperature = float(config.imta.temperature)
+  gamma = float(config.imta.gamma)
+  if not temperature > 0:
+    raise ValueError(f'imta.temperature: the distillation temperature T must '
+                     f'be > 0, got {config.imta.temperature}')
+  if not 0.0 <= gamma <= 1.0:
+    raise ValueError(f'imta.gamma: the distillation weight must be in [0, 1], '
+                     f'got {config.imta.gamma}')
+  if config.train.get('label_smoothing', 0.0):
+    raise ValueError('train.label_smoothing: IMTA trains on plain '
+                     'cross-entropy; set it to 0 for method imta')
+  return {'temperature': temperature, 'gamma': gamma}
+
+
+register('imta', batch_step=imta.imta_step, uses_meta_step=False,
+         backbone=lambda config: {'gradient_equilibrium': True},
+         network=lambda backbone: imta.IMTANetwork(backbone.cfg),
+         phases=imta.STAGES, options=_imta_options)

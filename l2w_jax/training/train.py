@@ -284,7 +284,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           if is_main:
             print(progress.line(step, scalars), flush=True)
           window, window_start = [], time.perf_counter()
-        if step % config.train.checkpoint_every_steps == 0:
+        # A phase's last state is always kept (IMTA's stage-1 network).
+        if (step % config.train.checkpoint_every_steps == 0 or
+            (step == phase.start + phase.length and step < total)):
           save(step)
         if (last_of_epoch and config.train.eval_every_epochs > 0 and
             (step // steps_per_epoch) % config.train.eval_every_epochs == 0

@@ -1,0 +1,240 @@
+"""IMTA as a two-stage training method: each stage's loss and update against
+a hand computation, what each stage freezes, its FLOPs, its errors, the
+sharded stage-2 step, and a run through both stages."""
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from l2w_jax import parallel
+from l2w_jax.evaluation.cascade import Cascade
+from l2w_jax.evaluation.flops import count_per_exit
+from l2w_jax.methods import imta
+from l2w_jax.models.msdnet import MSDNet
+from l2w_jax.optim import sgd_momentum
+from l2w_jax.training import step as step_lib
+from l2w_jax.training import train
+from l2w_jax.training.learner import build_learner, init_train_state
+from tests.tiny import TINY_IMAGE, restore_state, tiny_config, tiny_train_config
+
+LR = 0.3
+T, GAMMA = 2.0, 0.25
+
+
+@pytest.fixture
+def float64():
+  jax.config.update('jax_enable_x64', True)
+  yield
+  jax.config.update('jax_enable_x64', False)
+
+
+def _setup():
+  config = tiny_config()
+  config.method = 'imta'
+  config.imta.temperature = T
+  config.imta.gamma = GAMMA
+  learner = build_learner(config)
+  state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE,
+                           jnp.float64)
+  # Non-zero momentum everywhere, so that "untouched" is visible.
+  state = state.replace(opt_state=learner.tx.update(
+      jax.tree_util.tree_map(jnp.ones_like, state.params), state.opt_state,
+      state.params)[1])
+  images = jax.random.normal(jax.random.PRNGKey(1), (8,) + TINY_IMAGE,
+                             jnp.float64)
+  labels = jnp.arange(8, dtype=jnp.int32) % 5
+  return learner, state, images, labels
+
+
+def _step(learner, state, images, labels, part):
+  return jax.jit(functools.partial(imta.imta_step, learner, part=part))(
+      state, images, labels, LR)
+
+
+def _sgd(params, grads, momentum):
+  """torch SGD from a momentum buffer: p - lr (0.9 m + g + wd p)."""
+  return jax.tree_util.tree_map(
+      lambda p, g, m: p - LR * (0.9 * m + g + 1e-4 * p), params, grads,
+      momentum)
+
+
+def _ce(logits, labels):
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                                  labels))
+
+
+def test_stage1_trains_the_gradient_equilibrium_msdnet_on_summed_ce(float64):
+  del float64
+  learner, state, images, labels = _setup()
+  new, metrics = _step(learner, state, images, labels, 'stage1')
+  backbone = MSDNet(learner.model.cfg)
+  assert backbone.cfg.gradient_equilibrium
+
+  def summed_ce(params):
+    logits, _ = backbone.apply(
+        {'params': params, 'batch_stats': state.batch_stats['net']}, images,
+        train=True, mutable=['batch_stats'])
+    return sum(_ce(z, labels) for z in logits)
+
+  loss, grads = jax.value_and_grad(summed_ce)(state.params['net'])
+  assert float(metrics['train_loss']) == pytest.approx(float(loss), rel=1e-12)
+  chex.assert_trees_all_close(
+      new.params['net'], _sgd(state.params['net'], grads,
+                              sgd_momentum(state.opt_state)['net']),
+      rtol=1e-10, atol=1e-13)
+  # The heads neither ran nor changed.
+  chex.assert_trees_all_equal(new.params['heads'], state.params['heads'])
+  chex.assert_trees_all_equal(sgd_momentum(new.opt_state)['heads'],
+                              sgd_momentum(state.opt_state)['heads'])
+  chex.assert_trees_all_equal(new.batch_stats['heads'],
+                              state.batch_stats['heads'])
+  np.testing.assert_array_equal(metrics['weight_per_exit'], [1, 1, 1])
+
+
+def test_stage2_distils_into_the_heads_on_the_frozen_network(float64):
+  del float64
+  learner, state, images, labels = _setup()
+  new, metrics = _step(learner, state, images, labels, 'stage2')
+  backbone = MSDNet(learner.model.cfg)
+  (pooled, old_logits), moved = backbone.apply(
+      {'params': state.params['net'], 'batch_stats': state.batch_stats['net']},
+      images, True, method=MSDNet.exit_features, mutable=['batch_stats'])
+  heads = imta.IMTAHeads(imta.pooled_feature_dims(backbone.cfg), 5)
+
+  def loss_of(head_params):
+    logits, _ = heads.apply(
+        {'params': head_params, 'batch_stats': state.batch_stats['heads']},
+        pooled, True, mutable=['batch_stats'])
+    # By hand: CE of the last head; (1 - g) CE + g T^2 KL for the others.
+    teacher = jax.nn.softmax(old_logits[-1] / T)
+    loss = _ce(logits[-1], labels)
+    for z in logits[:-1]:
+      kl = jnp.mean(teacher * (jnp.log(teacher) -
+                               jax.nn.log_softmax(z / T)))
+      loss += (1 - GAMMA) * _ce(z, labels) + GAMMA * T * T * kl
+    return loss
+
+  loss, grads = jax.value_and_grad(loss_of)(state.params['heads'])
+  assert float(metrics['train_loss']) == pytest.approx(float(loss), rel=1e-12)
+  chex.assert_trees_all_close(
+      new.params['heads'], _sgd(state.params['heads'], grads,
+                                sgd_momentum(state.opt_state)['heads']),
+      rtol=1e-10, atol=1e-13)
+  # The network is frozen, but its BatchNorm ran in train mode.
+  chex.assert_trees_all_equal(new.params['net'], state.params['net'])
+  chex.assert_trees_all_equal(sgd_momentum(new.opt_state)['net'],
+                              sgd_momentum(state.opt_state)['net'])
+  chex.assert_trees_all_close(new.batch_stats['net'], moved['batch_stats'],
+                              rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(metrics['weight_per_exit'], [0.75, 0.75, 1.0])
+  # In eval mode the network predicts with the heads.
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  pooled, _ = backbone.apply(
+      {'params': state.params['net'], 'batch_stats': state.batch_stats['net']},
+      images, False, method=MSDNet.exit_features)
+  chex.assert_trees_all_close(
+      learner.model.apply(variables, images),
+      heads.apply({'params': state.params['heads'],
+                   'batch_stats': state.batch_stats['heads']}, pooled, False),
+      rtol=1e-12, atol=1e-14)
+
+
+def test_imta_flops_add_the_heads_and_isc_to_each_exit():
+  config = tiny_config()
+  config.method = 'imta'
+  model = build_learner(config).model
+  ops, params = count_per_exit(model, TINY_IMAGE)
+  base_ops, base_params = count_per_exit(MSDNet(model.cfg), TINY_IMAGE)
+  dims, classes = imta.pooled_feature_dims(model.cfg), 5
+  assert len(ops) == len(params) == 3
+  extra = 0
+  for k, d in enumerate(dims):
+    if k > 0:  # ISC k-1: Linear(C -> D_k) and a ReLU over D_k
+      extra += classes * d + d + d
+    extra += (d if k == 0 else 2 * d) * classes + classes  # head k
+    assert ops[k] - base_ops[k] == extra, k
+  assert params[-1] > base_params[-1]
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('temperature', 0.0, 'imta.temperature: .* must be > 0'),
+    ('gamma', 1.5, r'imta.gamma: .* in \[0, 1\]'),
+    ('gamma', -0.1, r'imta.gamma: .* in \[0, 1\]'),
+])
+def test_bad_distillation_settings_stop_before_training(tmp_path, field,
+                                                        value, message):
+  config = tiny_train_config('sklearn_digits', method='imta')
+  config.dataset.data_dir = str(tmp_path / 'data')
+  setattr(config.imta, field, value)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_sharded_stage2_step_equals_each_device_then_averaged(float64):
+  del float64
+  learner, state, _, _ = _setup()
+  images = np.asarray(jax.random.normal(jax.random.PRNGKey(3),
+                                        (32,) + TINY_IMAGE, jnp.float64))
+  labels = np.arange(32, dtype=np.int32) % 5
+  mesh = parallel.make_mesh(8)
+  iteration = step_lib.make_iteration('imta', learner, mesh)
+  sharded, (metrics,) = iteration(
+      jax.device_put(jax.tree_util.tree_map(jnp.copy, state),
+                     parallel.replicated(mesh)), images, labels, LR, 0.0,
+      False, phase='stage2')
+  alone = [_step(learner, state, x, y, 'stage2')[0] for x, y in zip(
+      np.split(images, 8), np.split(labels, 8), strict=True)]
+  mean = jax.tree_util.tree_map(lambda *xs: sum(xs) / len(xs),
+                                *[(s.params, s.opt_state) for s in alone])
+  chex.assert_trees_all_close((sharded.params, sharded.opt_state), mean,
+                              rtol=1e-9, atol=1e-12)
+  # Running statistics: device 0's (DDP's buffer broadcast).
+  chex.assert_trees_all_close(sharded.batch_stats, alone[0].batch_stats,
+                              rtol=1e-12, atol=1e-14)
+  assert int(metrics['num_images']) == 32
+
+
+def test_two_stage_run_keeps_the_stage1_network_and_evaluates_the_heads(
+    tmp_path):
+  config = tiny_train_config('sklearn_digits', num_steps=4, method='imta')
+  config.dataset.data_dir = str(tmp_path / 'data')
+  config.train.keep_checkpoints = 5
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['phases'] == [{'name': 'stage1', 'start': 0, 'length': 2},
+                               {'name': 'stage2', 'start': 2, 'length': 2}]
+  checkpoints = tmp_path / 'run' / 'checkpoints'
+  # Checkpoints every 100 iterations, but the end of stage 1 is kept.
+  stage1, final = (restore_state(config, checkpoints, s) for s in (2, 4))
+  learner = build_learner(config)
+  initial = init_train_state(learner, jax.random.PRNGKey(config.seed),
+                             (32, 32, 3))
+  chex.assert_trees_all_equal(stage1.params['heads'], initial.params['heads'])
+  chex.assert_trees_all_equal(final.params['net'], stage1.params['net'])
+  assert not np.array_equal(
+      jax.tree_util.tree_leaves(final.params['heads'])[0],
+      jax.tree_util.tree_leaves(stage1.params['heads'])[0])
+  # Evaluation runs the IMTA network (heads and ISC in its FLOPs).
+  flops, _ = count_per_exit(learner.model, (32, 32, 3))
+  assert results['mflops_per_exit'] == [f / 1e6 for f in flops]
+  with pytest.raises(ValueError, match='not supported yet; use '
+                     '--mode=budgeted'):
+    Cascade(learner.model, {}, np.zeros(3), 16)
+
+
+def test_paper_config_of_imta_builds():
+  from configs import imta_imagenet  # pylint: disable=g-import-not-at-top
+  config = imta_imagenet.get_config()
+  learner = build_learner(config)
+  assert isinstance(learner.model, imta.IMTANetwork)
+  assert dict(learner.method_options) == {'temperature': 1.0, 'gamma': 0.1}
+  assert dataclasses.asdict(learner.model.cfg)['gradient_equilibrium']
+  # The heads' input widths the original hard-codes for step 4.
+  assert imta.pooled_feature_dims(learner.model.cfg) == (384, 384, 352, 304,
+                                                         560)
