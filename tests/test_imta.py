@@ -4,6 +4,7 @@ sharded stage-2 step, and a run through both stages."""
 
 import dataclasses
 import functools
+import json
 
 import chex
 import jax
@@ -238,3 +239,70 @@ def test_paper_config_of_imta_builds():
   # The heads' input widths the original hard-codes for step 4.
   assert imta.pooled_feature_dims(learner.model.cfg) == (384, 384, 352, 304,
                                                          560)
+
+
+def test_l2w_imta_stage1_is_the_l2w_half_step_on_the_network(float64):
+  """L2W + IMTA, stage 1: L2W-DEN's half step on the gradient-equilibrium
+  MSDNet alone gives the network's new parameters, statistics, momentum and
+  weight net; the heads stay as they were."""
+  del float64
+  config = tiny_config()
+  config.method = 'l2w_imta'
+  learner = build_learner(config)
+  state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE,
+                           jnp.float64)
+  state = state.replace(opt_state=learner.tx.update(
+      jax.tree_util.tree_map(jnp.ones_like, state.params), state.opt_state,
+      state.params)[1])
+  images = jax.random.normal(jax.random.PRNGKey(1), (8,) + TINY_IMAGE,
+                             jnp.float64)
+  labels = jnp.arange(8, dtype=jnp.int32) % 5
+  x1, y1, x2, y2 = images[:4], labels[:4], images[4:], labels[4:]
+  new, metrics = jax.jit(functools.partial(
+      imta.l2w_stage1_half_step, learner), static_argnames='with_meta')(
+          state, x1, y1, x2, y2, LR, 1e-2, with_meta=True)
+  # The same half step on a plain L2W learner whose backbone is the GE MSDNet.
+  plain_config = tiny_config()
+  plain = build_learner(plain_config)
+  plain = dataclasses.replace(plain, model=MSDNet(dataclasses.replace(
+      plain.model.cfg, gradient_equilibrium=True)))
+  alone = init_train_state(plain, jax.random.PRNGKey(0), TINY_IMAGE,
+                           jnp.float64)
+  alone = alone.replace(
+      params=state.params['net'], batch_stats=state.batch_stats['net'],
+      opt_state=plain.tx.update(
+          jax.tree_util.tree_map(jnp.ones_like, state.params['net']),
+          plain.tx.init(state.params['net']), state.params['net'])[1],
+      meta_params=state.meta_params, meta_opt_state=state.meta_opt_state)
+  expected, expected_metrics = jax.jit(functools.partial(
+      imta.l2w.l2w_half_step, plain), static_argnames='with_meta')(
+          alone, x1, y1, x2, y2, LR, 1e-2, with_meta=True)
+  chex.assert_trees_all_close(
+      (new.params['net'], new.batch_stats['net'],
+       sgd_momentum(new.opt_state)['net'], new.meta_params,
+       new.meta_opt_state),
+      (expected.params, expected.batch_stats,
+       sgd_momentum(expected.opt_state), expected.meta_params,
+       expected.meta_opt_state), rtol=1e-12, atol=1e-14)
+  assert float(metrics['meta_loss']) == pytest.approx(
+      float(expected_metrics['meta_loss']), rel=1e-12)
+  chex.assert_trees_all_equal(
+      (new.params['heads'], new.batch_stats['heads'],
+       sgd_momentum(new.opt_state)['heads']),
+      (state.params['heads'], state.batch_stats['heads'],
+       sgd_momentum(state.opt_state)['heads']))
+
+
+def test_l2w_imta_run_meta_learns_in_stage1_then_distils(tmp_path):
+  config = tiny_train_config('sklearn_digits', num_steps=4,
+                             method='l2w_imta')
+  config.dataset.data_dir = str(tmp_path / 'data')
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert [p['name'] for p in results['phases']] == ['stage1', 'stage2']
+  rows = [json.loads(l) for l in
+          (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  rows = {r['step']: r for r in rows if 'train/loss' in r}
+  assert [('train/meta_loss' in rows[s]) for s in (1, 2, 3, 4)] == [
+      True, True, False, False]
+  assert [rows[s]['train/phase'] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
+  assert len(results['budgeted']) == 39

@@ -63,3 +63,36 @@ def plot_budgeted(curves: Sequence[Curve], path: str, title: str = '') -> None:
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
+
+
+def plot_seed_summaries(summaries, path: str, title: str = '') -> None:
+  """Mean budgeted curve of each method with a band of ± one standard
+  deviation over seeds, and its exits (mean ± std as error bars); one PNG
+  (or PDF). `summaries` are `comparison.SeedSummary`s."""
+  fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=200)
+  markers = ('o', 's', '^', 'D', 'v', 'P', 'X', '*')
+  for i, s in enumerate(summaries):
+    order = sorted(range(len(s.budget_mflops)),
+                   key=lambda j: s.budget_mflops[j])
+    x = [s.budget_mflops[j] for j in order]
+    y = [s.budget_top1[j] for j in order]
+    spread = [s.budget_top1_std[j] for j in order]
+    line, = ax.plot(x, y, '-', lw=1.5, label=f'{s.label} (n={s.num_seeds})')
+    ax.fill_between(x, [a - b for a, b in zip(y, spread)],
+                    [a + b for a, b in zip(y, spread)],
+                    color=line.get_color(), alpha=0.15, lw=0)
+    ax.errorbar(s.exit_mflops, s.exit_top1, yerr=s.exit_top1_std,
+                fmt=markers[i % len(markers)], ms=4.5, mfc='white',
+                mec=line.get_color(), ecolor=line.get_color(), mew=1.2,
+                capsize=2, lw=0.8)
+  ax.set_xlabel('average MFLOPs per image')
+  ax.set_ylabel('top-1 accuracy (%), mean ± std over seeds')
+  if title:
+    ax.set_title(title, fontsize=10)
+  ax.grid(True, alpha=0.3, lw=0.6)
+  ax.legend(fontsize=7, loc='lower right', frameon=False)
+  for side in ('top', 'right'):
+    ax.spines[side].set_visible(False)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

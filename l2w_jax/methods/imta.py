@@ -23,6 +23,7 @@ classes, not per sample.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import flax.linen as nn
@@ -34,6 +35,7 @@ from l2w_jax.meta.l2w import Learner, TrainState
 from l2w_jax.methods import partial
 from l2w_jax.models.layers import BatchNorm2d, Linear, ReLU
 from l2w_jax.models.msdnet import MSDNet, MSDNetConfig, msdnet_topology
+from l2w_jax.optim import sgd_momentum, with_sgd_momentum
 
 
 class IMTAHeads(nn.Module):
@@ -225,3 +227,38 @@ def imta_step(learner: Learner, state: TrainState, images, labels,
       'weight_per_exit': coefficients,
       'correct': l2w.top1_hits([jax.lax.stop_gradient(z)
                                 for z in exit_logits], labels)}
+
+
+def _network_part(state: TrainState) -> TrainState:
+  """The state of `net` alone: its parameters, statistics and momentum
+  (the optimizer's hyper-parameters shared)."""
+  return state.replace(
+      params=state.params['net'], batch_stats=state.batch_stats['net'],
+      opt_state=with_sgd_momentum(state.opt_state,
+                                  sgd_momentum(state.opt_state)['net']))
+
+
+def _with_network_part(state: TrainState, part: TrainState) -> TrainState:
+  """`state` with `net`'s entries taken from `part` (see `_network_part`)."""
+  momentum = {**sgd_momentum(state.opt_state),
+              'net': sgd_momentum(part.opt_state)}
+  return state.replace(
+      params={**state.params, 'net': part.params},
+      batch_stats={**state.batch_stats, 'net': part.batch_stats},
+      opt_state=with_sgd_momentum(part.opt_state, momentum),
+      meta_params=part.meta_params, meta_opt_state=part.meta_opt_state)
+
+
+def l2w_stage1_half_step(learner: Learner, state: TrainState, train_images,
+                         train_labels, meta_images, meta_labels,
+                         learning_rate, meta_learning_rate, with_meta):
+  """`l2w_imta`'s first stage: L2W-DEN's half step (`l2w.l2w_half_step`) on
+  the gradient-equilibrium MSDNet inside the IMTA network; the heads are
+  frozen (they neither run nor change). Same signature and metrics as the
+  L2W half step."""
+  network_learner = dataclasses.replace(learner,
+                                        model=MSDNet(learner.model.cfg))
+  part, metrics = l2w.l2w_half_step(
+      network_learner, _network_part(state), train_images, train_labels,
+      meta_images, meta_labels, learning_rate, meta_learning_rate, with_meta)
+  return _with_network_part(state, part), metrics

@@ -24,17 +24,18 @@ Adding a method is `register('name', half_step, uses_meta_step=...)` or
 `register('name', batch_step=..., uses_meta_step=False)`; `backbone` names
 what the method changes in the backbone (e.g. gradient equilibrium).
 
-A whole-batch method may run in phases (the training regimes: backbone,
-then heads): `register(..., phases=('backbone', 'heads'))` calls the batch
-step with `part=<phase name>` (static, one program per phase);
-`phase_plan` splits the run by `train.phase_split`, and the training loop
-restarts the learning-rate schedule and the backbone's optimizer state at
-every phase boundary.
+A method may run in phases (the training regimes: backbone, then heads;
+IMTA's two stages): `register(..., phases=(PhaseStep('backbone',
+batch_step=...), PhaseStep('heads', batch_step=...)))`, each phase a half
+step or a whole-batch step compiled on its own; `phase_plan` splits the run
+by `train.phase_split`, and the training loop restarts the learning-rate
+schedule and the backbone's optimizer state at every phase boundary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 from l2w_jax.meta import l2w
@@ -42,24 +43,38 @@ from l2w_jax.methods import boosting, imta, regimes
 
 
 @dataclasses.dataclass(frozen=True)
-class Method:
-  """A registered training method: a half step or a whole-batch step."""
+class PhaseStep:
+  """The step of one phase: a half step or a whole-batch step (exactly one)."""
   name: str
-  half_step: Callable | None
-  uses_meta_step: bool  # whether `meta.interval` iterations do a meta step
+  half_step: Callable | None = None
   batch_step: Callable | None = None
+
+  def __post_init__(self):
+    if (self.half_step is None) == (self.batch_step is None):
+      raise ValueError(f'phase {self.name!r}: give exactly one of half_step '
+                       'and batch_step')
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A registered training method: its phases' steps (one phase, named
+  after the method, for most methods)."""
+  name: str
+  steps: tuple[PhaseStep, ...]
+  uses_meta_step: bool  # whether `meta.interval` iterations do a meta step
   # config -> the MSDNetConfig fields the method sets (e.g. gradient
   # equilibrium, BoostNet's reweights); None: the backbone as configured.
   backbone: Callable | None = None
-  # A method trained in phases (a batch step taking `part=<phase name>`):
-  # the phase names in order; () for one phase, the whole run.
-  phases: tuple[str, ...] = ()
   # backbone (MSDNet) -> the network the method trains around it; None:
   # the backbone itself.
   network: Callable | None = None
   # config -> {name: value} static hyper-parameters of the method, checked
   # (ValueError naming the field); the step reads `learner.option(name)`.
   options: Callable | None = None
+
+  @property
+  def phases(self) -> tuple[str, ...]:
+    return tuple(step.name for step in self.steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,19 +94,33 @@ _METHODS: dict[str, Method] = {}
 def register(name: str, half_step: Callable | None = None, *,
              uses_meta_step: bool, batch_step: Callable | None = None,
              backbone: Callable | None = None,
-             phases: tuple[str, ...] = (), network: Callable | None = None,
+             phases: tuple[PhaseStep, ...] = (),
+             network: Callable | None = None,
              options: Callable | None = None) -> None:
-  """Makes a step available as `config.method = name` (exactly one of
-  `half_step` and `batch_step`; `phases` only with `batch_step`)."""
+  """Makes a method available as `config.method = name`: one step (exactly
+  one of `half_step` and `batch_step`) or the `phases`' steps in order."""
   if name in _METHODS:
     raise ValueError(f'method {name!r} is already registered')
-  if (half_step is None) == (batch_step is None):
-    raise ValueError(f'method {name!r}: give exactly one of half_step and '
-                     'batch_step')
-  if phases and batch_step is None:
-    raise ValueError(f'method {name!r}: phases need a batch_step')
-  _METHODS[name] = Method(name, half_step, uses_meta_step, batch_step,
-                          backbone, tuple(phases), network, options)
+  if phases:
+    if half_step is not None or batch_step is not None:
+      raise ValueError(f'method {name!r}: give phases or one step, not both')
+    steps = tuple(phases)
+  else:
+    steps = (PhaseStep(name, half_step, batch_step),)
+  _METHODS[name] = Method(name, steps, uses_meta_step, backbone, network,
+                          options)
+
+
+def available() -> tuple[str, ...]:
+  return tuple(sorted(_METHODS))
+
+
+def get(name: str) -> Method:
+  """The method called `name`; ValueError listing the available ones."""
+  if name not in _METHODS:
+    raise ValueError(f'method: unknown training method {name!r}; available: '
+                     f'{available()}')
+  return _METHODS[name]
 
 
 def phase_plan(config, total: int) -> tuple[Phase, ...]:
@@ -99,9 +128,8 @@ def phase_plan(config, total: int) -> tuple[Phase, ...]:
   two-phase method gives its first phase round(train.phase_split * total)
   iterations; ValueError naming the field if a phase would be empty."""
   method = get(config.method)
-  if len(method.phases) <= 1:
-    return (Phase(0, method.phases[0] if method.phases else method.name, 0,
-                  total),)
+  if len(method.phases) == 1:
+    return (Phase(0, method.phases[0], 0, total),)
   if len(method.phases) > 2:
     raise NotImplementedError('phase_plan splits runs into at most 2 phases')
   split = config.train.phase_split
@@ -121,18 +149,6 @@ def phase_at(plan: tuple[Phase, ...], step: int) -> Phase:
     if phase.start <= step < phase.start + phase.length:
       return phase
   raise ValueError(f'iteration {step} lies outside the run {plan}')
-
-
-def available() -> tuple[str, ...]:
-  return tuple(sorted(_METHODS))
-
-
-def get(name: str) -> Method:
-  """The method called `name`; ValueError listing the available ones."""
-  if name not in _METHODS:
-    raise ValueError(f'method: unknown training method {name!r}; available: '
-                     f'{available()}')
-  return _METHODS[name]
 
 
 def _uniform_half_step(learner, state, train_images, train_labels,
@@ -160,8 +176,10 @@ register('boostnet', batch_step=boosting.boostnet_step, uses_meta_step=False,
 
 
 for _name, _parts in regimes.REGIMES.items():
-  register(_name, batch_step=regimes.regime_step, uses_meta_step=False,
-           phases=_parts)
+  register(_name, uses_meta_step=False, phases=tuple(
+      PhaseStep(part, batch_step=functools.partial(regimes.regime_step,
+                                                   part=part))
+      for part in _parts))
 
 
 def _imta_options(config) -> dict:
@@ -179,7 +197,22 @@ def _imta_options(config) -> dict:
   return {'temperature': temperature, 'gamma': gamma}
 
 
-register('imta', batch_step=imta.imta_step, uses_meta_step=False,
-         backbone=lambda config: {'gradient_equilibrium': True},
-         network=lambda backbone: imta.IMTANetwork(backbone.cfg),
-         phases=imta.STAGES, options=_imta_options)
+def _gradient_equilibrium(config) -> dict:
+  del config
+  return {'gradient_equilibrium': True}
+
+
+def _imta_network(backbone):
+  return imta.IMTANetwork(backbone.cfg)
+
+
+_IMTA_STAGE2 = PhaseStep('stage2', batch_step=functools.partial(
+    imta.imta_step, part='stage2'))
+register('imta', uses_meta_step=False, backbone=_gradient_equilibrium,
+         network=_imta_network, options=_imta_options, phases=(
+             PhaseStep('stage1', batch_step=functools.partial(
+                 imta.imta_step, part='stage1')), _IMTA_STAGE2))
+register('l2w_imta', uses_meta_step=True, backbone=_gradient_equilibrium,
+         network=_imta_network, options=_imta_options, phases=(
+             PhaseStep('stage1', half_step=imta.l2w_stage1_half_step),
+             _IMTA_STAGE2))

@@ -8,7 +8,7 @@ device its own two halves and runs the method's half step twice
 (train p1 / meta p2, then train p2 / meta p1), giving two metrics dicts; for
 a whole-batch method (BoostNet, IMTA, ...) it runs one step on every device's
 whole shard, giving one. Each step is one jitted `shard_map` over the mesh
-(compiled once per `with_meta` value); the state is replicated, and the
+(compiled once per `with_meta` value and phase); the state is replicated, and the
 metrics it returns are reduced over devices.
 """
 
@@ -94,43 +94,58 @@ def sharded_batch_step(batch_step: Callable, learner: l2w.Learner,
   return jax.jit(step, donate_argnums=0)
 
 
-def make_iteration(method_name: str, learner: l2w.Learner, mesh,
-                   bn_stats: str = 'device0') -> Callable:
-  """The whole iteration of `method_name` on `mesh` (see module doc)."""
-  method = methods.get(method_name)
-  learner = data_parallel_learner(learner, bn_stats)
-  if method.batch_step is not None:
-    # One program per phase, compiled when the phase is first reached.
-    steps = {part: sharded_batch_step(
-        functools.partial(method.batch_step, part=part), learner, mesh)
-             for part in method.phases}
-    single = (None if method.phases else
-              sharded_batch_step(method.batch_step, learner, mesh))
+def _batch_iteration(batch_step: Callable, learner: l2w.Learner, mesh):
+  """The iteration of a whole-batch step: one step on every device's shard."""
+  step = sharded_batch_step(batch_step, learner, mesh)
 
-    def batch_iteration(state, images, labels, lr, meta_lr, with_meta,
-                        phase=None):
-      del meta_lr, with_meta
-      if single is None and phase not in steps:
-        raise ValueError(f'{method_name}: phase must be one of '
-                         f'{method.phases}, got {phase!r}')
-      state, metrics = (single or steps[phase])(
-          state, parallel.global_array(images, mesh),
-          parallel.global_array(labels, mesh), lr)
-      return state.replace(step=state.step + 1), (metrics,)
+  def iteration(state, images, labels, lr, meta_lr, with_meta):
+    del meta_lr, with_meta
+    state, metrics = step(state, parallel.global_array(images, mesh),
+                          parallel.global_array(labels, mesh), lr)
+    return state.replace(step=state.step + 1), (metrics,)
 
-    return batch_iteration
+  return iteration
 
-  step = sharded_half_step(method.half_step, learner, mesh)
+
+def _halves_iteration(half_step: Callable, learner: l2w.Learner, mesh,
+                      uses_meta_step: bool):
+  """The iteration of a half step: (train p1, meta p2), (train p2, meta p1)
+  on every device's own halves."""
+  step = sharded_half_step(half_step, learner, mesh)
   num_local = parallel.local_device_count(mesh)
 
-  def iteration(state, images, labels, lr, meta_lr, with_meta, phase=None):
-    del phase  # methods trained in halves have one phase
+  def iteration(state, images, labels, lr, meta_lr, with_meta):
     halves = parallel.device_halves(images, labels, num_local)
     (x1, y1), (x2, y2) = [[parallel.global_array(a, mesh) for a in half]
                           for half in halves]
-    with_meta = with_meta and method.uses_meta_step
+    with_meta = with_meta and uses_meta_step
     state, first = step(state, x1, y1, x2, y2, lr, meta_lr, with_meta)
     state, second = step(state, x2, y2, x1, y1, lr, meta_lr, with_meta)
     return state.replace(step=state.step + 1), (first, second)
+
+  return iteration
+
+
+def make_iteration(method_name: str, learner: l2w.Learner, mesh,
+                   bn_stats: str = 'device0') -> Callable:
+  """The whole iteration of `method_name` on `mesh` (see module doc); a
+  phased method's iteration takes the phase's name as `phase` (each phase
+  compiles when first reached)."""
+  method = methods.get(method_name)
+  learner = data_parallel_learner(learner, bn_stats)
+  iterations = {
+      step.name: (_batch_iteration(step.batch_step, learner, mesh)
+                  if step.batch_step is not None else
+                  _halves_iteration(step.half_step, learner, mesh,
+                                    method.uses_meta_step))
+      for step in method.steps}
+
+  def iteration(state, images, labels, lr, meta_lr, with_meta, phase=None):
+    if phase is None and len(iterations) == 1:
+      phase = method.phases[0]
+    if phase not in iterations:
+      raise ValueError(f'{method_name}: phase must be one of '
+                       f'{method.phases}, got {phase!r}')
+    return iterations[phase](state, images, labels, lr, meta_lr, with_meta)
 
   return iteration
