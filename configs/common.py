@@ -64,6 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Methods trained in two phases (regime_disjoint, regime_mixed, imta):
   # the fraction of the iterations in the first phase.
   config.train.phase_split = 0.5
+  # Start at a later phase (e.g. 1: IMTA's stage 2, the disjoint regime's
+  # heads) from the parameters and statistics of the latest checkpoint of
+  # another run of the same method and model (train.init_from, a workdir),
+  # with a fresh optimizer; the run is then that phase alone.
+  config.train.start_phase = 0
+  config.train.init_from = config_dict.placeholder(str)
   config.train.momentum = 0.9
   config.train.weight_decay = 1e-4
   config.train.label_smoothing = 0.0

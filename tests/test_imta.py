@@ -228,6 +228,38 @@ def test_two_stage_run_keeps_the_stage1_network_and_evaluates_the_heads(
                      '--mode=budgeted'):
     Cascade(learner.model, {}, np.zeros(3), 16)
 
+  # Stage 2 alone, from the network this run trained.
+  config.train.start_phase = 1
+  config.train.init_from = str(tmp_path / 'run')
+  config.train.num_steps = 2
+  again = train.train_and_evaluate(config, str(tmp_path / 'stage2'))
+  assert again['phases'] == [{'name': 'stage2', 'start': 0, 'length': 2}]
+  second = restore_state(config, tmp_path / 'stage2' / 'checkpoints')
+  chex.assert_trees_all_equal(second.params['net'], final.params['net'])
+  assert not np.array_equal(
+      jax.tree_util.tree_leaves(second.params['heads'])[0],
+      jax.tree_util.tree_leaves(initial.params['heads'])[0])
+  config.train.init_from = str(tmp_path / 'nothing')
+  with pytest.raises(FileNotFoundError, match='train.init_from: no '
+                     'checkpoint in'):
+    train.train_and_evaluate(config, str(tmp_path / 'stage2b'))
+
+
+@pytest.mark.parametrize('start,init_from,message', [
+    (1, None, 'set train.init_from'),
+    (2, '/tmp', r"train.start_phase: imta has phases \('stage1', 'stage2'\)"),
+    (-1, None, 'train.start_phase'),
+])
+def test_impossible_starts_are_named_before_training(tmp_path, start,
+                                                     init_from, message):
+  config = tiny_train_config('sklearn_digits', method='imta')
+  config.dataset.data_dir = str(tmp_path / 'data')
+  config.train.start_phase = start
+  config.train.init_from = init_from
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
 
 def test_paper_config_of_imta_builds():
   from configs import imta_imagenet  # pylint: disable=g-import-not-at-top

@@ -126,8 +126,22 @@ def get(name: str) -> Method:
 def phase_plan(config, total: int) -> tuple[Phase, ...]:
   """The phases of `config.method` over a run of `total` iterations. A
   two-phase method gives its first phase round(train.phase_split * total)
-  iterations; ValueError naming the field if a phase would be empty."""
+  iterations; with `train.start_phase` > 0 the run is that phase alone,
+  starting from `train.init_from`'s network. ValueError naming the field if
+  a phase would be empty or the start cannot be made."""
   method = get(config.method)
+  start = config.train.get('start_phase', 0)
+  if not 0 <= start < len(method.phases):
+    raise ValueError(f'train.start_phase: {config.method} has phases '
+                     f'{method.phases} (0-based), got {start}')
+  if start > 0:
+    if not config.train.get('init_from'):
+      raise ValueError(
+          f'train.start_phase={start} starts {config.method} at phase '
+          f'{method.phases[start]!r}, which continues from the network the '
+          f'phase before it trained: set train.init_from to the workdir of '
+          'a run that finished it')
+    return (Phase(start, method.phases[start], 0, total),)
   if len(method.phases) == 1:
     return (Phase(0, method.phases[0], 0, total),)
   if len(method.phases) > 2:

@@ -174,6 +174,24 @@ def _check_state_finite(state: l2w.TrainState, step: int,
                     'state) became non-finite', step, checkpointer) from None
 
 
+def _network_from(workdir: str, state: l2w.TrainState) -> l2w.TrainState:
+  """`state` with the parameters and batch statistics of the latest
+  checkpoint of the run in `workdir` (`train.init_from`); optimizer states,
+  weight net and iteration stay as in `state`."""
+  source = Checkpointer(os.path.join(workdir, 'checkpoints'))
+  try:
+    if source.latest_step() is None:
+      raise FileNotFoundError(
+          f'train.init_from: no checkpoint in {source.directory}; train the '
+          'earlier phase there first (train.start_phase=0), or point '
+          'train.init_from at a workdir that has one')
+    restored, _ = source.restore(state)
+  finally:
+    source.close()
+  return state.replace(params=restored.params,
+                       batch_stats=restored.batch_stats)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        interrupt_at_step: int | None = None) -> dict:
   """Trains, checkpoints, resumes and evaluates; returns the results dict.
@@ -218,6 +236,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       print(f'resumed from {checkpointer.directory} at iteration '
             f'{int(state.step)} (epoch {meta.get("epoch")})', flush=True)
   else:
+    if config.train.get('init_from'):
+      state = _network_from(config.train.init_from, state)
+      if is_main:
+        print(f'phase {plan[0].name!r} starts from the network of '
+              f'{config.train.init_from}', flush=True)
     writer.write_hparams(config.to_dict())
   step = int(state.step)
   if is_main:
