@@ -100,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
   # original.
   config.boostnet = ml_collections.ConfigDict()
   config.boostnet.reweight = (0.5,)
+  # The original's --loss_equal (ImageNet script, off in every released
+  # run): stage losses divided by their moving averages (momentum 0.9),
+  # times the averages' mean.
+  config.boostnet.loss_equal = False
 
   # IMTA (method 'imta'): stage-2 distillation temperature T and weight
   # gamma, as the original's run_IMTA.sh sets them (its argparse defaults

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from l2w_jax import optim
 from l2w_jax import parallel
 from l2w_jax.meta import l2w
 from l2w_jax.methods import boosting
@@ -23,7 +24,8 @@ from l2w_jax.training import methods
 from l2w_jax.training import step as step_lib
 from l2w_jax.training import train
 from l2w_jax.training.learner import build_learner, init_train_state
-from tests.tiny import TINY_IMAGE, TINY_MSDNET, tiny_config, tiny_train_config
+from tests.tiny import (TINY_IMAGE, TINY_MSDNET, restore_state, tiny_config,
+                        tiny_train_config)
 
 NUM_DEVICES = 8
 
@@ -336,3 +338,66 @@ def test_isc_heads_pass_gradients_back_to_earlier_heads():
   grads = jax.grad(last_exit_loss)(params)
   # Not detached: the last exit's loss reaches head 0 through two ISCs.
   assert float(jnp.max(jnp.abs(grads['classifier_0']['kernel']))) > 0
+
+
+def test_loss_equalisation_divides_by_moving_averages(float64):
+  """--loss_equal: m_k = L_k at the first step, then 0.9 m_k + 0.1 L_k; the
+  loss is sum_k L_k / m_k * mean(m) with m constant, so the SGD step is
+  that of sum_k c_k L_k with c_k = mean(m) / m_k."""
+  del float64
+  config = tiny_config()
+  config.method = 'boostnet'
+  config.boostnet.loss_equal = True
+  learner = build_learner(config)
+  state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE,
+                           jnp.float64)
+  assert int(state.method_state['updates']) == 0
+  images = jax.random.normal(jax.random.PRNGKey(1), (8,) + TINY_IMAGE,
+                             jnp.float64)
+  labels = jnp.arange(8, dtype=jnp.int32) % 5
+  step = jax.jit(functools.partial(boosting.boostnet_step, learner))
+  reweight = learner.model.cfg.ensemble_reweight
+
+  def stage_losses(params, batch_stats):
+    logits, _ = learner.model.apply(
+        {'params': params, 'batch_stats': batch_stats}, images, train=True,
+        mutable=['batch_stats'])
+    return boosting.stage_losses(logits, labels, reweight)
+
+  averages = None
+  for t in range(3):
+    losses = np.asarray(stage_losses(state.params, state.batch_stats))
+    averages = losses if averages is None else 0.9 * averages + 0.1 * losses
+    coefficients = np.mean(averages) / averages
+    grads = jax.grad(lambda p, c=coefficients: jnp.sum(
+        jnp.asarray(c) * stage_losses(p, state.batch_stats)))(state.params)
+    new, metrics = step(state, images, labels, 0.3)
+    np.testing.assert_allclose(new.method_state['loss_average'], averages,
+                               rtol=1e-12)
+    assert int(new.method_state['updates']) == t + 1
+    assert float(metrics['train_loss']) == pytest.approx(
+        float(np.sum(losses * coefficients)), rel=1e-12)
+    np.testing.assert_allclose(metrics['weight_per_exit'], coefficients,
+                               rtol=1e-12)
+    expected = jax.tree_util.tree_map(
+        lambda p, g, m: p - 0.3 * (0.9 * m + g + 1e-4 * p), state.params,
+        grads, optim.sgd_momentum(state.opt_state))
+    chex.assert_trees_all_close(new.params, expected, rtol=1e-10,
+                                atol=1e-13)
+    state = new
+  assert not np.allclose(coefficients, 1.0)  # the weights do differ
+
+
+def test_loss_averages_are_checkpointed_and_resume_exactly(tmp_path):
+  config = tiny_train_config('sklearn_digits', num_steps=3, method='boostnet')
+  config.dataset.data_dir = str(tmp_path / 'data')
+  config.boostnet.loss_equal = True
+  whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
+  assert train.train_and_evaluate(config, str(tmp_path / 'split'),
+                                  interrupt_at_step=1) == {'interrupted_at': 1}
+  saved = restore_state(config, tmp_path / 'split' / 'checkpoints')
+  assert int(saved.method_state['updates']) == 1
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'split'))
+  assert resumed['params_sha256'] == whole['params_sha256']
+  final = restore_state(config, tmp_path / 'whole' / 'checkpoints')
+  assert int(final.method_state['updates']) == 3

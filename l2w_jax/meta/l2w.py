@@ -46,6 +46,9 @@ class TrainState:
   opt_state: optax.OptState
   meta_params: Any
   meta_opt_state: optax.OptState
+  # State a training method keeps besides the networks (e.g. BoostNet's
+  # moving averages of the stage losses); None for most methods.
+  method_state: Any = None
 
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
@@ -80,8 +83,10 @@ class Learner:
   settings: L2WSettings
   reduce_grads: Callable = _unchanged  # both networks' gradients
   reduce_batch_stats: Callable = _unchanged  # moved running statistics
-  # Static hyper-parameters of the configured method other than L2W's
-  # (e.g. IMTA's distillation temperature), as sorted (name, value) pairs.
+  # The configured training method, and its static hyper-parameters other
+  # than L2W's (e.g. IMTA's distillation temperature) as sorted (name,
+  # value) pairs.
+  method_name: str = ''
   method_options: tuple = ()
 
   def option(self, name: str):

@@ -68,6 +68,34 @@ def stage_losses(exit_logits: Sequence[jax.Array], labels: jax.Array,
   return jnp.mean(per_sample, axis=0)
 
 
+LOSS_AVERAGE_MOMENTUM = 0.9  # the original's MomentumMeter(momentum=0.9)
+
+
+def initial_loss_averages(num_exits: int, dtype=jnp.float32) -> dict:
+  """Loss equalisation's state: the moving average of each stage's loss
+  (`dtype`, the parameters') and the number of updates so far (the first
+  update sets the average)."""
+  return {'loss_average': jnp.zeros((num_exits,), dtype),
+          'updates': jnp.zeros((), jnp.int32)}
+
+
+def update_loss_averages(averages: dict, losses: jax.Array) -> dict:
+  """`MomentumMeter.update` for each stage: the loss itself the first time,
+  then m <- 0.9 m + 0.1 loss."""
+  losses = losses.astype(averages['loss_average'].dtype)
+  moved = (averages['loss_average'] * LOSS_AVERAGE_MOMENTUM +
+           losses * (1 - LOSS_AVERAGE_MOMENTUM))
+  return {'loss_average': jnp.where(averages['updates'] > 0, moved, losses),
+          'updates': averages['updates'] + 1}
+
+
+def equalised_loss(losses: jax.Array, averages: jax.Array) -> jax.Array:
+  """sum_k L_k / m_k * mean_j m_j with the averages m as constants (the
+  original's `--loss_equal`); the averages already include this step."""
+  weight_mean = jnp.mean(averages)
+  return jnp.sum(losses / averages * weight_mean)
+
+
 def boostnet_step(learner: Learner, state: TrainState, images, labels,
                   learning_rate):
   """One SGD step on a whole (per-device) batch with the summed stage losses;
@@ -78,6 +106,7 @@ def boostnet_step(learner: Learner, state: TrainState, images, labels,
   """
   reweight = learner.model.cfg.ensemble_reweight
   settings = learner.settings
+  equalise = dict(learner.method_options).get('loss_equal', False)
 
   def loss_fn(params):
     exit_logits, batch_stats = l2w.train_mode_logits(
@@ -85,9 +114,18 @@ def boostnet_step(learner: Learner, state: TrainState, images, labels,
         l2w.compute_dtype(settings))
     losses = stage_losses(exit_logits, labels, reweight,
                           settings.label_smoothing)
-    return jnp.sum(losses), (losses, exit_logits, batch_stats)
+    if not equalise:
+      return jnp.sum(losses), (losses, exit_logits, batch_stats, None)
+    # The averages follow the devices' mean losses (one set for all
+    # devices; the original keeps one per rank, on its own losses), as
+    # constants.
+    averages = update_loss_averages(
+        state.method_state,
+        learner.reduce_grads(jax.lax.stop_gradient(losses)))
+    loss = equalised_loss(losses, averages['loss_average'])
+    return loss, (losses, exit_logits, batch_stats, averages)
 
-  (train_loss, (losses, exit_logits, batch_stats)), grads = (
+  (train_loss, (losses, exit_logits, batch_stats, averages)), grads = (
       jax.value_and_grad(loss_fn, has_aux=True)(state.params))
   params, opt_state = apply_optimizer(learner.tx, learner.reduce_grads(grads),
                                       state.opt_state, state.params,
@@ -96,7 +134,10 @@ def boostnet_step(learner: Learner, state: TrainState, images, labels,
                  for q in ensemble_logits(exit_logits, reweight)]
   new_state = state.replace(
       params=params, batch_stats=learner.reduce_batch_stats(batch_stats),
-      opt_state=opt_state)
+      opt_state=opt_state,
+      method_state=averages if equalise else state.method_state)
+  weights = (jnp.ones_like(losses) if not equalise else
+             jnp.mean(averages['loss_average']) / averages['loss_average'])
   return new_state, {'train_loss': train_loss, 'loss_per_exit': losses,
-                     'weight_per_exit': jnp.ones_like(losses),
+                     'weight_per_exit': weights.astype(losses.dtype),
                      'correct': l2w.top1_hits(predictions, labels)}

@@ -57,6 +57,7 @@ def build_learner(config) -> Learner:
                    config.train.weight_decay),
       meta_tx=torch_adam(meta.lr, meta.weight_decay),
       settings=settings,
+      method_name=config.method,
       method_options=tuple(sorted(options.items())))
 
 
@@ -72,10 +73,14 @@ def init_train_state(learner: Learner, rng: jax.Array, image_shape,
                                            jnp.zeros((1, num_inputs), dtype))
   params = variables['params']
   meta_params = meta_variables['params']
+  method = methods.get(learner.method_name) if learner.method_name else None
+  method_state = (method.initial_state(learner, dtype) if method and
+                  method.initial_state else None)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats=variables['batch_stats'],
       opt_state=learner.tx.init(params),
       meta_params=meta_params,
-      meta_opt_state=learner.meta_tx.init(meta_params))
+      meta_opt_state=learner.meta_tx.init(meta_params),
+      method_state=method_state)

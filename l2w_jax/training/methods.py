@@ -71,6 +71,9 @@ class Method:
   # config -> {name: value} static hyper-parameters of the method, checked
   # (ValueError naming the field); the step reads `learner.option(name)`.
   options: Callable | None = None
+  # (learner, dtype) -> the initial `TrainState.method_state` (checkpointed
+  # with the rest of the state); None: the method keeps no state of its own.
+  initial_state: Callable | None = None
 
   @property
   def phases(self) -> tuple[str, ...]:
@@ -96,7 +99,8 @@ def register(name: str, half_step: Callable | None = None, *,
              backbone: Callable | None = None,
              phases: tuple[PhaseStep, ...] = (),
              network: Callable | None = None,
-             options: Callable | None = None) -> None:
+             options: Callable | None = None,
+             initial_state: Callable | None = None) -> None:
   """Makes a method available as `config.method = name`: one step (exactly
   one of `half_step` and `batch_step`) or the `phases`' steps in order."""
   if name in _METHODS:
@@ -108,7 +112,7 @@ def register(name: str, half_step: Callable | None = None, *,
   else:
     steps = (PhaseStep(name, half_step, batch_step),)
   _METHODS[name] = Method(name, steps, uses_meta_step, backbone, network,
-                          options)
+                          options, initial_state)
 
 
 def available() -> tuple[str, ...]:
@@ -185,8 +189,19 @@ def _boostnet_backbone(config) -> dict:
   return {'gradient_equilibrium': True, 'ensemble_reweight': reweight}
 
 
+def _boostnet_options(config) -> dict:
+  return {'loss_equal': bool(config.boostnet.get('loss_equal', False))}
+
+
+def _boostnet_state(learner, dtype):
+  if not learner.option('loss_equal'):
+    return None
+  return boosting.initial_loss_averages(learner.model.num_exits, dtype)
+
+
 register('boostnet', batch_step=boosting.boostnet_step, uses_meta_step=False,
-         backbone=_boostnet_backbone)
+         backbone=_boostnet_backbone, options=_boostnet_options,
+         initial_state=_boostnet_state)
 
 
 for _name, _parts in regimes.REGIMES.items():
