@@ -4,6 +4,7 @@ sharded stage-2 step, and a run through both stages."""
 
 import dataclasses
 import functools
+import importlib
 import json
 
 import chex
@@ -261,9 +262,12 @@ def test_impossible_starts_are_named_before_training(tmp_path, start,
   assert not (tmp_path / 'run').exists()
 
 
-def test_paper_config_of_imta_builds():
-  from configs import imta_imagenet  # pylint: disable=g-import-not-at-top
-  config = imta_imagenet.get_config()
+@pytest.mark.parametrize('name,method', [('imta_imagenet', 'imta'),
+                                         ('l2w_imta_imagenet', 'l2w_imta')])
+def test_paper_config_of_imta_builds(name, method):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  assert config.method == method
+  assert (config.meta.interval, config.meta.epsilon) == (100, 0.3)
   learner = build_learner(config)
   assert isinstance(learner.model, imta.IMTANetwork)
   assert dict(learner.method_options) == {'temperature': 1.0, 'gamma': 0.1}
