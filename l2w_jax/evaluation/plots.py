@@ -71,13 +71,15 @@ def plot_seed_summaries(summaries, path: str, title: str = '') -> None:
   (or PDF). `summaries` are `comparison.SeedSummary`s."""
   fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=200)
   markers = ('o', 's', '^', 'D', 'v', 'P', 'X', '*')
+  colors = plt.get_cmap('tab10').colors
   for i, s in enumerate(summaries):
     order = sorted(range(len(s.budget_mflops)),
                    key=lambda j: s.budget_mflops[j])
     x = [s.budget_mflops[j] for j in order]
     y = [s.budget_top1[j] for j in order]
     spread = [s.budget_top1_std[j] for j in order]
-    line, = ax.plot(x, y, '-', lw=1.5, label=f'{s.label} (n={s.num_seeds})')
+    line, = ax.plot(x, y, '-', lw=1.5, color=colors[i % len(colors)],
+                    label=f'{s.label} (n={s.num_seeds})')
     ax.fill_between(x, [a - b for a, b in zip(y, spread)],
                     [a + b for a, b in zip(y, spread)],
                     color=line.get_color(), alpha=0.15, lw=0)
