@@ -22,6 +22,14 @@ jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def float64():
+  """jax_enable_x64 for one test (parity checks at 1e-9 and below)."""
+  jax.config.update('jax_enable_x64', True)
+  yield
+  jax.config.update('jax_enable_x64', False)
 SHARED_REFERENCE = PROJECT_ROOT.parent / 'shared' / 'reference'
 
 

@@ -14,44 +14,27 @@ import numpy as np
 import optax
 import pytest
 
-from l2w_jax import parallel
 from l2w_jax.evaluation.cascade import Cascade
 from l2w_jax.evaluation.flops import count_per_exit
 from l2w_jax.methods import imta
 from l2w_jax.models.msdnet import MSDNet
 from l2w_jax.optim import sgd_momentum
-from l2w_jax.training import step as step_lib
 from l2w_jax.training import train
 from l2w_jax.training.learner import build_learner, init_train_state
-from tests.tiny import TINY_IMAGE, restore_state, tiny_config, tiny_train_config
+from tests.tiny import (TINY_IMAGE, float64_step_setup, mean_tree,
+                        restore_state, sharded_and_per_device, tiny_config,
+                        tiny_train_config)
 
 LR = 0.3
 T, GAMMA = 2.0, 0.25
 
 
-@pytest.fixture
-def float64():
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', False)
-
-
-def _setup():
+def _setup(method='imta'):
   config = tiny_config()
-  config.method = 'imta'
+  config.method = method
   config.imta.temperature = T
   config.imta.gamma = GAMMA
-  learner = build_learner(config)
-  state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE,
-                           jnp.float64)
-  # Non-zero momentum everywhere, so that "untouched" is visible.
-  state = state.replace(opt_state=learner.tx.update(
-      jax.tree_util.tree_map(jnp.ones_like, state.params), state.opt_state,
-      state.params)[1])
-  images = jax.random.normal(jax.random.PRNGKey(1), (8,) + TINY_IMAGE,
-                             jnp.float64)
-  labels = jnp.arange(8, dtype=jnp.int32) % 5
-  return learner, state, images, labels
+  return float64_step_setup(config)
 
 
 def _step(learner, state, images, labels, part):
@@ -182,21 +165,14 @@ def test_bad_distillation_settings_stop_before_training(tmp_path, field,
 def test_sharded_stage2_step_equals_each_device_then_averaged(float64):
   del float64
   learner, state, _, _ = _setup()
-  images = np.asarray(jax.random.normal(jax.random.PRNGKey(3),
-                                        (32,) + TINY_IMAGE, jnp.float64))
-  labels = np.arange(32, dtype=np.int32) % 5
-  mesh = parallel.make_mesh(8)
-  iteration = step_lib.make_iteration('imta', learner, mesh)
-  sharded, (metrics,) = iteration(
-      jax.device_put(jax.tree_util.tree_map(jnp.copy, state),
-                     parallel.replicated(mesh)), images, labels, LR, 0.0,
-      False, phase='stage2')
-  alone = [_step(learner, state, x, y, 'stage2')[0] for x, y in zip(
-      np.split(images, 8), np.split(labels, 8), strict=True)]
-  mean = jax.tree_util.tree_map(lambda *xs: sum(xs) / len(xs),
-                                *[(s.params, s.opt_state) for s in alone])
-  chex.assert_trees_all_close((sharded.params, sharded.opt_state), mean,
-                              rtol=1e-9, atol=1e-12)
+  sharded, metrics, alone = sharded_and_per_device(
+      'imta', learner, state, lambda s, x, y: _step(learner, s, x, y,
+                                                    'stage2'),
+      phase='stage2')
+  chex.assert_trees_all_close(
+      (sharded.params, sharded.opt_state),
+      mean_tree([(s.params, s.opt_state) for s in alone]),
+      rtol=1e-9, atol=1e-12)
   # Running statistics: device 0's (DDP's buffer broadcast).
   chex.assert_trees_all_close(sharded.batch_stats, alone[0].batch_stats,
                               rtol=1e-12, atol=1e-14)
@@ -282,17 +258,7 @@ def test_l2w_imta_stage1_is_the_l2w_half_step_on_the_network(float64):
   MSDNet alone gives the network's new parameters, statistics, momentum and
   weight net; the heads stay as they were."""
   del float64
-  config = tiny_config()
-  config.method = 'l2w_imta'
-  learner = build_learner(config)
-  state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE,
-                           jnp.float64)
-  state = state.replace(opt_state=learner.tx.update(
-      jax.tree_util.tree_map(jnp.ones_like, state.params), state.opt_state,
-      state.params)[1])
-  images = jax.random.normal(jax.random.PRNGKey(1), (8,) + TINY_IMAGE,
-                             jnp.float64)
-  labels = jnp.arange(8, dtype=jnp.int32) % 5
+  learner, state, images, labels = _setup('l2w_imta')
   x1, y1, x2, y2 = images[:4], labels[:4], images[4:], labels[4:]
   new, metrics = jax.jit(functools.partial(
       imta.l2w_stage1_half_step, learner), static_argnames='with_meta')(

@@ -12,13 +12,6 @@ from l2w_jax.training.learner import build_learner, init_train_state
 from tests.tiny import TINY_IMAGE, tiny_config
 
 
-@pytest.fixture
-def float64():
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', False)
-
-
 @pytest.mark.parametrize('input_kind,constraint', [('loss', 'col'),
                                                    ('both', 'mat')])
 def test_meta_gradient_matches_finite_differences(float64, input_kind,

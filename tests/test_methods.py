@@ -180,13 +180,6 @@ def test_method_registry_rejects_ambiguous_registrations():
   assert {'l2w', 'uniform', 'boostnet'} <= set(methods.available())
 
 
-@pytest.fixture
-def float64():
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', False)
-
-
 def test_sharded_boostnet_step_equals_each_device_then_averaged(float64):
   """8 devices, each its own BN statistics and shard: SGD is linear in the
   gradient, so the sharded update is the mean of the per-device updates

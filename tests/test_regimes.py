@@ -12,42 +12,25 @@ import numpy as np
 import optax
 import pytest
 
-from l2w_jax import parallel
 from l2w_jax.methods import regimes
 from l2w_jax.optim import sgd_momentum
 from l2w_jax.training import methods
-from l2w_jax.training import step as step_lib
 from l2w_jax.training import train
 from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
-from tests.tiny import TINY_IMAGE, restore_state, tiny_config, tiny_train_config
+from tests.tiny import (float64_step_setup, mean_tree, restore_state,
+                        sharded_and_per_device, tiny_config,
+                        tiny_train_config)
 
 LR = 0.3
 NUM_EXITS = 3
 BACKBONE = ('blocks_', f'classifier_{NUM_EXITS - 1}')
 
 
-@pytest.fixture
-def float64():
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', False)
-
-
 def _setup(method='regime_disjoint'):
   config = tiny_config()
   config.method = method
-  learner = build_learner(config)
-  state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE,
-                           jnp.float64)
-  # Momentum buffers that are not zero, so that "untouched" is visible.
-  state = state.replace(opt_state=learner.tx.update(
-      jax.tree_util.tree_map(jnp.ones_like, state.params), state.opt_state,
-      state.params)[1])
-  images = jax.random.normal(jax.random.PRNGKey(1), (8,) + TINY_IMAGE,
-                             jnp.float64)
-  labels = jnp.arange(8, dtype=jnp.int32) % 5
-  return learner, state, images, labels
+  return float64_step_setup(config)
 
 
 def _cross_entropy(logits, labels):
@@ -173,20 +156,12 @@ def test_sharded_regime_step_equals_each_device_then_averaged(float64):
   updates, and the frozen backbone stays as it was."""
   del float64
   learner, state, _, _ = _setup()
-  images = np.asarray(jax.random.normal(jax.random.PRNGKey(3),
-                                        (32,) + TINY_IMAGE, jnp.float64))
-  labels = np.arange(32, dtype=np.int32) % 5
-  mesh = parallel.make_mesh(8)
-  iteration = step_lib.make_iteration('regime_disjoint', learner, mesh)
-  sharded, (metrics,) = iteration(
-      jax.device_put(jax.tree_util.tree_map(jnp.copy, state),
-                     parallel.replicated(mesh)), images, labels, LR, 0.0,
-      False, phase='heads')
-  alone = [_step(learner, state, x, y, 'heads')[0] for x, y in zip(
-      np.split(images, 8), np.split(labels, 8), strict=True)]
-  mean = jax.tree_util.tree_map(lambda *xs: sum(xs) / len(xs),
-                                *[s.opt_state for s in alone])
-  chex.assert_trees_all_close(sharded.opt_state, mean, rtol=1e-9, atol=1e-12)
+  sharded, metrics, alone = sharded_and_per_device(
+      'regime_disjoint', learner, state,
+      lambda s, x, y: _step(learner, s, x, y, 'heads'), phase='heads')
+  chex.assert_trees_all_close(sharded.opt_state,
+                              mean_tree([s.opt_state for s in alone]),
+                              rtol=1e-9, atol=1e-12)
   _assert_groups(sharded, state, frozen={n for n in state.params
                                          if _is_backbone(n)})
   assert int(metrics['num_images']) == 32

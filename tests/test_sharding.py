@@ -37,13 +37,6 @@ PER_DEVICE = 4
 LR, META_LR = 0.3, 1e-2
 
 
-@pytest.fixture
-def float64():
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', False)
-
-
 def test_parallel_tests_see_eight_devices():
   assert jax.device_count() >= NUM_DEVICES
 

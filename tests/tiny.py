@@ -1,10 +1,14 @@
 """Tiny models and configs shared by the tests."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from configs import common
 from l2w_jax import data
+from l2w_jax import parallel
+from l2w_jax.training import step as step_lib
 from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
 from l2w_jax.models.msdnet import MSDNetConfig
@@ -76,3 +80,47 @@ def restore_state(config: ml_collections.ConfigDict, checkpoints, step=None):
     return checkpointer.restore(template, step)[0]
   finally:
     checkpointer.close()
+
+
+def sharded_and_per_device(method: str, learner, state, per_device_step,
+                           phase=None, num_devices: int = 8,
+                           per_device: int = 4):
+  """One whole-batch iteration of `method` sharded over `num_devices`
+  simulated devices, and `per_device_step(state, images, labels)` on each
+  device's shard alone, from the same `state` on the same float64 batch.
+  Returns (sharded state, its metrics, [state after each device's step])."""
+  n = num_devices * per_device
+  images = np.asarray(jax.random.normal(jax.random.PRNGKey(3),
+                                        (n,) + TINY_IMAGE, jnp.float64))
+  labels = np.arange(n, dtype=np.int32) % TINY_MSDNET.num_classes
+  mesh = parallel.make_mesh(num_devices)
+  iteration = step_lib.make_iteration(method, learner, mesh)
+  sharded, (metrics,) = iteration(
+      jax.device_put(jax.tree_util.tree_map(jnp.copy, state),
+                     parallel.replicated(mesh)), images, labels, 0.3, 0.0,
+      False, phase=phase)
+  alone = [per_device_step(state, x, y)[0] for x, y in zip(
+      np.split(images, num_devices), np.split(labels, num_devices),
+      strict=True)]
+  return sharded, metrics, alone
+
+
+def mean_tree(trees):
+  """The element-wise mean of trees of the same structure."""
+  return jax.tree_util.tree_map(lambda *xs: sum(xs) / len(xs), *trees)
+
+
+def float64_step_setup(config):
+  """(learner, state, images (8, 16, 16, 3), labels (8,)) in float64 for
+  `config` (a `tiny_config`); the state's SGD momentum is not zero, so that
+  a step leaving it untouched is visible."""
+  learner = build_learner(config)
+  state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE,
+                           jnp.float64)
+  state = state.replace(opt_state=learner.tx.update(
+      jax.tree_util.tree_map(jnp.ones_like, state.params), state.opt_state,
+      state.params)[1])
+  images = jax.random.normal(jax.random.PRNGKey(1), (8,) + TINY_IMAGE,
+                             jnp.float64)
+  labels = jnp.arange(8, dtype=jnp.int32) % TINY_MSDNET.num_classes
+  return learner, state, images, labels

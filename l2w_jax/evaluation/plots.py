@@ -52,12 +52,19 @@ def plot_budgeted(curves: Sequence[Curve], path: str, title: str = '') -> None:
   ax.set_ylim(low - 2 * pad, min(100.0, high + pad) + pad / 2)
   span = max(xs) - min(xs)
   ax.set_xlim(min(xs) - 0.05 * span, max(xs) + 0.08 * span)
+  _finish(fig, ax, path, 'top-1 accuracy (%)', title, 'best')
+
+
+def _finish(fig, ax, path: str, ylabel: str, title: str,
+            legend_loc: str) -> None:
+  """Labels, grid, legend and frame of an accuracy-MFLOPs figure; saves it
+  to `path` and closes it."""
   ax.set_xlabel('average MFLOPs per image')
-  ax.set_ylabel('top-1 accuracy (%)')
+  ax.set_ylabel(ylabel)
   if title:
     ax.set_title(title, fontsize=10)
   ax.grid(True, alpha=0.3, lw=0.6)
-  ax.legend(fontsize=7, loc='best', frameon=False)
+  ax.legend(fontsize=7, loc=legend_loc, frameon=False)
   for side in ('top', 'right'):
     ax.spines[side].set_visible(False)
   fig.tight_layout()
@@ -87,14 +94,5 @@ def plot_seed_summaries(summaries, path: str, title: str = '') -> None:
                 fmt=markers[i % len(markers)], ms=4.5, mfc='white',
                 mec=line.get_color(), ecolor=line.get_color(), mew=1.2,
                 capsize=2, lw=0.8)
-  ax.set_xlabel('average MFLOPs per image')
-  ax.set_ylabel('top-1 accuracy (%), mean ± std over seeds')
-  if title:
-    ax.set_title(title, fontsize=10)
-  ax.grid(True, alpha=0.3, lw=0.6)
-  ax.legend(fontsize=7, loc='lower right', frameon=False)
-  for side in ('top', 'right'):
-    ax.spines[side].set_visible(False)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _finish(fig, ax, path, 'top-1 accuracy (%), mean ± std over seeds', title,
+          'lower right')

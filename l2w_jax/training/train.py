@@ -12,7 +12,6 @@ import functools
 import os
 import signal
 import time
-from typing import Callable
 
 import chex
 import jax
