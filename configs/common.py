@@ -35,6 +35,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.bottleneck = True
   config.model.reduction = 0.5
   config.model.stem = 'cifar'
+  # RANet only (model.name='ranet'; configs/ranet_*.py): flows of
+  # n_blocks + block_step * i blocks per scale, the stem's resolution steps,
+  # the share of the fused low-resolution features, BN after the convs.
+  config.model.block_step = 2
+  config.model.scale_list = (1, 2, 3)
+  config.model.compress_factor = 0.25
+  config.model.bn_after = True
   # 'torch_default': what the original effectively initialises (its
   # _init_weights never reaches a conv); 'msdnet': what it intended.
   config.model.init = 'torch_default'

@@ -140,8 +140,27 @@ def test_unknown_kind_and_missing_keys_are_named(tmp_path):
 
 
 def test_a_fixture_of_another_backbone_is_named_not_misread():
-  from l2w_jax.reference.fixtures import FixtureError, msdnet_config  # pylint: disable=g-import-not-at-top
+  from l2w_jax.reference.fixtures import FixtureError, fixture_model, msdnet_config  # pylint: disable=g-import-not-at-top
   config = {'data': 'cifar10', 'stepmode': 'even', 'model': 'ranet'}
-  with pytest.raises(FixtureError, match="model 'ranet' is not implemented"):
+  with pytest.raises(FixtureError, match="model 'ranet' is not an MSDNet"):
     msdnet_config(config)
   assert msdnet_config({**config, 'model': 'msdnet'}).num_classes == 10
+  with pytest.raises(FixtureError, match='lacks "scale_list"'):
+    fixture_model(config)
+  ranet = fixture_model({**config, 'scale_list': [1, 2, 3]})
+  assert type(ranet).__name__ == 'RANet' and ranet.cfg.num_exits == 6
+
+
+def test_ranet_forward_fixture_passes(shared_reference, tmp_path):
+  """The original RANet's logits per exit (eval and train mode) and BN
+  statistics, from the configuration in the archive."""
+  fixture = shared_reference / 'ranet_cifar10_forward.npz'
+  lines = _passing_run([fixture], tmp_path / 'ranet.npz', ['forward'])
+  checks = lines[0]['checks']
+  assert set(checks) == {'eval_logits', 'train_logits',
+                         'running_stats_after_train_forward'}
+  assert all(c['passed'] for c in checks.values())
+  with np.load(fixture) as want, np.load(tmp_path / 'ranet.npz') as got:
+    expected = [k for k in want.files if k.startswith('expected')]
+    assert len([k for k in expected if 'logits' in k]) == 16  # 8 exits x 2
+    assert set(expected) <= set(got.files)

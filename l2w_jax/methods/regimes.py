@@ -49,16 +49,15 @@ def trains_exit(part: str, exit_index: int, num_exits: int) -> bool:
 
 
 def trainable_mask(params, part: str, num_exits: int) -> dict:
-  """{top-level module name: whether it trains} for a `part` phase; the
-  modules are the backbone's `blocks_i_j` and the exits' `classifier_k`."""
+  """{top-level module name: whether it trains} for a `part` phase: the
+  exits' `classifier_k` by exit, every other module (MSDNet's `blocks_i_j`,
+  RANet's stem and scale flows) as the backbone."""
   mask = {}
   for name in params:
     if name.startswith('classifier_'):
       mask[name] = trains_exit(part, int(name.rsplit('_', 1)[1]), num_exits)
-    elif name.startswith('blocks_'):
-      mask[name] = part != 'heads'
     else:
-      raise ValueError(f'regimes: unexpected parameter group {name!r}')
+      mask[name] = part != 'heads'
   return mask
 
 

@@ -10,7 +10,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from l2w_jax.models.msdnet import MSDNetConfig
+from l2w_jax.models.msdnet import MSDNet, MSDNetConfig
+from l2w_jax.models.ranet import RANet, RANetConfig
 
 EXPECTED = 'expected'
 
@@ -95,12 +96,58 @@ def open_fixture(path: str | os.PathLike) -> Fixture:
   return Fixture(path=path, arrays=arrays, config=config)
 
 
+_RANET_DEFAULTS = {  # RANet-pytorch's args.py
+    'nBlocks': 2, 'nChannels': 16, 'growthRate': 6, 'grFactor': '4-2-1',
+    'bnFactor': '4-2-1', 'block_step': 2, 'compress_factor': 0.25,
+    'step': 4, 'stepmode': 'even', 'bnAfter': True, 'reduction': 0.5,
+}
+
+
+def _factors(value):
+  return value if not isinstance(value, str) else value.replace('-', ',')
+
+
+def ranet_config(config: Mapping[str, Any]) -> RANetConfig:
+  """The original RANet's argument names (nBlocks, scale_list, bnAfter,
+  ...) -> RANetConfig."""
+  if 'data' not in config:
+    raise FixtureError('config_json lacks "data" (cifar10, cifar100 or '
+                       'ImageNet), which decides the stem and classifiers')
+  if 'scale_list' not in config:
+    raise FixtureError('config_json lacks "scale_list" (e.g. [1, 2, 3, 3])')
+  c = {**_RANET_DEFAULTS, **config}
+  data = str(c['data']).lower()
+  num_classes = c.get('num_classes', _CLASSES_OF_DATA.get(data))
+  if num_classes is None:
+    raise FixtureError(f'config_json: unknown data {c["data"]!r} and no '
+                       'num_classes')
+  return RANetConfig(
+      n_blocks=int(c['nBlocks']), n_channels=int(c['nChannels']),
+      growth_rate=int(c['growthRate']), gr_factor=_factors(c['grFactor']),
+      bn_factor=_factors(c['bnFactor']), block_step=int(c['block_step']),
+      scale_list=_factors(c['scale_list']),
+      compress_factor=float(c['compress_factor']), step=int(c['step']),
+      step_mode=str(c['stepmode']), bn_after=bool(c['bnAfter']),
+      reduction=float(c['reduction']),
+      stem='cifar' if data.startswith('cifar') else 'imagenet',
+      num_classes=int(num_classes))
+
+
+def fixture_model(config: Mapping[str, Any]):
+  """The backbone a fixture's `config_json` describes (`model`: msdnet, the
+  default, or ranet)."""
+  model = str(config.get('model', 'msdnet')).lower()
+  if model == 'ranet':
+    return RANet(ranet_config(config))
+  return MSDNet(msdnet_config(config))
+
+
 def msdnet_config(config: Mapping[str, Any]) -> MSDNetConfig:
   """The original's argument names (nBlocks, stepmode, ...) -> MSDNetConfig."""
   model = str(config.get('model', 'msdnet')).lower()
   if model != 'msdnet':
-    raise FixtureError(f'config_json: model {model!r} is not implemented in '
-                       'this version (it runs msdnet fixtures)')
+    raise FixtureError(f'config_json: model {model!r} is not an MSDNet; this '
+                       'fixture kind runs MSDNet fixtures only')
   if 'data' not in config:
     raise FixtureError('config_json lacks "data" (cifar10, cifar100 or '
                        'ImageNet), which decides the stem and classifiers')

@@ -8,9 +8,8 @@ import numpy as np
 
 from l2w_jax.convert.torch_state import (flax_to_torch, torch_to_flax,
                                          variables_template)
-from l2w_jax.models.msdnet import MSDNet
-from l2w_jax.reference.fixtures import (Check, Fixture, max_abs_error,
-                                        msdnet_config, nchw_to_nhwc)
+from l2w_jax.reference.fixtures import (Check, Fixture, fixture_model,
+                                        max_abs_error, nchw_to_nhwc)
 
 LOGIT_TOLERANCE = 1e-4  # times max(1, max |expected|)
 STATS_TOLERANCE = 1e-5
@@ -23,7 +22,7 @@ def run_forward_fixture(fixture: Fixture):
   if not model_state:
     fixture.require(['model/<parameter name>'])
   dtype = fixture.compute_dtype
-  model = MSDNet(msdnet_config(fixture.config))
+  model = fixture_model(fixture.config)
   images = jnp.asarray(nchw_to_nhwc(fixture.arrays['x']).astype(dtype))
   variables = torch_to_flax(model_state, variables_template(model, images),
                             dtype=dtype)

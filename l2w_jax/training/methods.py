@@ -204,8 +204,17 @@ register('boostnet', batch_step=boosting.boostnet_step, uses_meta_step=False,
          initial_state=_boostnet_state)
 
 
+def _regime_options(config) -> dict:
+  name = config.model.get('name', 'msdnet')
+  if name != 'msdnet':
+    raise ValueError(f'model.name: the training regimes freeze and run the '
+                     f'parts of an MSDNet block by block; {name!r} is not '
+                     'supported by them yet')
+  return {}
+
+
 for _name, _parts in regimes.REGIMES.items():
-  register(_name, uses_meta_step=False, phases=tuple(
+  register(_name, uses_meta_step=False, options=_regime_options, phases=tuple(
       PhaseStep(part, batch_step=functools.partial(regimes.regime_step,
                                                    part=part))
       for part in _parts))

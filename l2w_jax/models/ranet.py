@@ -1,0 +1,462 @@
+"""RANet (Yang et al., "Resolution Adaptive Networks for Efficient
+Inference", CVPR 2020) as a Flax module, following `models/RANet.py` of
+yangle15/RANet-pytorch layer for layer.
+
+The stem makes one feature map per scale (index 0: the lowest resolution).
+Scale flow ii has n_blocks + block_step * ii dense blocks. The lowest
+resolution's are plain dense blocks; every later flow's first blocks are
+fusion blocks whose layers also read the previous (lower-resolution) flow's
+block outputs through `conv_up` (upsampled bilinearly with aligned corners),
+the last layer of some of them downsampling (`down`); its remaining blocks
+are plain. A classifier follows each block after the previous flow's last
+block index, so the exits go from the lowest-resolution flow to the highest
+(8 in the CIFAR setting: n_blocks 2, block_step 2, 4 scales).
+
+Submodule names mirror the original `state_dict` (`scale_flows.0.1.
+layers.2.conv_normal.net.3.weight` <-> `scale_flows_0_1/layers_2/
+conv_normal/net_3/kernel`). Images are NHWC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from l2w_jax.models.layers import (AvgPool2d, BatchNorm2d, Conv2d, Linear,
+                                   MaxPool2d, ReLU, flatten_features)
+from l2w_jax.models.msdnet import ConvBasic, ConvBN, _parse_factors
+
+
+@dataclasses.dataclass(frozen=True)
+class RANetConfig:
+  """Hyper-parameters of a RANet; names follow `config.model` (the
+  original's arguments in snake_case)."""
+  n_blocks: int = 2
+  n_channels: int = 16
+  growth_rate: int = 6
+  gr_factor: tuple[int, ...] = (4, 2, 1, 1)
+  bn_factor: tuple[int, ...] = (4, 2, 1, 1)
+  block_step: int = 2
+  scale_list: tuple[int, ...] = (1, 2, 3, 3)
+  compress_factor: float = 0.25
+  step: int = 4
+  step_mode: str = 'even'
+  bn_after: bool = True
+  reduction: float = 0.5
+  stem: str = 'cifar'
+  num_classes: int = 10
+  # 'msdnet': N(0, sqrt(2 / (k k out))) convs, zero linear biases, which the
+  # original's _init_weights applies; 'torch_default': PyTorch's defaults.
+  init: str = 'msdnet'
+  bn_axis_name: str | None = None
+
+  def __post_init__(self):
+    for field in ('gr_factor', 'bn_factor', 'scale_list'):
+      object.__setattr__(self, field,
+                         _parse_factors(getattr(self, field), field))
+    self.validate()
+
+  @property
+  def n_scales(self) -> int:
+    return len(self.scale_list)
+
+  @property
+  def blocks_per_flow(self) -> tuple[int, ...]:
+    """(0, n_blocks, n_blocks + block_step, ...): the original's nBlocks."""
+    return (0,) + tuple(self.block_step * i + self.n_blocks
+                        for i in range(self.n_scales))
+
+  @property
+  def num_exits(self) -> int:
+    return sum(b - a for a, b in zip(self.blocks_per_flow,
+                                     self.blocks_per_flow[1:]))
+
+  def validate(self) -> None:
+    """Raises ValueError naming the fields of a RANet that cannot be built."""
+    def bad(field, why):
+      raise ValueError(f'model.{field}: {why}')
+    if self.step_mode not in ('even', 'lg'):
+      bad('step_mode', f"unknown RANet step mode {self.step_mode!r}; use "
+          "'even' or 'lg'")
+    if self.stem not in ('cifar', 'imagenet'):
+      bad('stem', f"unknown stem {self.stem!r}; use 'cifar' or 'imagenet'")
+    if self.init not in ('torch_default', 'msdnet'):
+      bad('init', f"unknown init {self.init!r}; use 'msdnet' or "
+          "'torch_default'")
+    if not self.scale_list:
+      bad('scale_list', 'needs at least one scale')
+    for field in ('gr_factor', 'bn_factor'):
+      if len(getattr(self, field)) != self.n_scales:
+        bad(field, f'has {len(getattr(self, field))} entries but scale_list '
+            f'has {self.n_scales}; give one per scale')
+    if any(f < 1 for f in self.gr_factor + self.bn_factor):
+      bad('gr_factor', 'factors (and bn_factor) must be >= 1')
+    if self.scale_list[0] != 1 or any(
+        b - a not in (0, 1)
+        for a, b in zip(self.scale_list, self.scale_list[1:])):
+      bad('scale_list', 'must start at 1 and grow by 0 or 1 from scale to '
+          f'scale (the stem halves the resolution between them), got '
+          f'{self.scale_list}')
+    for field in ('n_blocks', 'n_channels', 'growth_rate', 'step',
+                  'num_classes'):
+      if int(getattr(self, field)) < 1:
+        bad(field, f'must be >= 1, got {getattr(self, field)}')
+    if self.block_step < 0:
+      bad('block_step', f'must be >= 0, got {self.block_step}')
+    if self.n_scales > 1 and self.step < 2:
+      bad('step', 'RANet fusion blocks need at least 2 layers (step >= 2)')
+    if not 0.0 < self.reduction <= 1.0:
+      bad('reduction', f'must be in (0, 1], got {self.reduction}')
+    if not 0.0 <= self.compress_factor < 1.0:
+      bad('compress_factor', f'must be in [0, 1), got {self.compress_factor}')
+    for ii in range(1, self.n_scales):
+      if math.floor(self.growth_rate * self.gr_factor[ii] *
+                    self.compress_factor) < 1:
+        raise ValueError(
+            f'model.compress_factor, model.growth_rate, model.gr_factor: '
+            f'scale {ii} fuses floor({self.compress_factor} x '
+            f'{self.growth_rate * self.gr_factor[ii]}) = 0 channels from the '
+            'scale below (a convolution with no output): raise growth_rate '
+            'or compress_factor')
+      # Flow ii starts scale_list[ii] - 1 halvings above the lowest
+      # resolution and must reach it (where every exit pools to 1x1) through
+      # its downsampling fusion blocks.
+      downs = set(_down_blocks(self, ii))
+      if len(downs) != self.scale_list[ii] - 1:
+        raise ValueError(
+            f'model.scale_list, model.n_blocks, model.block_step: scale {ii} '
+            f'(scale_list {self.scale_list}) starts '
+            f'{self.scale_list[ii] - 1} halvings above the lowest '
+            f'resolution, but n_blocks={self.n_blocks} and '
+            f'block_step={self.block_step} give it {len(downs)} '
+            'downsampling blocks: use block_step >= 1, or fewer resolution '
+            'steps in scale_list')
+
+  @classmethod
+  def from_config(cls, model_config, num_classes: int,
+                  stem: str | None = None) -> 'RANetConfig':
+    """From an ml_collections `config.model` (unknown fields are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in dict(model_config).items() if k in names}
+    kwargs['num_classes'] = num_classes
+    if stem is not None:
+      kwargs['stem'] = stem
+    return cls(**kwargs)
+
+
+def _down_blocks(cfg: RANetConfig, ii: int) -> tuple[int, ...]:
+  """The 1-based fusion-block indices of flow ii whose last layer
+  downsamples: the original's `nBlocks[:ii+1][-(scale_list[ii]-1):]` (for
+  scale 1 that slice is the whole list, as in Python)."""
+  counts = cfg.blocks_per_flow[:ii + 1]
+  return tuple(b for b in counts[-(cfg.scale_list[ii] - 1):] if b >= 1)
+
+
+def _transition(n_block: int, n_blocks_all: int, in_scale: int) -> bool:
+  """The original's `_trans_flag`."""
+  return any(n_block == math.floor((i + 1) * n_blocks_all / in_scale)
+             for i in range(in_scale - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """One block of a scale flow, as the original's constructor builds it."""
+  kind: str  # 'norm' or 'up'
+  n_in: int
+  n_layers: int
+  growth: int
+  trans: bool
+  bn_width: int
+  down: bool = False
+  low_widths: tuple[int, ...] = ()  # earlier flow's block i outputs
+  low_bn_width: int = 1
+  outputs: tuple[int, ...] = ()  # widths of [input, layer 1, ..., block out]
+  exit: bool = False
+
+
+def ranet_topology(cfg: RANetConfig) -> list[list[BlockSpec]]:
+  """The blocks of every scale flow with their channel arithmetic (the
+  original's `RANet.__init__`, including its shared `steps` list)."""
+  counts = cfg.blocks_per_flow
+  steps = [cfg.step]
+  flows, low = [], []
+  for ii in range(cfg.n_scales):
+    n_in = cfg.n_channels * cfg.gr_factor[ii]
+    growth = cfg.growth_rate * cfg.gr_factor[ii]
+    flow, outs = [], []
+    for i in range(counts[ii + 1]):
+      n_block = i + 1
+      trans = _transition(n_block, counts[ii + 1], cfg.scale_list[ii])
+      n_layers = steps[n_block - 1]
+      widths = [n_in + k * growth for k in range(n_layers + 1)]
+      if n_block > counts[ii]:
+        last = widths[-1]
+        spec = BlockSpec('norm', n_in, n_layers, growth, trans,
+                         cfg.bn_factor[ii], exit=True)
+        steps.append(cfg.step if cfg.step_mode == 'even' else
+                     steps[-1] + cfg.step)
+      else:
+        if len(low[i]) < n_layers + 1:
+          raise ValueError(
+              f'model.step_mode: fusion block {n_block} of scale {ii} has '
+              f'{n_layers} layers but the block it fuses has only '
+              f'{len(low[i]) - 1}')
+        last = widths[-1] + math.floor(widths[-1] * cfg.compress_factor)
+        spec = BlockSpec('up', n_in, n_layers, growth, trans,
+                         cfg.bn_factor[ii], down=n_block in _down_blocks(
+                             cfg, ii), low_widths=tuple(low[i]),
+                         low_bn_width=cfg.bn_factor[ii - 1])
+      if trans:
+        last = math.floor(1.0 * cfg.reduction * last)
+      spec = dataclasses.replace(spec, outputs=tuple(widths) + (last,))
+      flow.append(spec)
+      outs.append(widths)
+      n_in = last
+    flows.append(flow)
+    low = outs
+  return flows
+
+
+def interpolate_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """`F.interpolate(x, size, mode='bilinear', align_corners=True)` on NHWC:
+  each output pixel (i, j) samples the input at (i (H-1)/(h-1),
+  j (W-1)/(w-1)) with bilinear weights."""
+  def weights(n_in, n_out, dtype):
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    src = jnp.arange(n_out, dtype=jnp.float32) * scale
+    low = jnp.clip(jnp.floor(src).astype(jnp.int32), 0, n_in - 1)
+    high = jnp.minimum(low + 1, n_in - 1)
+    frac = (src - low).astype(dtype)
+    return ((1 - frac)[:, None] * jax.nn.one_hot(low, n_in, dtype=dtype) +
+            frac[:, None] * jax.nn.one_hot(high, n_in, dtype=dtype))
+
+  h, w = size
+  if (x.shape[1], x.shape[2]) == (h, w):
+    return x  # align_corners at the same size is the identity
+  rows = weights(x.shape[1], h, x.dtype)
+  cols = weights(x.shape[2], w, x.dtype)
+  return jnp.einsum('oh,pw,bhwc->bopc', rows, cols, x)
+
+
+class PreActConvBN(nn.Module):
+  """The original's ConvBN with bnAfter=False: BN -> ReLU -> 1x1 -> BN ->
+  ReLU -> 3x3 (stride 1 or 2)."""
+  n_in: int
+  n_out: int
+  kind: str
+  bn_width: int
+  init: str = 'msdnet'
+  bn_axis: str | None = None
+
+  def setup(self):
+    n_inner = min(self.n_in, self.bn_width * self.n_out)
+    stride = 2 if self.kind == 'down' else 1
+    self.net = [BatchNorm2d(self.n_in, axis_name=self.bn_axis), ReLU(),
+                Conv2d(self.n_in, n_inner, 1, 1, 0, init=self.init),
+                BatchNorm2d(n_inner, axis_name=self.bn_axis), ReLU(),
+                Conv2d(n_inner, self.n_out, 3, stride, 1, init=self.init)]
+
+  def __call__(self, x, train: bool):
+    for layer in self.net:
+      x = layer(x, train) if isinstance(layer, BatchNorm2d) else layer(x)
+    return x
+
+
+def _conv_bn(cfg: RANetConfig, n_in: int, n_out: int, kind: str,
+             bn_width: int) -> nn.Module:
+  if cfg.bn_after:
+    return ConvBN(n_in, n_out, kind, True, bn_width, cfg.init,
+                  cfg.bn_axis_name)
+  return PreActConvBN(n_in, n_out, kind, bn_width, cfg.init, cfg.bn_axis_name)
+
+
+class RAConvNormal(nn.Module):
+  """A plain dense layer: [x, conv_normal(x)] along channels."""
+  cfg: RANetConfig
+  n_in: int
+  n_out: int
+  bn_width: int
+
+  def setup(self):
+    self.conv_normal = _conv_bn(self.cfg, self.n_in, self.n_out, 'normal',
+                                self.bn_width)
+
+  def __call__(self, x, train: bool):
+    return jnp.concatenate([x, self.conv_normal(x, train)], axis=-1)
+
+
+class ConvUpNormal(nn.Module):
+  """A fusion layer on (low-resolution x0, x1): [x1 resized, conv_up(x0)
+  resized, conv_normal(x1)], everything at conv_normal's output size."""
+  cfg: RANetConfig
+  n_in1: int  # x1, this flow
+  n_in2: int  # x0, the earlier flow
+  n_out: int
+  bn_width1: int
+  bn_width2: int
+  down: bool
+
+  def setup(self):
+    up = math.floor(self.n_out * self.cfg.compress_factor)
+    self.conv_up = _conv_bn(self.cfg, self.n_in2, up, 'normal',
+                            self.bn_width2)
+    self.conv_normal = _conv_bn(self.cfg, self.n_in1, self.n_out - up,
+                                'down' if self.down else 'normal',
+                                self.bn_width1)
+
+  def __call__(self, low, x, train: bool):
+    res = self.conv_normal(x, train)
+    size = (res.shape[1], res.shape[2])
+    return jnp.concatenate([interpolate_bilinear(x, size),
+                            interpolate_bilinear(self.conv_up(low, train),
+                                                 size), res], axis=-1)
+
+
+class RABlock(nn.Module):
+  """A plain ('norm') or fusion ('up') block of a scale flow.
+
+  Returns (block output, [block input, every layer's output]); the list is
+  what the next flow's fusion block of the same index reads.
+  """
+  cfg: RANetConfig
+  spec: BlockSpec
+
+  def setup(self):
+    s, cfg = self.spec, self.cfg
+    if s.kind == 'norm':
+      self.layers = [RAConvNormal(cfg, s.n_in + i * s.growth, s.growth,
+                                  s.bn_width) for i in range(s.n_layers)]
+    else:
+      self.layers = [ConvUpNormal(cfg, s.n_in + i * s.growth, s.low_widths[i],
+                                  s.growth, s.bn_width, s.low_bn_width,
+                                  s.down and i == s.n_layers - 1)
+                     for i in range(s.n_layers)]
+      width = s.outputs[s.n_layers]
+      self.conv_last = ConvBasic(s.low_widths[s.n_layers],
+                                 math.floor(width * cfg.compress_factor), 1, 1,
+                                 0, init=cfg.init, bn_axis=cfg.bn_axis_name)
+    if s.trans:
+      before = s.outputs[s.n_layers]
+      if s.kind == 'up':
+        before += math.floor(before * cfg.compress_factor)
+      self.trans = ConvBasic(before, s.outputs[-1], 1, 1, 0, init=cfg.init,
+                             bn_axis=cfg.bn_axis_name)
+
+  def __call__(self, x, low, train: bool):
+    outputs = [x]
+    for i, layer in enumerate(self.layers):
+      x = (layer(x, train) if self.spec.kind == 'norm' else
+           layer(low[i], x, train))
+      outputs.append(x)
+    if self.spec.kind == 'up':
+      size = (x.shape[1], x.shape[2])
+      x = jnp.concatenate([x, interpolate_bilinear(
+          self.conv_last(low[self.spec.n_layers], train), size)], axis=-1)
+    if self.spec.trans:
+      x = self.trans(x, train)
+    return x, outputs
+
+
+class RAFirstLayer(nn.Module):
+  """The stem: the image to one feature map per scale, returned lowest
+  resolution first."""
+  cfg: RANetConfig
+
+  def setup(self):
+    cfg = self.cfg
+    gr, scales = cfg.gr_factor[::-1], cfg.scale_list[::-1]
+    width = cfg.n_channels * gr[0]
+    if cfg.stem == 'cifar':
+      first = ConvBasic(3, width, 3, 1, 1, init=cfg.init,
+                        bn_axis=cfg.bn_axis_name)
+    else:
+      first = [Conv2d(3, width, 7, 2, 3, use_bias=True, init=cfg.init),
+               BatchNorm2d(width, axis_name=cfg.bn_axis_name), ReLU(),
+               MaxPool2d(3, 2, 1)]
+    layers, s = [first], scales[0]
+    for i in range(1, cfg.n_scales):
+      stride = 1 if scales[i] == s else 2
+      s = scales[i]
+      layers.append(ConvBasic(width, cfg.n_channels * gr[i], 3, stride, 1,
+                              init=cfg.init, bn_axis=cfg.bn_axis_name))
+      width = cfg.n_channels * gr[i]
+    self.layers = layers
+
+  def __call__(self, x, train: bool) -> list[jax.Array]:
+    out = []
+    for layer in self.layers:
+      if isinstance(layer, (list, tuple)):
+        conv, bn, relu, pool = layer
+        x = pool(relu(bn(conv(x), train)))
+      else:
+        x = layer(x, train)
+      out.append(x)
+    return out[::-1]
+
+
+class RAClassifier(nn.Module):
+  """Two strided ConvBasic, AvgPool(2), Linear (128 wide on CIFAR, the
+  block's width on ImageNet), as the original's ClassifierModule."""
+  cfg: RANetConfig
+  n_in: int
+
+  def setup(self):
+    cfg = self.cfg
+    inter = 128 if cfg.stem == 'cifar' else self.n_in
+    self.m = [ConvBasic(self.n_in, inter, 3, 2, 1, init=cfg.init,
+                        bn_axis=cfg.bn_axis_name),
+              ConvBasic(inter, inter, 3, 2, 1, init=cfg.init,
+                        bn_axis=cfg.bn_axis_name),
+              AvgPool2d(2)]
+    self.linear = Linear(inter, cfg.num_classes,
+                         zero_bias=cfg.init == 'msdnet')
+
+  def __call__(self, x, train: bool) -> jax.Array:
+    conv1, conv2, pool = self.m
+    pooled = pool(conv2(conv1(x, train), train))
+    if pooled.shape[1:3] != (1, 1):
+      raise ValueError(
+          f'{self.name}: its block output ({x.shape[1]}x{x.shape[2]}) pools '
+          f'to {pooled.shape[1]}x{pooled.shape[2]}, but the classifier needs '
+          '1x1, as in the original: the image size does not fit the stem '
+          '(CIFAR: 32 px; ImageNet: 224 px)')
+    return self.linear(flatten_features(pooled))
+
+
+class RANet(nn.Module):
+  """Resolution adaptive network: `apply(variables, x, train)` gives the
+  list of exit logits, lowest-resolution flow first, each (B, classes)."""
+  cfg: RANetConfig
+
+  def setup(self):
+    self.FirstLayer = RAFirstLayer(self.cfg)  # pylint: disable=invalid-name
+    topology = ranet_topology(self.cfg)
+    self.scale_flows = [[RABlock(self.cfg, spec) for spec in flow]
+                        for flow in topology]
+    self.classifier = [RAClassifier(self.cfg, spec.outputs[-1])
+                       for flow in topology for spec in flow if spec.exit]
+    self._exit_blocks = tuple((ii, i) for ii, flow in enumerate(topology)
+                              for i, spec in enumerate(flow) if spec.exit)
+
+  @property
+  def num_exits(self) -> int:
+    return self.cfg.num_exits
+
+  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+    inputs = self.FirstLayer(x, train)
+    logits, low, k = [], [], 0
+    for ii, flow in enumerate(self.scale_flows):
+      features, outputs = inputs[ii], []
+      for i, block in enumerate(flow):
+        features, block_outputs = block(
+            features, low[i] if block.spec.kind == 'up' else None, train)
+        outputs.append(block_outputs)
+        if (ii, i) in self._exit_blocks:
+          logits.append(self.classifier[k](features, train))
+          k += 1
+      low = outputs
+    return logits
