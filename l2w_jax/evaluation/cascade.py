@@ -91,7 +91,7 @@ def _check_stageable(model: nn.Module) -> None:
   if not hasattr(model, 'run_block'):
     raise ValueError(
         'the real cascade runs an MSDNet block by block; '
-        f'{type(model).__name__} (IMTA's heads fed through ISC, RANet's '
+        f'{type(model).__name__} (IMTA\'s heads fed through ISC, RANet\'s '
         'fused scale flows) is not supported yet; use --mode=budgeted for '
         'its simulated early exits')
 
