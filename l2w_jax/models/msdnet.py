@@ -46,6 +46,18 @@ def _parse_factors(value, field: str) -> tuple[int, ...]:
   return tuple(int(v) for v in value)
 
 
+def config_from_fields(cls, model_config, num_classes: int,
+                       stem: str | None = None):
+  """A backbone config dataclass `cls` from `config.model`'s fields that
+  `cls` has (the others are ignored), with `num_classes` (and `stem`)."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  kwargs = {k: v for k, v in dict(model_config).items() if k in names}
+  kwargs['num_classes'] = num_classes
+  if stem is not None:
+    kwargs['stem'] = stem
+  return cls(**kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
 class MSDNetConfig:
   """Hyper-parameters of an MSDNet; names follow `config.model`."""
@@ -123,12 +135,7 @@ class MSDNetConfig:
   def from_config(cls, model_config, num_classes: int,
                   stem: str | None = None) -> 'MSDNetConfig':
     """From an ml_collections `config.model` (unknown fields are ignored)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in dict(model_config).items() if k in names}
-    kwargs['num_classes'] = num_classes
-    if stem is not None:
-      kwargs['stem'] = stem
-    return cls(**kwargs)
+    return config_from_fields(cls, model_config, num_classes, stem)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 from l2w_jax.models.layers import (AvgPool2d, BatchNorm2d, Conv2d, Linear,
                                    MaxPool2d, ReLU, flatten_features)
-from l2w_jax.models.msdnet import ConvBasic, ConvBN, _parse_factors
+from l2w_jax.models.msdnet import (ConvBasic, ConvBN, _parse_factors,
+                                   config_from_fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,12 +141,7 @@ class RANetConfig:
   def from_config(cls, model_config, num_classes: int,
                   stem: str | None = None) -> 'RANetConfig':
     """From an ml_collections `config.model` (unknown fields are ignored)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in dict(model_config).items() if k in names}
-    kwargs['num_classes'] = num_classes
-    if stem is not None:
-      kwargs['stem'] = stem
-    return cls(**kwargs)
+    return config_from_fields(cls, model_config, num_classes, stem)
 
 
 def _down_blocks(cfg: RANetConfig, ii: int) -> tuple[int, ...]:

@@ -103,34 +103,36 @@ _RANET_DEFAULTS = {  # RANet-pytorch's args.py
 }
 
 
-def _factors(value):
-  return value if not isinstance(value, str) else value.replace('-', ',')
+def _stem_and_classes(config: Mapping[str, Any]) -> tuple[str, int]:
+  """(stem, number of classes) from a config_json's "data" (and
+  "num_classes"); FixtureError naming what is missing."""
+  if 'data' not in config:
+    raise FixtureError('config_json lacks "data" (cifar10, cifar100 or '
+                       'ImageNet), which decides the stem and classifiers')
+  data = str(config['data']).lower()
+  num_classes = config.get('num_classes', _CLASSES_OF_DATA.get(data))
+  if num_classes is None:
+    raise FixtureError(f'config_json: unknown data {config["data"]!r} and no '
+                       'num_classes')
+  return ('cifar' if data.startswith('cifar') else 'imagenet',
+          int(num_classes))
 
 
 def ranet_config(config: Mapping[str, Any]) -> RANetConfig:
   """The original RANet's argument names (nBlocks, scale_list, bnAfter,
   ...) -> RANetConfig."""
-  if 'data' not in config:
-    raise FixtureError('config_json lacks "data" (cifar10, cifar100 or '
-                       'ImageNet), which decides the stem and classifiers')
+  stem, num_classes = _stem_and_classes(config)
   if 'scale_list' not in config:
     raise FixtureError('config_json lacks "scale_list" (e.g. [1, 2, 3, 3])')
   c = {**_RANET_DEFAULTS, **config}
-  data = str(c['data']).lower()
-  num_classes = c.get('num_classes', _CLASSES_OF_DATA.get(data))
-  if num_classes is None:
-    raise FixtureError(f'config_json: unknown data {c["data"]!r} and no '
-                       'num_classes')
   return RANetConfig(
       n_blocks=int(c['nBlocks']), n_channels=int(c['nChannels']),
-      growth_rate=int(c['growthRate']), gr_factor=_factors(c['grFactor']),
-      bn_factor=_factors(c['bnFactor']), block_step=int(c['block_step']),
-      scale_list=_factors(c['scale_list']),
+      growth_rate=int(c['growthRate']), gr_factor=c['grFactor'],
+      bn_factor=c['bnFactor'], block_step=int(c['block_step']),
+      scale_list=c['scale_list'],
       compress_factor=float(c['compress_factor']), step=int(c['step']),
       step_mode=str(c['stepmode']), bn_after=bool(c['bnAfter']),
-      reduction=float(c['reduction']),
-      stem='cifar' if data.startswith('cifar') else 'imagenet',
-      num_classes=int(num_classes))
+      reduction=float(c['reduction']), stem=stem, num_classes=num_classes)
 
 
 def fixture_model(config: Mapping[str, Any]):
@@ -148,18 +150,10 @@ def msdnet_config(config: Mapping[str, Any]) -> MSDNetConfig:
   if model != 'msdnet':
     raise FixtureError(f'config_json: model {model!r} is not an MSDNet; this '
                        'fixture kind runs MSDNet fixtures only')
-  if 'data' not in config:
-    raise FixtureError('config_json lacks "data" (cifar10, cifar100 or '
-                       'ImageNet), which decides the stem and classifiers')
+  stem, num_classes = _stem_and_classes(config)
   if 'stepmode' not in config:
     raise FixtureError('config_json lacks "stepmode" (even or lin_grow)')
   c = {**_ORIGINAL_DEFAULTS, **config}
-  data = str(c['data']).lower()
-  stem = 'cifar' if data.startswith('cifar') else 'imagenet'
-  num_classes = c.get('num_classes', _CLASSES_OF_DATA.get(data))
-  if num_classes is None:
-    raise FixtureError(f'config_json: unknown data {c["data"]!r} and no '
-                       'num_classes')
   return MSDNetConfig(
       n_blocks=int(c['nBlocks']), n_channels=int(c['nChannels']),
       growth_rate=int(c['growthRate']), gr_factor=c['grFactor'],
