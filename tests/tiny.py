@@ -12,12 +12,19 @@ from l2w_jax.training import step as step_lib
 from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
 from l2w_jax.models.msdnet import MSDNetConfig
+from l2w_jax.models.ranet import RANetConfig
 
 # Two scales (16x16, 8x8) so that each classifier ends at 1x1.
 TINY_MSDNET = MSDNetConfig(n_blocks=3, n_channels=4, growth_rate=2,
                            gr_factor=(1, 2), bn_factor=(1, 2),
                            step_mode='even', step=1, base=1, num_classes=5)
 TINY_IMAGE = (16, 16, 3)
+# Two flows on the same 16x16 images: 2 plain blocks at 8x8 (exits 0, 1),
+# then at 16x16 two fusion blocks (the second downsampling) and one plain
+# block (exit 2).
+TINY_RANET = RANetConfig(n_blocks=2, block_step=1, scale_list=(1, 2),
+                         gr_factor=(2, 1), bn_factor=(2, 1), n_channels=2,
+                         growth_rate=4, step=2, num_classes=5)
 
 
 def tiny_config(**meta) -> ml_collections.ConfigDict:
@@ -33,6 +40,16 @@ def tiny_config(**meta) -> ml_collections.ConfigDict:
   config.meta.lr = 1e-2
   for key, value in meta.items():
     setattr(config.meta, key, value)
+  return config
+
+
+def tiny_ranet_config(**meta) -> ml_collections.ConfigDict:
+  """`tiny_config` with TINY_RANET as the backbone."""
+  config = tiny_config(**meta)
+  config.model.name = 'ranet'
+  for field in ('n_blocks', 'block_step', 'scale_list', 'gr_factor',
+                'bn_factor', 'n_channels', 'growth_rate', 'step', 'init'):
+    setattr(config.model, field, getattr(TINY_RANET, field))
   return config
 
 

@@ -2,9 +2,11 @@
 
 The original (and the budgeted curve) compute every exit for every sample and
 simulate the exiting afterwards. `Cascade` does it for real: stage k runs
-block k and classifier k on the samples that have not exited, the confident
-ones (max softmax >= threshold k) leave with that exit's prediction, and the
-features of the rest are gathered for stage k + 1. To keep shapes static,
+the backbone's stage k (`run_stage`: MSDNet's block k; RANet's blocks
+between exits k-1 and k, starting new scale flows as needed) and classifier
+k on the samples that have not exited, the confident ones (max softmax >=
+threshold k) leave with that exit's prediction, and the carry of the rest
+(every array in it) is gathered for stage k + 1. To keep shapes static,
 the active samples are padded up to a bucket size (powers of two up to the
 batch size), so each (stage, bucket) compiles once and nothing recompiles
 per batch. In eval mode BatchNorm uses running statistics, so a sample's
@@ -60,7 +62,7 @@ def _stage(model: nn.Module, index: int, variables, carry):
   features, ensemble = carry
 
   def run(module, x):
-    out = module.run_block(index, x, False)
+    out = module.run_stage(index, x, False)
     return out, module.exit_logits(index, out, False)
 
   features, logits = model.apply(variables, features, method=run)
@@ -86,14 +88,13 @@ class CascadeOutput:
 
 
 def _check_stageable(model: nn.Module) -> None:
-  """ValueError unless `model` runs block by block (`run_block`,
-  `exit_logits`): an MSDNet, plain or boosted."""
-  if not hasattr(model, 'run_block'):
+  """ValueError unless `model` runs stage by stage (`run_stage`,
+  `exit_logits`): an MSDNet or a RANet, plain or boosted."""
+  if not hasattr(model, 'run_stage'):
     raise ValueError(
-        'the real cascade runs an MSDNet block by block; '
-        f'{type(model).__name__} (IMTA\'s heads fed through ISC, RANet\'s '
-        'fused scale flows) is not supported yet; use --mode=budgeted for '
-        'its simulated early exits')
+        'the real cascade runs a backbone (MSDNet, RANet) stage by stage; '
+        f'{type(model).__name__} (IMTA\'s heads fed through ISC) is not '
+        'supported yet; use --mode=budgeted for its simulated early exits')
 
 
 class Cascade:

@@ -1,7 +1,8 @@
 """IMTA (Li et al., "Improved Techniques for Training Adaptive Deep
 Networks", ICCV 2019; original: kalviny/IMTA).
 
-Stage 1 trains the MSDNet with gradient equilibrium (`models.
+Stage 1 trains the backbone (the original's MSDNet; a RANet works the same
+way, see `RANet.exit_step`) with gradient equilibrium (`models.
 gradient_equilibrium`) on the plain sum of the exits' cross-entropies. Stage
 2 freezes that network (its BatchNorm still in train mode, so its running
 statistics keep moving, as `model.train()` does in the original) and trains
@@ -33,8 +34,8 @@ import jax.numpy as jnp
 from l2w_jax.meta import l2w, weighting
 from l2w_jax.meta.l2w import Learner, TrainState
 from l2w_jax.methods import partial
+from l2w_jax.models import backbone_module, pooled_feature_dims
 from l2w_jax.models.layers import BatchNorm2d, Linear, ReLU
-from l2w_jax.models.msdnet import MSDNet, MSDNetConfig, msdnet_topology
 from l2w_jax.optim import sgd_momentum, with_sgd_momentum
 
 
@@ -79,42 +80,35 @@ class IMTAHeads(nn.Module):
     return logits
 
 
-def pooled_feature_dims(cfg: MSDNetConfig) -> tuple[int, ...]:
-  """Width of each exit's pooled feature: 128 on the CIFAR stem, the
-  classifier's input channels on the ImageNet stem."""
-  _, classifier_in = msdnet_topology(cfg)
-  return tuple(128 if cfg.stem == 'cifar' else n for n in classifier_in)
-
-
 class IMTANetwork(nn.Module):
-  """The network the `imta` method trains: the gradient-equilibrium MSDNet
-  (`net`, stage 1) and the stage-2 heads with ISC (`heads`), as the
-  original's `IMTA_MSDNet` holds them.
+  """The network the `imta` method trains: the gradient-equilibrium
+  backbone (`net`, stage 1; an MSDNet as in the original's `IMTA_MSDNet`,
+  or a RANet) and the stage-2 heads with ISC (`heads`).
 
   Called, it gives the heads' logits (what the original evaluates after
-  stage 2); `backbone_logits` gives the MSDNet's own exits (stage 1).
-  Exit k runs block k, the old classifier k (whose pooled feature head k
+  stage 2); `backbone_logits` gives the backbone's own exits (stage 1).
+  Exit k runs stage k, the old classifier k (whose pooled feature head k
   reads, and whose linear layer the original also computes), then ISC k-1
   and head k, so the FLOPs counter's running total at head k's linear layer
   is exit k's cost.
   """
-  cfg: MSDNetConfig
+  cfg: object  # MSDNetConfig or RANetConfig
 
   def setup(self):
-    self.net = MSDNet(self.cfg)
+    self.net = backbone_module(self.cfg)
     self.heads = IMTAHeads(pooled_feature_dims(self.cfg),
                            self.cfg.num_classes, self.cfg.bn_axis_name)
 
   @property
   def num_exits(self) -> int:
-    return self.cfg.n_blocks
+    return self.cfg.num_exits
 
   def backbone_logits(self, x: jax.Array, train: bool) -> list[jax.Array]:
-    """The MSDNet's exits o_k, each (B, C) (stage 1's outputs)."""
+    """The backbone's exits o_k, each (B, C) (stage 1's outputs)."""
     return self.net(x, train)
 
   def stage2_outputs(self, x: jax.Array, train: bool):
-    """(head logits K x (B, C), the MSDNet's own exit logits K x (B, C)),
+    """(head logits K x (B, C), the backbone's own exit logits K x (B, C)),
     exit by exit."""
     heads, backbone, features, collaboration = [], [], x, None
     for k in range(self.num_exits):
@@ -170,7 +164,7 @@ def imta_step(learner: Learner, state: TrainState, images, labels,
               learning_rate, *, part: str):
   """One SGD step of IMTA's stage `part` on a whole (per-device) batch.
 
-  stage1: the gradient-equilibrium MSDNet (`net`) on the plain sum of its
+  stage1: the gradient-equilibrium backbone (`net`) on the plain sum of its
   exits' batch-mean cross-entropies; the heads neither run nor change.
   stage2: the heads and ISC modules on `distillation_loss`, the teacher
   being `net`'s own last exit; `net` is frozen but runs in train mode, so
@@ -253,11 +247,11 @@ def l2w_stage1_half_step(learner: Learner, state: TrainState, train_images,
                          train_labels, meta_images, meta_labels,
                          learning_rate, meta_learning_rate, with_meta):
   """`l2w_imta`'s first stage: L2W-DEN's half step (`l2w.l2w_half_step`) on
-  the gradient-equilibrium MSDNet inside the IMTA network; the heads are
+  the gradient-equilibrium backbone inside the IMTA network; the heads are
   frozen (they neither run nor change). Same signature and metrics as the
   L2W half step."""
-  network_learner = dataclasses.replace(learner,
-                                        model=MSDNet(learner.model.cfg))
+  network_learner = dataclasses.replace(
+      learner, model=backbone_module(learner.model.cfg))
   part, metrics = l2w.l2w_half_step(
       network_learner, _network_part(state), train_images, train_labels,
       meta_images, meta_labels, learning_rate, meta_learning_rate, with_meta)

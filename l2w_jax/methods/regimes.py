@@ -88,7 +88,7 @@ def regime_logits(model, variables, images, part: str):
   def forward(module, x):
     features, out = x, []
     for k in range(exits[-1] + 1):
-      features = module.run_block(k, features, train=part != 'heads')
+      features = module.run_stage(k, features, train=part != 'heads')
       if k in exits:
         out.append(module.exit_logits(
             k, features, train=trains_exit(part, k, num_exits)))

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+from l2w_jax.models import msdnet, ranet
 from l2w_jax.models.msdnet import MSDNet, MSDNetConfig
 from l2w_jax.models.ranet import RANet, RANetConfig
 from l2w_jax.models.weight_net import WeightNet, weight_net_input_size
@@ -12,26 +13,52 @@ MODELS = ('msdnet', 'ranet')
 DATA_AXIS = 'data'
 
 
-def build_model(config, **overrides):
-  """The backbone that `config.model` describes, with `config.dataset`'s
-  classes; with `train.sync_bn`, its BatchNorm averages over DATA_AXIS.
-  `overrides` are MSDNetConfig fields a training method sets."""
+_BACKBONES = {'msdnet': (MSDNetConfig, MSDNet), 'ranet': (RANetConfig, RANet)}
+
+
+def backbone_config(config):
+  """The MSDNetConfig or RANetConfig that `config.model` describes (with
+  `config.dataset`'s classes); ValueError naming the field if it cannot be
+  built."""
   name = config.model.get('name', 'msdnet')
   if name not in MODELS:
     raise ValueError(f'model.name: unknown model {name!r}; available: '
                      f'{MODELS}')
-  config_class, module = {'msdnet': (MSDNetConfig, MSDNet),
-                          'ranet': (RANetConfig, RANet)}[name]
-  cfg = config_class.from_config(config.model, config.dataset.num_classes)
+  return _BACKBONES[name][0].from_config(config.model,
+                                         config.dataset.num_classes)
+
+
+def backbone_module(cfg):
+  """The backbone module of a backbone config: MSDNet(cfg) or RANet(cfg)."""
+  for config_class, module in _BACKBONES.values():
+    if isinstance(cfg, config_class):
+      return module(cfg)
+  raise TypeError(f'not a backbone config: {type(cfg).__name__}')
+
+
+def pooled_feature_dims(cfg) -> tuple[int, ...]:
+  """Width of each exit's pooled feature (what its linear layer reads):
+  128 on the CIFAR stem, the exit's input channels on the ImageNet stem."""
+  if isinstance(cfg, RANetConfig):
+    return ranet.pooled_feature_dims(cfg)
+  _, classifier_in = msdnet.msdnet_topology(cfg)
+  return tuple(128 if cfg.stem == 'cifar' else n for n in classifier_in)
+
+
+def build_model(config, **overrides):
+  """The backbone that `config.model` describes, with `config.dataset`'s
+  classes; with `train.sync_bn`, its BatchNorm averages over DATA_AXIS.
+  `overrides` are backbone config fields a training method sets."""
+  name = config.model.get('name', 'msdnet')
+  cfg = backbone_config(config)
   if config.get('train') and config.train.get('sync_bn', False):
     cfg = dataclasses.replace(cfg, bn_axis_name=DATA_AXIS)
   unknown = set(overrides) - {f.name for f in dataclasses.fields(cfg)}
   if unknown:
     raise ValueError(
         f'method: {config.get("method")!r} changes the backbone '
-        f'({sorted(unknown)}), which model.name={name!r} does not have; it '
-        'runs on msdnet')
-  return module(dataclasses.replace(cfg, **overrides))
+        f'({sorted(unknown)}), which model.name={name!r} does not have')
+  return backbone_module(dataclasses.replace(cfg, **overrides))
 
 
 def build_weight_net(meta_config, num_exits: int) -> WeightNet:

@@ -97,6 +97,10 @@ class MSDNetConfig:
   def n_scales(self) -> int:
     return len(self.gr_factor)
 
+  @property
+  def num_exits(self) -> int:
+    return self.n_blocks
+
   def validate(self) -> None:
     """Raises ValueError naming the field of a configuration that cannot be built."""
     def bad(field, why):
@@ -430,8 +434,10 @@ class MSDNet(nn.Module):
   def num_exits(self) -> int:
     return self.cfg.n_blocks
 
-  def run_block(self, index: int, features, train: bool) -> Features:
-    """Block `index` on the image (index 0) or the previous block's features."""
+  def run_stage(self, index: int, features, train: bool) -> Features:
+    """Block `index` on the image (index 0) or the previous block's
+    features (an MSDNet's stage k is its block k; RANet has the same
+    stage interface)."""
     for layer in self.blocks[index]:
       features = layer(features, train)
     return features
@@ -446,7 +452,7 @@ class MSDNet(nn.Module):
     (features for block i+1, pooled feature (B, D_i), logits o_i (B, C)),
     with gradient equilibrium's rescales if configured."""
     num_blocks = self.cfg.n_blocks
-    features = self.run_block(i, features, train)
+    features = self.run_stage(i, features, train)
     if self.cfg.gradient_equilibrium:
       features = features[:-1] + [ge.scale_gradient(
           features[-1], ge.classifier_scale(i, num_blocks))]

@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from l2w_jax.models import gradient_equilibrium as ge
+from l2w_jax.models.ensemble import ensemble_logits
 from l2w_jax.models.layers import (AvgPool2d, BatchNorm2d, Conv2d, Linear,
                                    MaxPool2d, ReLU, flatten_features)
 from l2w_jax.models.msdnet import (ConvBasic, ConvBN, _parse_factors,
@@ -54,11 +56,19 @@ class RANetConfig:
   # original's _init_weights applies; 'torch_default': PyTorch's defaults.
   init: str = 'msdnet'
   bn_axis_name: str | None = None
+  # Set by the methods that train with them, as on MSDNet: gradient
+  # equilibrium on the feature each exit's classifier reads (the current
+  # flow's block output; see `RANet.exit_step`), and BoostNet's reweights
+  # r_k, one per exit (eval-mode outputs are then the ensembles Q_k).
+  gradient_equilibrium: bool = False
+  ensemble_reweight: tuple[float, ...] = ()
 
   def __post_init__(self):
     for field in ('gr_factor', 'bn_factor', 'scale_list'):
       object.__setattr__(self, field,
                          _parse_factors(getattr(self, field), field))
+    object.__setattr__(self, 'ensemble_reweight',
+                       tuple(float(r) for r in self.ensemble_reweight))
     self.validate()
 
   @property
@@ -136,6 +146,10 @@ class RANetConfig:
             f'block_step={self.block_step} give it {len(downs)} '
             'downsampling blocks: use block_step >= 1, or fewer resolution '
             'steps in scale_list')
+    if self.ensemble_reweight and (len(self.ensemble_reweight) !=
+                                   self.num_exits):
+      bad('ensemble_reweight', f'needs one value per exit ({self.num_exits}),'
+          f' got {len(self.ensemble_reweight)}')
 
   @classmethod
   def from_config(cls, model_config, num_classes: int,
@@ -411,7 +425,9 @@ class RAClassifier(nn.Module):
     self.linear = Linear(inter, cfg.num_classes,
                          zero_bias=cfg.init == 'msdnet')
 
-  def __call__(self, x, train: bool) -> jax.Array:
+  def pooled_features(self, x, train: bool) -> jax.Array:
+    """The pooled, flattened feature the linear layer reads: (B, 128) on
+    CIFAR, (B, n_in) on ImageNet (IMTA's heads read it too)."""
     conv1, conv2, pool = self.m
     pooled = pool(conv2(conv1(x, train), train))
     if pooled.shape[1:3] != (1, 1):
@@ -420,12 +436,40 @@ class RAClassifier(nn.Module):
           f'to {pooled.shape[1]}x{pooled.shape[2]}, but the classifier needs '
           '1x1, as in the original: the image size does not fit the stem '
           '(CIFAR: 32 px; ImageNet: 224 px)')
-    return self.linear(flatten_features(pooled))
+    return flatten_features(pooled)
+
+  def __call__(self, x, train: bool) -> jax.Array:
+    return self.linear(self.pooled_features(x, train))
+
+
+def exit_positions(cfg: RANetConfig) -> tuple[tuple[int, int], ...]:
+  """(flow, block) of every exit in exit order (0-based indices)."""
+  return tuple((ii, i) for ii, flow in enumerate(ranet_topology(cfg))
+               for i, spec in enumerate(flow) if spec.exit)
+
+
+def pooled_feature_dims(cfg: RANetConfig) -> tuple[int, ...]:
+  """Width of each exit's pooled feature: 128 on the CIFAR stem, the exit
+  block's output channels on the ImageNet stem."""
+  return tuple(128 if cfg.stem == 'cifar' else spec.outputs[-1]
+               for flow in ranet_topology(cfg) for spec in flow if spec.exit)
 
 
 class RANet(nn.Module):
   """Resolution adaptive network: `apply(variables, x, train)` gives the
-  list of exit logits, lowest-resolution flow first, each (B, classes)."""
+  list of exit logits, lowest-resolution flow first, each (B, classes).
+
+  Stage by stage (`run_stage`, `exit_step`, for the cascade and the methods
+  that train or freeze parts), stage k runs every block after exit k-1's up
+  to exit k's, starting the next scale flows from their stem features where
+  exit k lies in a later flow. Between stages the carry is a dict:
+    'stem':    the stem features of the flows not started yet;
+    'x':       the current flow's last block output (B, H, W, C), what the
+               exit's classifier reads;
+    'outputs': per block of the current flow so far, the block's input and
+               layer outputs, which the next flow's fusion blocks read
+               (empty in the last flow, which no flow fuses).
+  """
   cfg: RANetConfig
 
   def setup(self):
@@ -435,24 +479,80 @@ class RANet(nn.Module):
                         for flow in topology]
     self.classifier = [RAClassifier(self.cfg, spec.outputs[-1])
                        for flow in topology for spec in flow if spec.exit]
-    self._exit_blocks = tuple((ii, i) for ii, flow in enumerate(topology)
-                              for i, spec in enumerate(flow) if spec.exit)
 
   @property
   def num_exits(self) -> int:
     return self.cfg.num_exits
 
+  def run_stage(self, k: int, carry, train: bool) -> dict:
+    """Stage k on the image (k = 0) or stage k-1's carry -> the carry at
+    exit k (see the class docstring)."""
+    positions = exit_positions(self.cfg)
+    last_flow = self.cfg.n_scales - 1
+    if k == 0:
+      stem = tuple(self.FirstLayer(carry, train))
+      flow, block, x, outputs = 0, -1, stem[0], ()
+      stem = stem[1:]
+    else:
+      flow, block = positions[k - 1]
+      stem, x, outputs = carry['stem'], carry['x'], carry['outputs']
+    low = ()
+    while (flow, block) != positions[k]:
+      if block + 1 == len(self.scale_flows[flow]):
+        # The flow is done: the next starts from its stem features and
+        # fuses this flow's block outputs.
+        flow, block, low, outputs = flow + 1, -1, outputs, ()
+        x, stem = stem[0], stem[1:]
+        continue
+      block += 1
+      module = self.scale_flows[flow][block]
+      x, block_outputs = module(
+          x, low[block] if module.spec.kind == 'up' else None, train)
+      if flow < last_flow:
+        outputs = outputs + (tuple(block_outputs),)
+    return {'stem': stem, 'x': x, 'outputs': outputs}
+
+  def exit_logits(self, k: int, carry: dict, train: bool) -> jax.Array:
+    """Classifier k on stage k's carry: (B, num_classes)."""
+    return self.classifier[k](carry['x'], train)
+
+  def exit_step(self, k: int, carry, train: bool):
+    """Stage k, then exit k: (carry for stage k+1, pooled feature (B, D_k),
+    logits o_k (B, C)). With gradient equilibrium the feature the classifier
+    reads gets MSDNet's two rescales (`gradient_equilibrium`): 1/(K-k) into
+    the classifier, then (K-k-1) onward. RANet has no coarsest scale
+    running through all exits; the rescaled tensor is the current flow's
+    block output, the one the classifier reads and the flow's next block
+    continues from (the lower flows' outputs that later flows fuse are not
+    rescaled). IMTA and BoostNet define it for MSDNet only; this is the
+    direct transfer."""
+    num_exits = self.num_exits
+    carry = self.run_stage(k, carry, train)
+    x = carry['x']
+    if self.cfg.gradient_equilibrium:
+      x = ge.scale_gradient(x, ge.classifier_scale(k, num_exits))
+    pooled = self.classifier[k].pooled_features(x, train)
+    logits = self.classifier[k].linear(pooled)
+    if self.cfg.gradient_equilibrium:
+      carry = {**carry, 'x': ge.scale_gradient(
+          x, ge.onward_scale(k, num_exits))}
+    return carry, pooled, logits
+
+  def exit_features(self, x: jax.Array,
+                    train: bool = False) -> tuple[list, list]:
+    """Images (B, H, W, 3) -> (pooled features K x (B, D_k), exit logits
+    K x (B, classes)); the logits are always the exits' own o_k."""
+    pooled, logits, carry = [], [], x
+    for k in range(self.num_exits):
+      carry, feature, out = self.exit_step(k, carry, train)
+      pooled.append(feature)
+      logits.append(out)
+    return pooled, logits
+
   def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-    inputs = self.FirstLayer(x, train)
-    logits, low, k = [], [], 0
-    for ii, flow in enumerate(self.scale_flows):
-      features, outputs = inputs[ii], []
-      for i, block in enumerate(flow):
-        features, block_outputs = block(
-            features, low[i] if block.spec.kind == 'up' else None, train)
-        outputs.append(block_outputs)
-        if (ii, i) in self._exit_blocks:
-          logits.append(self.classifier[k](features, train))
-          k += 1
-      low = outputs
+    """Images (B, H, W, 3) -> list of per-exit logits, each (B, classes);
+    BoostNet's ensembles Q_k in eval mode when `ensemble_reweight` is set."""
+    _, logits = self.exit_features(x, train)
+    if self.cfg.ensemble_reweight and not train:
+      logits = ensemble_logits(logits, self.cfg.ensemble_reweight)
     return logits

@@ -40,6 +40,7 @@ from typing import Callable
 
 from l2w_jax.meta import l2w
 from l2w_jax.methods import boosting, imta, regimes
+from l2w_jax.models import backbone_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +63,10 @@ class Method:
   name: str
   steps: tuple[PhaseStep, ...]
   uses_meta_step: bool  # whether `meta.interval` iterations do a meta step
-  # config -> the MSDNetConfig fields the method sets (e.g. gradient
+  # config -> the backbone config fields the method sets (e.g. gradient
   # equilibrium, BoostNet's reweights); None: the backbone as configured.
   backbone: Callable | None = None
-  # backbone (MSDNet) -> the network the method trains around it; None:
+  # backbone (MSDNet or RANet) -> the network the method trains around it; None:
   # the backbone itself.
   network: Callable | None = None
   # config -> {name: value} static hyper-parameters of the method, checked
@@ -183,7 +184,7 @@ register('uniform', _uniform_half_step, uses_meta_step=False)
 
 def _boostnet_backbone(config) -> dict:
   r = config.boostnet.reweight
-  reweight = boosting.reweights(r, config.model.n_blocks)
+  reweight = boosting.reweights(r, backbone_config(config).num_exits)
   if any(not 0.0 <= v <= 1.0 for v in reweight):
     raise ValueError(f'boostnet.reweight: each r must be in [0, 1], got {r}')
   return {'gradient_equilibrium': True, 'ensemble_reweight': reweight}
@@ -204,17 +205,8 @@ register('boostnet', batch_step=boosting.boostnet_step, uses_meta_step=False,
          initial_state=_boostnet_state)
 
 
-def _regime_options(config) -> dict:
-  name = config.model.get('name', 'msdnet')
-  if name != 'msdnet':
-    raise ValueError(f'model.name: the training regimes freeze and run the '
-                     f'parts of an MSDNet block by block; {name!r} is not '
-                     'supported by them yet')
-  return {}
-
-
 for _name, _parts in regimes.REGIMES.items():
-  register(_name, uses_meta_step=False, options=_regime_options, phases=tuple(
+  register(_name, uses_meta_step=False, phases=tuple(
       PhaseStep(part, batch_step=functools.partial(regimes.regime_step,
                                                    part=part))
       for part in _parts))
