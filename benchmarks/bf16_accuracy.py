@@ -18,6 +18,8 @@ from absl import app
 from absl import logging
 from ml_collections import config_flags
 
+from configs import common
+
 from l2w_jax.training.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py')
@@ -28,7 +30,7 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)
   out = {}
   for dtype in ('float32', 'bfloat16'):
-    config = _CONFIG.value.copy_and_resolve_references()
+    config = common.config_from_flag(_CONFIG).copy_and_resolve_references()
     config.train.compute_dtype = dtype
     with tempfile.TemporaryDirectory() as workdir:
       start = time.perf_counter()

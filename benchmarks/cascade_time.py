@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from configs import common
+
 from l2w_jax.evaluation import anytime, budgeted
 from l2w_jax.evaluation.cascade import (Cascade, SingleImageCascade,
                                         compare_with_full_network)
@@ -37,7 +39,7 @@ _BUDGETS = flags.DEFINE_list('budgets', ['5', '15', '25', '39'], 'Budgets.')
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = common.config_from_flag(_CONFIG)
   model = build_model(config)
   size = config.dataset.image_size
   shape = (size, size, 3)

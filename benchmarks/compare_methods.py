@@ -22,6 +22,8 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
+from configs import common
+
 from l2w_jax.evaluation import comparison, plots
 from l2w_jax.evaluation.report import RESULTS_FILE
 from l2w_jax.training import methods
@@ -57,11 +59,12 @@ def main(argv):
   for name in names:
     methods.get(name)  # an unknown name stops before any training
   seeds = [int(s) for s in _SEEDS.value]
+  config = common.config_from_flag(_CONFIG)
   summaries, out = [], {'seeds': seeds}
   for name in names:
     runs, seconds = [], 0.0
     for seed in seeds:
-      results, took = _run(_CONFIG.value, name, seed,
+      results, took = _run(config, name, seed,
                            os.path.join(_WORKDIR.value, name, f'seed{seed}'))
       runs.append(results)
       seconds += took

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from configs import common
+
 from l2w_jax import data
 from l2w_jax import parallel
 from l2w_jax.training import step as step_lib
@@ -50,7 +52,7 @@ def max_difference(a, b) -> float:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = common.config_from_flag(_CONFIG)
   config.distributed.num_devices = config.distributed.num_devices or 1
   info = data.data_info(config)
   mesh = parallel.make_mesh(config.distributed.num_devices)

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from configs import common
+
 from l2w_jax import parallel
 from l2w_jax.meta import l2w
 from l2w_jax.training import step as step_lib
@@ -42,7 +44,7 @@ def _timed(fn, *args):
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = common.config_from_flag(_CONFIG)
   learner = build_learner(config)
   size = config.dataset.image_size
   state = init_train_state(learner, jax.random.PRNGKey(0), (size, size, 3))

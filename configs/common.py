@@ -1,7 +1,116 @@
-"""Defaults shared by every experiment config (CIFAR L2W settings)."""
+"""Defaults shared by every experiment config (CIFAR L2W settings), and
+the model fields of each backbone for each kind of dataset."""
 
 import ml_collections
+from absl import flags
 from ml_collections import config_dict
+from ml_collections import config_flags
+
+# The model fields of each backbone for each kind of dataset ('cifar',
+# 'imagenet', 'digits'; see `dataset_kind`): the settings of the papers and
+# originals, and the small models of the embedded digits. A dataset config
+# sets its backbone's; `--config.model.name=<other>` on the command line
+# switches to the other backbone's (`config_from_flag`).
+MODEL_PRESETS = {
+    # L2W-DEN's CIFAR MSDNet (MSDNet-PyTorch's CIFAR command line).
+    ('msdnet', 'cifar'): dict(
+        n_blocks=5, step_mode='lin_grow', step=1, base=1, n_channels=16,
+        growth_rate=6, gr_factor=(1, 2, 4), bn_factor=(1, 2, 4), prune='max',
+        bottleneck=True, reduction=0.5, init='torch_default'),
+    # L2W-DEN's ImageNet MSDNet, step 4 (configs/imagenet.py).
+    ('msdnet', 'imagenet'): dict(
+        n_blocks=5, step_mode='even', step=4, base=4, n_channels=32,
+        growth_rate=16, gr_factor=(1, 2, 4, 4), bn_factor=(1, 2, 4, 4),
+        prune='max', bottleneck=True, reduction=0.5, init='torch_default'),
+    # The demo's 4-exit MSDNet on 32 px digits (configs/digits.py).
+    ('msdnet', 'digits'): dict(
+        n_blocks=4, step_mode='even', step=1, base=1, n_channels=4,
+        growth_rate=2, gr_factor=(1, 2, 4), bn_factor=(1, 2, 4), prune='max',
+        bottleneck=True, reduction=0.5, init='torch_default'),
+    # RANet-pytorch's train_cifar.sh with its args.py defaults (8 exits).
+    ('ranet', 'cifar'): dict(
+        n_blocks=2, n_channels=16, growth_rate=6, gr_factor=(4, 2, 1, 1),
+        bn_factor=(4, 2, 1, 1), block_step=2, scale_list=(1, 2, 3, 3),
+        compress_factor=0.25, step=4, step_mode='even', bn_after=True,
+        reduction=0.5, init='msdnet'),
+    # RANet-pytorch's train_imagenet.sh (8 exits, 168 to 1681 MFLOPs).
+    ('ranet', 'imagenet'): dict(
+        n_blocks=2, n_channels=16, growth_rate=16, gr_factor=(4, 2, 1, 1),
+        bn_factor=(4, 2, 1, 1), block_step=2, scale_list=(1, 2, 3, 4),
+        compress_factor=0.25, step=8, step_mode='even', bn_after=True,
+        reduction=0.5, init='msdnet'),
+    # A 4-exit RANet on 32 px digits: 8, 16 and 32 px flows of 2, 3 and 4
+    # blocks (configs/ranet_digits.py).
+    ('ranet', 'digits'): dict(
+        n_blocks=2, n_channels=4, growth_rate=4, gr_factor=(4, 2, 1),
+        bn_factor=(4, 2, 1), block_step=1, scale_list=(1, 2, 3),
+        compress_factor=0.25, step=2, step_mode='even', bn_after=True,
+        reduction=0.5, init='msdnet'),
+}
+
+
+def dataset_kind(config: ml_collections.ConfigDict) -> str:
+  """'digits' (the embedded sklearn digits), 'imagenet' (the ImageNet stem)
+  or 'cifar' (everything else on 32 px CIFAR-style images)."""
+  if config.dataset.name == 'sklearn_digits':
+    return 'digits'
+  return 'imagenet' if config.model.stem == 'imagenet' else 'cifar'
+
+
+def use_model(config: ml_collections.ConfigDict,
+              name: str) -> ml_collections.ConfigDict:
+  """Sets `config.model.name` and the model fields of `name`'s preset for
+  the config's kind of dataset (MODEL_PRESETS); returns `config`."""
+  key = (name, dataset_kind(config))
+  if key not in MODEL_PRESETS:
+    raise ValueError(f'model.name: no {name!r} preset for {key[1]} datasets;'
+                     f' presets: {sorted(MODEL_PRESETS)}')
+  config.model.name = name
+  for field, value in MODEL_PRESETS[key].items():
+    config.model[field] = value
+  return config
+
+
+def switch_backbone(config: ml_collections.ConfigDict, file_model_name: str,
+                    overrides: dict) -> bool:
+  """A command line that sets `model.name` to another backbone than the
+  config file's gets that backbone's preset (`use_model`), then its own
+  `model.*` overrides again (a flat {'model.step': 2, ...} dict). Returns
+  whether the backbone was switched.
+
+  Without this, `--config=configs/digits.py --config.model.name=ranet`
+  would build a RANet from the digits MSDNet's fields, which do not make a
+  RANet (its fusion blocks need step >= 2, its factors run the other way).
+  """
+  name = config.model.name
+  if 'model.name' not in overrides or name == file_model_name:
+    return False
+  use_model(config, name)
+  for path, value in overrides.items():
+    if path.startswith('model.') and path != 'model.name':
+      config.model[path.split('.', 1)[1]] = value
+  return True
+
+
+def config_from_flag(holder) -> ml_collections.ConfigDict:
+  """The config of a parsed `config_flags.DEFINE_config_file` flag (the
+  FlagHolder it returned) with `switch_backbone` applied; prints one line
+  when the backbone was switched."""
+  flag = flags.FLAGS[holder.name]
+  config = flag.value
+  overrides = config_flags.get_override_values(flag)
+  if 'model.name' not in overrides:
+    return config
+  file_config = flag.parser.parse(flag.config_filename)
+  if switch_backbone(config, file_config.model.name, overrides):
+    given = sorted(p for p in overrides if p.startswith('model.') and
+                   p != 'model.name')
+    print(f'model.name={config.model.name}: the {dataset_kind(config)} '
+          f'{config.model.name} preset of configs/common.py replaces the '
+          f'config file\'s {file_config.model.name} fields'
+          + (f' (kept from the command line: {", ".join(given)})'
+             if given else ''), flush=True)
+  return config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -23,17 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'msdnet'
-  config.model.n_blocks = 5
-  config.model.step_mode = 'lin_grow'
-  config.model.step = 1
-  config.model.base = 1
-  config.model.n_channels = 16
-  config.model.growth_rate = 6
-  config.model.gr_factor = (1, 2, 4)
-  config.model.bn_factor = (1, 2, 4)
-  config.model.prune = 'max'
-  config.model.bottleneck = True
-  config.model.reduction = 0.5
+  config.model.update(MODEL_PRESETS['msdnet', 'cifar'])
   config.model.stem = 'cifar'
   # RANet only (model.name='ranet'; configs/ranet_*.py): flows of
   # n_blocks + block_step * i blocks per scale, the stem's resolution steps,
@@ -42,9 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.scale_list = (1, 2, 3)
   config.model.compress_factor = 0.25
   config.model.bn_after = True
-  # 'torch_default': what the original effectively initialises (its
-  # _init_weights never reaches a conv); 'msdnet': what it intended.
-  config.model.init = 'torch_default'
+  # model.init (in the presets) 'torch_default': what MSDNet's original
+  # effectively initialises (its _init_weights never reaches a conv);
+  # 'msdnet': what it intended, and what RANet's original does.
 
   config.meta = ml_collections.ConfigDict()
   config.meta.epsilon = 0.8

@@ -22,12 +22,7 @@ def get_config():
   # part the thresholds come from.
   config.dataset.holdout = 180
 
-  config.model.n_blocks = 4
-  config.model.step_mode = 'even'
-  config.model.step = 1
-  config.model.base = 1
-  config.model.n_channels = 4
-  config.model.growth_rate = 2
+  common.use_model(config, 'msdnet')  # MODEL_PRESETS['msdnet', 'digits']
 
   config.meta.hidden_size = 100
   config.meta.lr = 1e-3

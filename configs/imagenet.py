@@ -25,14 +25,7 @@ def get_config():
   config.dataset.holdout = 50000  # MSDNet's --use-valid
 
   config.model.stem = 'imagenet'
-  config.model.n_blocks = 5
-  config.model.step_mode = 'even'
-  config.model.step = 4
-  config.model.base = 4
-  config.model.n_channels = 32
-  config.model.growth_rate = 16
-  config.model.gr_factor = (1, 2, 4, 4)
-  config.model.bn_factor = (1, 2, 4, 4)
+  common.use_model(config, 'msdnet')  # MODEL_PRESETS['msdnet', 'imagenet']
 
   config.meta.epsilon = 0.3
   config.meta.constraint = 'mat'

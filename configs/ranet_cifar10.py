@@ -25,20 +25,7 @@ def get_config():
   config.dataset.name = 'cifar10'
   config.dataset.num_classes = 10
 
-  config.model.name = 'ranet'
-  config.model.n_blocks = 2
-  config.model.n_channels = 16
-  config.model.growth_rate = 6
-  config.model.gr_factor = (4, 2, 1, 1)
-  config.model.bn_factor = (4, 2, 1, 1)
-  config.model.block_step = 2
-  config.model.scale_list = (1, 2, 3, 3)
-  config.model.compress_factor = 0.25
-  config.model.step = 4
-  config.model.step_mode = 'even'
-  config.model.bn_after = True
-  config.model.reduction = 0.5
-  config.model.init = 'msdnet'
+  common.use_model(config, 'ranet')  # MODEL_PRESETS['ranet', 'cifar']
 
   config.train.batch_size = 64
   config.train.epochs = 300

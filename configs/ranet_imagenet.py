@@ -12,18 +12,14 @@ compress-factor 0.25, bnAfter, reduction 0.5, batch 64, SGD lr 0.1, momentum
   python -m experiments.flops --config=configs/ranet_imagenet.py
 """
 
+from configs import common
 from configs import imagenet
-from configs import ranet_cifar10
 
 
 def get_config():
   config = imagenet.get_config()
   config.method = 'uniform'
-  config.model = ranet_cifar10.get_config().model
-  config.model.stem = 'imagenet'
-  config.model.growth_rate = 16
-  config.model.step = 8
-  config.model.scale_list = (1, 2, 3, 4)
+  common.use_model(config, 'ranet')  # MODEL_PRESETS['ranet', 'imagenet']
   config.train.batch_size = 64
   config.train.epochs = 90
   config.train.lr = 0.1

@@ -21,6 +21,8 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run to evaluate (its latest '
                                'checkpoint).')
@@ -64,7 +66,7 @@ def main(argv):
   from l2w_jax import data  # pylint: disable=g-import-not-at-top
   from l2w_jax.evaluation import cascade_report, report  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.learner import method_model  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
+  config = common.config_from_flag(_CONFIG)
   out = _OUT.value or _WORKDIR.value
   if not out:
     raise app.UsageError('give --out when evaluating a PyTorch checkpoint')

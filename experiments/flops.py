@@ -11,6 +11,8 @@ import json
 from absl import app
 from ml_collections import config_flags
 
+from configs import common
+
 from l2w_jax.evaluation.flops import count_per_exit
 from l2w_jax.models import build_model
 
@@ -19,7 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar100.py')
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = common.config_from_flag(_CONFIG)
   model = build_model(config)
   size = config.dataset.image_size
   ops, params = count_per_exit(model, (size, size, 3))

@@ -19,6 +19,8 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags
 
+from configs import common
+
 from l2w_jax.data import DatasetNotFoundError
 from l2w_jax.training.checkpoint import CheckpointError
 from l2w_jax.training.train import TrainingDiverged, train_and_evaluate
@@ -38,7 +40,7 @@ def main(argv):
     # --verbosity=0 to see them.
     logging.set_verbosity(logging.ERROR)
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(common.config_from_flag(_CONFIG), _WORKDIR.value)
   except (DatasetNotFoundError, CheckpointError, TrainingDiverged,
           ValueError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)

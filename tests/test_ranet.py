@@ -2,15 +2,19 @@
 errors, and training and evaluation on the embedded digits."""
 
 import json
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import common, digits, ranet_cifar10
 from l2w_jax.evaluation.flops import count_per_exit
-from l2w_jax.models import ranet
+from l2w_jax.models import backbone_config, ranet
 from l2w_jax.reference.fixtures import ranet_config
 from l2w_jax.training import train
+from tests.conftest import PROJECT_ROOT, subprocess_env
 from tests.tiny import tiny_train_config
 
 
@@ -72,10 +76,10 @@ def test_configurations_that_do_not_fit_are_named(field, value, message):
     ranet.RANetConfig(**fields)
 
 
-@pytest.mark.long
-@pytest.mark.parametrize('method', ['l2w', 'uniform'])
-def test_training_and_evaluation_on_a_small_ranet(tmp_path, method):
-  config = tiny_train_config('sklearn_digits', num_steps=2, method=method)
+def _small_digits_ranet(tmp_path, method, num_steps=2):
+  """tiny_train_config's digits run with a 3-exit RANet on 32 px."""
+  config = tiny_train_config('sklearn_digits', num_steps=num_steps,
+                             method=method)
   config.dataset.data_dir = str(tmp_path / 'data')
   model = config.model
   model.name = 'ranet'
@@ -83,17 +87,21 @@ def test_training_and_evaluation_on_a_small_ranet(tmp_path, method):
   model.scale_list, model.gr_factor, model.bn_factor = (1, 2, 3), (4, 2, 1), (
       4, 2, 1)
   model.n_channels, model.growth_rate, model.init = 2, 4, 'msdnet'
+  return config
+
+
+@pytest.mark.long
+@pytest.mark.parametrize('method', ['l2w', 'uniform'])
+def test_training_and_evaluation_on_a_small_ranet(tmp_path, method):
+  config = _small_digits_ranet(tmp_path, method)
+  if method == 'l2w':  # the sharded step (2 devices, 4 images each)
+    config.distributed.num_devices = 2
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['num_devices'] == config.distributed.num_devices
   assert len(results['anytime']['top1']) == 3  # 1 + 1 + 1 blocks with exits
   assert len(results['budgeted']) == 39
   mflops = results['mflops_per_exit']
   assert mflops == sorted(mflops) and mflops[0] > 0
-  config.method = 'boostnet'
-  with pytest.raises(ValueError, match='changes the backbone'):
-    train.train_and_evaluate(config, str(tmp_path / 'boost'))
-  config.method = 'regime_mixed'
-  with pytest.raises(ValueError, match='model.name: the training regimes'):
-    train.train_and_evaluate(config, str(tmp_path / 'regime'))
 
 
 def test_state_dict_names_are_the_originals(shared_reference):
@@ -115,3 +123,40 @@ def test_state_dict_names_are_the_originals(shared_reference):
   for name, value in original.items():
     if value.dtype.kind == 'f':
       np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+def test_switching_to_ranet_on_the_command_line_takes_its_preset():
+  """`--config.model.name=ranet` on an MSDNet config file: the RANet preset
+  of the dataset, with the command line's other model fields kept; the
+  same name as the file's changes nothing."""
+  config = digits.get_config()
+  config.model.name, config.model.step = 'ranet', 3
+  assert common.switch_backbone(config, 'msdnet', {'model.name': 'ranet',
+                                                   'model.step': 3})
+  preset = common.MODEL_PRESETS['ranet', 'digits']
+  assert {f: config.model[f] for f in preset} == {**preset, 'step': 3}
+  assert backbone_config(config).num_exits == 4
+  own = ranet_cifar10.get_config()
+  own.model.step = 2
+  assert not common.switch_backbone(own, 'ranet', {'model.name': 'ranet'})
+  assert own.model.step == 2
+  assert not common.switch_backbone(own, 'msdnet', {'model.step': 2})
+
+
+def test_imagenet_ranet_from_the_command_line_counts_like_the_original(
+    shared_reference):
+  """`experiments.flops --config=configs/imagenet.py
+  --config.model.name=ranet`: the original's train_imagenet.sh RANet,
+  built and counted without data."""
+  table = json.loads((shared_reference / 'ranet_counts.json').read_text())
+  want = table['ranet_imagenet_train_imagenet_sh']
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.flops',
+       '--config=configs/imagenet.py', '--config.model.name=ranet'],
+      cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True,
+      check=True)
+  lines = out.stdout.strip().splitlines()
+  assert lines[0].startswith('model.name=ranet: the imagenet ranet preset')
+  result = json.loads(lines[-1])
+  assert result['mflops'] == pytest.approx(want['mflops'], rel=1e-3)
+  assert result['mparams'] == pytest.approx(want['mparams'], rel=1e-3)
