@@ -88,21 +88,24 @@ def test_sharded_step_on_ranet_equals_each_device_then_averaged(
   assert metrics['loss_per_exit'].shape == (3,)
 
 
-def _exit_loss_grads(model, variables, images, labels):
+def _exit_loss_grads(model, variables, images, labels, weights):
+  """Gradient of sum_k weights_k CE_k (batch means) in train mode."""
   def total(params):
     logits, _ = model.apply({'params': params,
                              'batch_stats': variables['batch_stats']},
                             images, train=True, mutable=['batch_stats'])
-    return jnp.sum(jnp.mean(weighting.per_exit_losses(logits, labels),
-                            axis=0))
+    return jnp.sum(jnp.asarray(weights) * jnp.mean(
+        weighting.per_exit_losses(logits, labels), axis=0))
   return jax.jit(jax.grad(total))(variables['params'])
 
 
-def test_gradient_equilibrium_on_ranet_rescales_the_flow_it_exits_from():
-  """Same forward. Exit 2's stage (flow 1) only feeds exit 2, whose scale
-  is 1: its blocks and every classifier get the plain gradients. Flow 0's
-  block 1 feeds exit 1 (1/2) and, unscaled, flow 1's fusion: it differs;
-  so does block 0, whose onward path is rescaled."""
+def test_gradient_equilibrium_on_ranet_rescales_what_each_exit_reads():
+  """Same forward. With g_k the plain gradient of exit k's loss alone:
+  flow 1's blocks and classifier 2 feed only exit 2 (scale 1): g_2; block
+  0_1 feeds exit 1 through the feature classifier 1 reads (scale 1/2) and
+  exit 2 through flow 1's fusion (not rescaled): g_1 / 2 + g_2; every
+  classifier's own parameters get their plain gradient; block 0_0, rescaled
+  on its way on, differs from the plain sum."""
   plain = RANet(TINY_RANET)
   with_ge = RANet(dataclasses.replace(TINY_RANET, gradient_equilibrium=True))
   images = jax.random.normal(jax.random.PRNGKey(0), (6,) + TINY_IMAGE)
@@ -111,17 +114,45 @@ def test_gradient_equilibrium_on_ranet_rescales_the_flow_it_exits_from():
   for a, b in zip(plain.apply(variables, images),
                   with_ge.apply(variables, images), strict=True):
     np.testing.assert_array_equal(a, b)
-  g_plain = _exit_loss_grads(plain, variables, images, labels)
-  g_ge = _exit_loss_grads(with_ge, variables, images, labels)
-  same = {'classifier_0', 'classifier_1', 'classifier_2', 'scale_flows_1_2'}
-  for name in same:
-    chex.assert_trees_all_close(g_ge[name], g_plain[name], rtol=1e-5,
-                                atol=1e-7)
-  for name in ('scale_flows_0_0', 'scale_flows_0_1', 'FirstLayer'):
-    differs = jax.tree_util.tree_map(
-        lambda a, b: float(jnp.max(jnp.abs(a - b))), g_ge[name],
-        g_plain[name])
-    assert max(jax.tree_util.tree_leaves(differs)) > 1e-4, name
+  g = [_exit_loss_grads(plain, variables, images, labels, np.eye(3)[k])
+       for k in range(3)]
+  g_ge = _exit_loss_grads(with_ge, variables, images, labels, np.ones(3))
+  def close(got, want):
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+  for name in ('scale_flows_1_0', 'scale_flows_1_1', 'scale_flows_1_2'):
+    close(g_ge[name], g[2][name])
+  for k in range(3):
+    close(g_ge[f'classifier_{k}'], g[k][f'classifier_{k}'])
+  close(g_ge['scale_flows_0_1'], jax.tree_util.tree_map(
+      lambda a, b: a / 2 + b, g[1]['scale_flows_0_1'],
+      g[2]['scale_flows_0_1']))
+  plain_sum = jax.tree_util.tree_map(lambda *x: sum(x), *[
+      gk['scale_flows_0_0'] for gk in g])
+  differs = jax.tree_util.tree_map(
+      lambda a, b: float(jnp.max(jnp.abs(a - b))), g_ge['scale_flows_0_0'],
+      plain_sum)
+  assert max(jax.tree_util.tree_leaves(differs)) > 1e-4
+
+
+def test_gradient_equilibrium_on_a_single_flow_ranet_is_msdnet_s_rule():
+  """One scale flow of 3 blocks on 8 px images (each block feeds the next
+  and its exit, like MSDNet's coarsest scale): block i gets
+  (g_i + ... + g_{K-1}) / (K - i), IMTA's rule."""
+  cfg = dataclasses.replace(TINY_RANET, scale_list=(1,), gr_factor=(1,),
+                            bn_factor=(1,), n_blocks=3)
+  plain = RANet(cfg)
+  with_ge = RANet(dataclasses.replace(cfg, gradient_equilibrium=True))
+  images = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 8, 3))
+  labels = jnp.arange(6) % 5
+  variables = plain.init(jax.random.PRNGKey(1), images, train=False)
+  g = [_exit_loss_grads(plain, variables, images, labels, np.eye(3)[k])
+       for k in range(3)]
+  g_ge = _exit_loss_grads(with_ge, variables, images, labels, np.ones(3))
+  for i in range(3):
+    name = f'scale_flows_0_{i}'
+    want = jax.tree_util.tree_map(lambda *x: sum(x) / (3 - i),
+                                  *[gk[name] for gk in g[i:]])
+    chex.assert_trees_all_close(g_ge[name], want, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize('reweight', [(), (0.5, 0.25, 0.75)],
