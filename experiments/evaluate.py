@@ -52,7 +52,10 @@ def _variables(config, model, info):
     template = torch_state.variables_template(
         model, jnp.zeros((1,) + info.image_shape))
     state = torch_state.load_torch_checkpoint(_TORCH.value)
-    return torch_state.torch_to_flax(state['model'], template), None
+    try:
+      return torch_state.torch_to_flax(state['model'], template), None
+    except torch_state.ConversionError as e:
+      raise torch_state.ConversionError(f'{_TORCH.value}: {e}') from e
   if not _WORKDIR.value:
     raise app.UsageError('give --workdir or --torch_checkpoint')
   return restore_variables(config, _WORKDIR.value)
@@ -97,7 +100,8 @@ def run():
   except SystemExit:
     raise
   except (FileNotFoundError, ValueError, RuntimeError) as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
+    # One line: the multi-line lists of missing entries joined.
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
     sys.exit(1)
 
 

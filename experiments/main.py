@@ -23,12 +23,16 @@ from configs import common
 
 from l2w_jax.data import DatasetNotFoundError
 from l2w_jax.training.checkpoint import CheckpointError
-from l2w_jax.training.train import TrainingDiverged, train_and_evaluate
+from l2w_jax.training.train import (TrainingDiverged, WorkdirError,
+                                    train_and_evaluate)
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and '
                                'results go here.')
+_OVERWRITE = flags.DEFINE_boolean(
+    'overwrite', False, 'Move an existing run in --workdir aside (to '
+    '<workdir>.replaced-<time>; nothing is deleted) and start afresh.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -40,11 +44,23 @@ def main(argv):
     # --verbosity=0 to see them.
     logging.set_verbosity(logging.ERROR)
   try:
-    train_and_evaluate(common.config_from_flag(_CONFIG), _WORKDIR.value)
+    train_and_evaluate(common.config_from_flag(_CONFIG), _WORKDIR.value,
+                       overwrite=_OVERWRITE.value)
   except (DatasetNotFoundError, CheckpointError, TrainingDiverged,
-          ValueError) as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
+          WorkdirError, ValueError) as e:
+    _exit(f'error: {e}', 1)
+  except KeyboardInterrupt:
+    _exit('interrupted before a checkpoint could be saved; rerun the same '
+          'command to resume from the newest checkpoint', 130)
+
+
+def _exit(message: str, status: int) -> None:
+  """Prints one line to stderr and exits with `status` at once: skipping
+  interpreter teardown keeps checkpoint and pipeline threads still winding
+  down from printing tracebacks after the message."""
+  print(' '.join(message.split()), file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

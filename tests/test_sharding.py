@@ -253,7 +253,7 @@ def test_sharded_budgeted_evaluation_equals_one_device(tmp_path):
     (8, 20, 0, 'train.batch_size=20 does not divide into the 8 devices'),
     (8, 8, 0, 'per-device batch 1 .* cannot be split into two non-empty'),
     (4, 16, 2, 'train.batch_size=16 contradicts train.per_device_batch_size'),
-    (4, 0, 0, 'train.batch_size: must be > 0'),
+    (4, 0, 0, 'train.batch_size: must be an integer > 0'),
 ])
 def test_impossible_batch_layouts_are_named(tmp_path, devices, batch,
                                             per_device, message):

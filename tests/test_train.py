@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from l2w_jax import data
 from l2w_jax.training import train
-from l2w_jax.training.checkpoint import CheckpointError, Checkpointer
+from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
 from tests.conftest import PROJECT_ROOT, subprocess_env
 from tests.tiny import restore_state, tiny_train_config
@@ -137,8 +137,9 @@ def test_nan_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
   with pytest.raises(train.TrainingDiverged) as error:
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   message = str(error.value)
-  assert 'train/loss became nan by iteration 2' in message
-  assert 'last checkpoint (step 1, finite) is untouched' in message
+  # The weights go first: every exit's loss is still finite.
+  assert message.startswith("exit 1's mean weight became nan at iteration 2")
+  assert 'the newest checkpoint (iteration 1) is untouched' in message
   assert 'resumes from it' in message
   checkpoints = tmp_path / 'run' / 'checkpoints'
   assert sorted(p.name for p in checkpoints.iterdir()
@@ -165,26 +166,11 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
   try:
     train._check_state_finite(state, 3, checkpointer)  # pylint: disable=protected-access
     with pytest.raises(train.TrainingDiverged,
-                       match='became non-finite by iteration 3.*no checkpoint'):
+                       match=r'state became non-finite \(first: '
+                       r'\.meta_params.*\) at iteration 3.*no checkpoint'):
       train._check_state_finite(bad, 3, checkpointer)  # pylint: disable=protected-access
   finally:
     checkpointer.close()
-
-
-def test_corrupt_checkpoint_is_reported_and_kept(tmp_path):
-  config = tiny_train_config('sklearn_digits', num_steps=2)
-  config.dataset.data_dir = str(tmp_path / 'data')
-  train.train_and_evaluate(config, str(tmp_path / 'run'))
-  step_dir = tmp_path / 'run' / 'checkpoints' / '2'
-  files = [p for p in step_dir.rglob('*') if p.is_file() and
-           p.stat().st_size > 0 and 'state' in str(p)]
-  assert files
-  for path in files:
-    path.write_bytes(b'garbage')
-  with pytest.raises(CheckpointError, match='cannot be restored') as error:
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert str(step_dir) in str(error.value)
-  assert step_dir.exists()
 
 
 @pytest.mark.long

@@ -182,8 +182,15 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, dict]:
   if not os.path.exists(path):
     raise FileNotFoundError(f'no checkpoint at {path}')
   if path.endswith('.npz'):
-    with np.load(path) as data:
-      arrays = {k: data[k] for k in data.files}
+    try:
+      # allow_pickle=False: an archive that holds pickled objects is refused
+      # rather than executed.
+      with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConversionError(
+          f'cannot read {path} as an .npz of arrays ({type(e).__name__}: '
+          f'{e}); pickled entries are refused, save plain arrays') from e
     out = {}
     for prefix in ('model', 'meta_net'):
       sub = {k[len(prefix) + 1:]: v for k, v in arrays.items()

@@ -19,7 +19,17 @@ import orbax.checkpoint as ocp
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint that exists but cannot be used."""
+  """A checkpoint that exists but cannot be used, or cannot be written.
+  `reason` is the underlying error in one short line."""
+
+  def __init__(self, message: str, reason: str = ''):
+    super().__init__(message)
+    self.reason = reason or message
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+  text = ' '.join(f'{type(error).__name__}: {error}'.split())
+  return text if len(text) <= limit else text[:limit] + '...'
 
 
 class Checkpointer:
@@ -36,6 +46,24 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def path(self, step: int) -> str:
+    """The directory of checkpoint `step`."""
+    return os.path.join(self.directory, str(step))
+
+  def reload(self) -> None:
+    """Re-reads which checkpoints exist (after one was moved away)."""
+    self._manager.reload()
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """The JSON metadata of checkpoint `step` (data position, config);
+    CheckpointError if it cannot be read."""
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'the metadata of {self.path(step)} cannot be '
+                            f'read ({_one_line(e)})', _one_line(e)) from e
+
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
@@ -43,9 +71,18 @@ class Checkpointer:
     """Writes `state` at `step` (no-op if that step is already saved)."""
     if step in self._manager.all_steps():
       return
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    self._manager.wait_until_finished()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      kept = self.all_steps()
+      raise CheckpointError(
+          f'cannot write checkpoint {step} to {self.path(step)} '
+          f'({_one_line(e)}). Orbax writes to a temporary directory first, so '
+          f'the earlier checkpoints ({kept or "none"}) are untouched; make '
+          f'{self.directory} writable or free space, then rerun the same '
+          'command to resume', _one_line(e)) from e
 
   def restore(self, template, step: int | None = None):
     """(state, meta) of `step` (default: latest) shaped like `template`.
@@ -56,21 +93,17 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'no checkpoint in {self.directory}')
-    path = os.path.join(self.directory, str(step))
+    path = self.path(step)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(template),
           meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      others = [s for s in self.all_steps() if s != step]
-      fallback = (f'move {path} aside to resume from step {max(others)}'
-                  if others else 'start again in a new --workdir')
       raise CheckpointError(
-          f'the checkpoint at {path} cannot be restored ({type(e).__name__}: '
-          f'{str(e)[:500]}). It is corrupt or was written by a different '
-          f'configuration (model, weight net or optimizer). Nothing was '
-          f'deleted; {fallback}, or run with the configuration that wrote '
-          'it.') from e
+          f'the checkpoint at {path} cannot be restored ({_one_line(e)}): it '
+          'is corrupt, or was written by a different configuration (model, '
+          'weight net or optimizer). Nothing was deleted.',
+          _one_line(e)) from e
     logging.info('restored checkpoint %s', path)
     return restored['state'], restored['meta']
 

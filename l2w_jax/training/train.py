@@ -25,6 +25,7 @@ from l2w_jax.evaluation import anytime, report
 from l2w_jax.meta import l2w
 from l2w_jax.training import methods
 from l2w_jax.training import metrics as metrics_lib
+from l2w_jax.training import resume
 from l2w_jax.training import schedules
 from l2w_jax.training import step as step_lib
 from l2w_jax.training.checkpoint import Checkpointer
@@ -40,12 +41,74 @@ class TrainingDiverged(FloatingPointError):
   """The loss became NaN or infinite."""
 
 
+def _finite(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(
+      np.isfinite(v))
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+# (field, allowed range in words, test): every number a run reads, checked
+# before anything compiles. NaN fails every test (comparisons are False).
+_NUMERIC_FIELDS = (
+    ('seed', 'an integer', _is_int),
+    ('meta.epsilon', '>= 0', lambda v: _finite(v) and v >= 0),
+    ('meta.lr', 'finite and > 0', lambda v: _finite(v) and v > 0),
+    ('meta.weight_decay', 'finite and >= 0', lambda v: _finite(v) and v >= 0),
+    ('meta.hidden_size', 'an integer >= 1', lambda v: _is_int(v) and v >= 1),
+    ('meta.num_layers', 'an integer >= 1', lambda v: _is_int(v) and v >= 1),
+    ('meta.interval', 'an integer >= 1', lambda v: _is_int(v) and v >= 1),
+    ('meta.target_p_index', 'an integer in [1, 39]',
+     lambda v: _is_int(v) and 1 <= v <= 39),
+    ('train.lr', 'finite and > 0', lambda v: _finite(v) and v > 0),
+    ('train.momentum', 'in [0, 1)', lambda v: _finite(v) and 0 <= v < 1),
+    ('train.weight_decay', 'finite and >= 0', lambda v: _finite(v) and v >= 0),
+    ('train.label_smoothing', 'in [0, 1)',
+     lambda v: _finite(v) and 0 <= v < 1),
+    ('train.lr_gamma', 'finite and > 0', lambda v: _finite(v) and v > 0),
+    ('train.batch_size', 'an integer > 0 (or set per_device_batch_size)',
+     lambda v: _is_int(v) and v > 0),
+    ('train.per_device_batch_size', 'an integer >= 0 (0: from batch_size)',
+     lambda v: _is_int(v) and v >= 0),
+    ('train.epochs', 'an integer >= 0', lambda v: _is_int(v) and v >= 0),
+    ('train.num_steps', 'an integer (> 0 overrides epochs)', _is_int),
+    ('train.keep_checkpoints', 'an integer >= 1',
+     lambda v: _is_int(v) and v >= 1),
+    ('train.log_every_steps', 'an integer >= 1',
+     lambda v: _is_int(v) and v >= 1),
+    ('train.checkpoint_every_steps', 'an integer >= 1',
+     lambda v: _is_int(v) and v >= 1),
+    ('train.eval_every_epochs', 'an integer >= 0 (0: only the final one)',
+     lambda v: _is_int(v) and v >= 0),
+    ('train.phase_split', 'in (0, 1)', lambda v: _finite(v) and 0 < v < 1),
+    ('dataset.holdout', 'an integer >= 0', lambda v: _is_int(v) and v >= 0),
+    ('eval.batch_size', 'an integer > 0', lambda v: _is_int(v) and v > 0),
+)
+
+
+def _field(config, path: str):
+  node = config
+  for key in path.split('.'):
+    if key not in node:
+      return None
+    node = node[key]
+  return node
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field of a config that cannot run."""
+  """Raises ValueError (one line: the field, its value, the allowed range)
+  for a config that cannot run, before anything is built or compiled."""
   methods.get(config.method)  # raises naming the available methods
-  if config.eval.batch_size <= 0:
-    raise ValueError(f'eval.batch_size: must be > 0, got '
-                     f'{config.eval.batch_size}')
+  per_device = _field(config, 'train.per_device_batch_size')
+  for path, allowed, ok in _NUMERIC_FIELDS:
+    value = _field(config, path)
+    if (path == 'train.batch_size' and _is_int(per_device) and
+        per_device > 0):
+      continue  # the global batch comes from the per-device one
+    if value is not None and not ok(value):
+      raise ValueError(f'{path}: must be {allowed}, got {value!r}')
   source = config.eval.threshold_source
   if source not in THRESHOLD_SOURCES:
     raise ValueError(f'eval.threshold_source: unknown source {source!r}; use '
@@ -56,7 +119,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 class Preemption:
-  """Set by SIGTERM (or, for tests, at a given step): save and stop.
+  """Set by SIGTERM or Ctrl-C (SIGINT) (or, for tests, at a given step):
+  save and stop.
 
   With several processes the decision must be collective (a process that
   stopped alone would leave the others waiting in the next all-reduce): JAX's
@@ -65,27 +129,35 @@ class Preemption:
   handler must stay in place, so no Python handler is installed then.
   """
 
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
   def __init__(self, at_step: int | None = None):
     self.requested = False
     self._at_step = at_step
-    self._previous = None
+    self._previous = {}
     self._collective = jax.process_count() > 1
 
   def install(self) -> None:
     if self._collective:
       return
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no signal handling
-      self._previous = None
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread: no signal handling
+        pass
 
   def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    print('SIGTERM: saving a checkpoint and stopping', flush=True)
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      # A second Ctrl-C does not wait for the iteration to finish.
+      raise KeyboardInterrupt
+    print(f'{signal.Signals(signum).name}: saving a checkpoint after this '
+          'iteration and stopping', flush=True)
     self.requested = True
 
   def should_stop(self, step: int) -> bool:
@@ -100,9 +172,8 @@ class Preemption:
                               step >= self._at_step)
 
 
-def _summarise(window: list, num_exits: int) -> dict[str, float]:
+def _summarise(fetched: list, num_exits: int) -> dict[str, float]:
   """Averages a window of per-iteration metrics (fetched from device)."""
-  fetched = jax.device_get(window)
   out = {}
   halves = [h for iteration in fetched for h in iteration['halves']]
   out['train/loss'] = float(np.mean([h['train_loss'] for h in halves]))
@@ -138,29 +209,57 @@ def _with_batch_sizes(config: ml_collections.ConfigDict,
 
 
 def _diverged(what: str, step: int, checkpointer: Checkpointer):
-  """The TrainingDiverged error for `what` going non-finite by `step`,
-  saying truthfully what is on disk and what a rerun does."""
+  """The TrainingDiverged error for `what` going non-finite at iteration
+  `step`, saying truthfully what is on disk and what a rerun does."""
   last = checkpointer.latest_step()
   if last is None:
-    disk = ('no checkpoint has been written, so rerunning the command starts '
-            'from scratch')
+    disk = ('no checkpoint has been written, so rerunning the same command '
+            'starts from scratch and meets the same divergence')
   else:
-    disk = (f'the last checkpoint (step {last}, finite) is untouched, and '
-            f'rerunning the command resumes from it')
+    disk = (f'nothing non-finite was saved: the newest checkpoint (iteration '
+            f'{last}) is untouched, and rerunning the same command resumes '
+            'from it and meets the same divergence')
   return TrainingDiverged(
-      f'{what} by iteration {step}: training stopped; {disk}. To avoid the '
-      'same divergence lower train.lr or meta.lr (or check the input data); '
-      'a changed config needs a new --workdir.')
+      f'{what} at iteration {step}: training stopped; {disk}. Lower train.lr '
+      'or meta.lr (or check the input data), then run in a new --workdir or '
+      'with --overwrite (which moves this run aside).')
 
 
-def _check_finite(scalars: dict[str, float], step: int,
+def _first_non_finite(fetched: list, first_step: int):
+  """(iteration, quantity, value) of the first non-finite loss, meta loss or
+  exit weight in a window of fetched per-iteration metrics whose first
+  iteration is `first_step` (1-based, as logged); None if all are finite."""
+  for offset, iteration in enumerate(fetched):
+    for half in iteration['halves']:
+      # The most specific first: an exit's loss makes the total non-finite.
+      quantities = [(f"exit {k + 1}'s loss", v)
+                    for k, v in enumerate(np.ravel(half['loss_per_exit']))]
+      if 'meta_loss' in half:
+        quantities.append(('the meta loss', half['meta_loss']))
+      quantities += [(f"exit {k + 1}'s mean weight", v)
+                     for k, v in enumerate(np.ravel(half['weight_per_exit']))]
+      quantities.append(('the training loss', half['train_loss']))
+      for name, value in quantities:
+        if not np.isfinite(value):
+          return first_step + offset, name, float(value)
+  return None
+
+
+def _check_finite(fetched: list, first_step: int,
                   checkpointer: Checkpointer) -> None:
-  """Raises TrainingDiverged if a logged loss is NaN or infinite."""
-  bad = [k for k in ('train/loss', 'train/meta_loss')
-         if k in scalars and not np.isfinite(scalars[k])]
-  if bad:
-    raise _diverged(f'{", ".join(bad)} became {scalars[bad[0]]}', step,
-                    checkpointer)
+  """Raises TrainingDiverged naming the first non-finite quantity."""
+  bad = _first_non_finite(fetched, first_step)
+  if bad is not None:
+    step, name, value = bad
+    raise _diverged(f'{name} became {value}', step, checkpointer)
+
+
+def _non_finite_leaf(tree) -> str | None:
+  """The path of the first leaf of `tree` holding a NaN or Inf, or None."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not np.all(np.isfinite(np.asarray(leaf))):
+      return jax.tree_util.keystr(path)
+  return None
 
 
 def _check_state_finite(state: l2w.TrainState, step: int,
@@ -169,8 +268,9 @@ def _check_state_finite(state: l2w.TrainState, step: int,
   try:
     chex.assert_tree_all_finite(state)
   except AssertionError:
-    raise _diverged('the training state (parameters, statistics or optimizer '
-                    'state) became non-finite', step, checkpointer) from None
+    leaf = _non_finite_leaf(jax.device_get(state))
+    raise _diverged(f'the training state became non-finite (first: {leaf})',
+                    step, checkpointer) from None
 
 
 def _network_from(workdir: str, state: l2w.TrainState) -> l2w.TrainState:
@@ -191,10 +291,38 @@ def _network_from(workdir: str, state: l2w.TrainState) -> l2w.TrainState:
                        batch_stats=restored.batch_stats)
 
 
+class WorkdirError(RuntimeError):
+  """The workdir cannot be created or written."""
+
+
+def _open_workdir(workdir: str, keep: int, is_main: bool):
+  """(metrics writer, Checkpointer) of `workdir`, created if needed;
+  WorkdirError naming the path if it cannot be."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+    checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                keep=keep)
+  except OSError as e:
+    raise WorkdirError(
+        f'cannot write to the workdir {os.path.abspath(workdir)} '
+        f'({type(e).__name__}: {e.strerror or e}): give a writable '
+        '--workdir (nothing in it was changed)') from e
+  return metrics_lib.create_writer(workdir, write_to_disk=is_main), checkpointer
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       interrupt_at_step: int | None = None) -> dict:
+                       interrupt_at_step: int | None = None,
+                       overwrite: bool = False) -> dict:
   """Trains, checkpoints, resumes and evaluates; returns the results dict.
 
+  Rerun with the same `workdir` it resumes from the newest readable
+  checkpoint (moving unreadable ones aside, `resume`), provided the config
+  matches the checkpoint's (`resume.RESUMABLE_FIELDS` may change);
+  `overwrite` moves an existing run in `workdir` aside and starts afresh.
   `interrupt_at_step` behaves like a SIGTERM arriving once that many
   iterations are done (save, stop, return {'interrupted_at': step}); tests
   use it to check that resuming continues the same run.
@@ -210,30 +338,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = parallel.make_mesh(config.distributed.num_devices)
   layout = parallel.batch_layout(config, mesh)
   config = _with_batch_sizes(config, layout)
-  learner = build_learner(config)
-  num_exits = learner.model.num_exits
-  batch_size = layout.global_batch
-  steps_per_epoch = data.steps_per_epoch(info, batch_size)
+  steps_per_epoch = data.steps_per_epoch(info, layout.global_batch)
   if steps_per_epoch < 1:
-    raise ValueError(f'train.batch_size {batch_size} exceeds the '
+    raise ValueError(f'train.batch_size {layout.global_batch} exceeds the '
                      f'{info.num_train} training images')
   total = (config.train.num_steps if config.train.num_steps > 0 else
            config.train.epochs * steps_per_epoch)
-  plan = methods.phase_plan(config, total)  # fails before anything compiles
-
-  os.makedirs(workdir, exist_ok=True)
+  plan = methods.phase_plan(config, total)
+  learner = build_learner(config)  # a model that cannot be built stops here
   is_main = jax.process_index() == 0
-  writer = metrics_lib.create_writer(workdir, write_to_disk=is_main)
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
-                              keep=config.train.keep_checkpoints)
+  log = functools.partial(print, flush=True) if is_main else (
+      lambda *args, **kwargs: None)
+  if overwrite:
+    moved = resume.move_run_aside(workdir)
+    if moved:
+      log(f'--overwrite: moved the run in {workdir} to {moved}; starting '
+          'afresh')
+  writer, checkpointer = _open_workdir(workdir, config.train.keep_checkpoints,
+                                       is_main)
+  try:
+    # Before anything is built or compiled.
+    resume.check_resumable(checkpointer, config, workdir, log)
+    return _train(config, workdir, info, mesh, layout, learner, plan,
+                  writer, checkpointer, log, interrupt_at_step)
+  finally:
+    writer.flush()
+    checkpointer.close()
+
+
+def _train(config, workdir, info, mesh, layout, learner, plan, writer,
+           checkpointer, log, interrupt_at_step) -> dict:
+  """The body of `train_and_evaluate` once the workdir is open: the run of
+  `plan` (its phases, `plan[-1]` ending at the last iteration)."""
+  is_main = jax.process_index() == 0
+  num_exits = learner.model.num_exits
+  batch_size = layout.global_batch
+  steps_per_epoch = data.steps_per_epoch(info, batch_size)
+  total = plan[-1].start + plan[-1].length
+
   state = jax.device_put(
       init_train_state(learner, jax.random.PRNGKey(config.seed),
                        info.image_shape), parallel.replicated(mesh))
-  if checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(state)
-    if is_main:
-      print(f'resumed from {checkpointer.directory} at iteration '
-            f'{int(state.step)} (epoch {meta.get("epoch")})', flush=True)
+  restored, meta = resume.restore_newest(checkpointer, state, config, workdir,
+                                         log)
+  if restored is not None:
+    state = restored
+    log(f'resumed from {checkpointer.directory} at iteration '
+        f'{int(state.step)} (epoch {meta.get("epoch")})')
   else:
     if config.train.get('init_from'):
       state = _network_from(config.train.init_from, state)
@@ -296,8 +447,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        'phase': phase.index})
         last_of_epoch = step % steps_per_epoch == 0 or step == total
         if step % config.train.log_every_steps == 0 or last_of_epoch or stop:
-          scalars = _summarise(window, num_exits)
-          _check_finite(scalars, step, checkpointer)
+          fetched = jax.device_get(window)
+          _check_finite(fetched, step - len(window) + 1, checkpointer)
+          scalars = _summarise(fetched, num_exits)
           elapsed = time.perf_counter() - window_start
           scalars['train/images_per_second'] = (len(window) * batch_size /
                                                 max(elapsed, 1e-9))
@@ -330,8 +482,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return results
   finally:
     preemption.uninstall()
-    writer.flush()
-    checkpointer.close()
 
 
 def _write_eval(writer, step, statistics_fn, config, info) -> None:

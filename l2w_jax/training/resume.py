@@ -1,0 +1,165 @@
+"""Resuming a run without a person watching it.
+
+A restart script reruns the same command after every preemption or crash.
+On each start the run:
+
+* refuses a workdir that holds a run of another configuration (the config
+  is stored with every checkpoint), naming the fields that differ, unless
+  `overwrite` moves that run aside first;
+* resumes from the newest checkpoint that can be read; one that cannot (a
+  truncated file, a half-finished copy) is moved aside to
+  `<workdir>/bad_checkpoints/` with a line saying so, and the next older one
+  is tried. Nothing is ever deleted.
+
+Only the fields in RESUMABLE_FIELDS may change between the run that wrote a
+checkpoint and the run that resumes it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import json
+import os
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+
+# Fields that may differ on resume: how long the run goes on, how often it
+# logs, checkpoints and evaluates, how it evaluates, where the data and
+# processes are. Everything else (model, method, optimizer, schedule shape,
+# data order via `seed`, batch size) must match the checkpoint.
+RESUMABLE_FIELDS = (
+    'train.num_steps', 'train.epochs', 'train.log_every_steps',
+    'train.checkpoint_every_steps', 'train.keep_checkpoints',
+    'train.eval_every_epochs', 'train.init_from', 'eval.*',
+    'dataset.data_dir', 'dataset.manual_dir', 'distributed.*')
+
+BAD_CHECKPOINTS = 'bad_checkpoints'
+
+
+class ConfigMismatch(ValueError):
+  """The workdir holds a run of another configuration."""
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _resumable(path: str) -> bool:
+  return any(fnmatch.fnmatchcase(path, pattern)
+             for pattern in RESUMABLE_FIELDS)
+
+
+def config_differences(stored_json: str, config: ml_collections.ConfigDict
+                       ) -> list[tuple[str, Any, Any]]:
+  """(field, checkpoint's value, config's value) for every field outside
+  RESUMABLE_FIELDS whose values differ, in field order. Fields that only one
+  side has (a run written by an older version of the code) are not
+  compared."""
+  stored = _flatten(json.loads(stored_json))
+  current = _flatten(json.loads(config.to_json()))
+  return [(path, stored[path], current[path])
+          for path in sorted(set(stored) & set(current))
+          if not _resumable(path) and stored[path] != current[path]]
+
+
+def mismatch_message(workdir: str, differences) -> str:
+  """One line: which fields differ and how to proceed."""
+  fields = '; '.join(f'{path} = {json.dumps(old)} in the checkpoint, '
+                     f'{json.dumps(new)} now' for path, old, new in differences)
+  return (f'{workdir} holds a run of another configuration ({fields}): '
+          'rerun with the configuration that wrote it to resume it, use '
+          'another --workdir, or pass --overwrite to move that run aside and '
+          'start afresh')
+
+
+def _timestamp() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).strftime(
+      '%Y%m%dT%H%M%S%fZ')
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def move_checkpoint_aside(checkpoint_dir: str, workdir: str) -> str:
+  """Renames a checkpoint directory (`<workdir>/checkpoints/<step>`) to
+  `<workdir>/bad_checkpoints/<step>-<UTC time>` on process 0, whose return
+  value is the new path, and waits until it is done."""
+  target = os.path.join(workdir, BAD_CHECKPOINTS,
+                        f'{os.path.basename(checkpoint_dir)}-{_timestamp()}')
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(checkpoint_dir, target)
+  barrier('l2w_jax: bad checkpoint moved aside')
+  return target
+
+
+def move_run_aside(workdir: str) -> str | None:
+  """Renames a non-empty `workdir` to `<workdir>.replaced-<UTC time>` on
+  process 0 (whose return value is the new path) so that a new run starts
+  there; None if there was nothing to move."""
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir) or not os.listdir(workdir):
+    return None
+  target = f'{workdir}.replaced-{_timestamp()}'
+  if jax.process_index() == 0:
+    os.rename(workdir, target)
+  barrier('l2w_jax: old run moved aside')
+  return target
+
+
+def newest_meta(checkpointer, workdir: str, log=print):
+  """(step, meta) of the newest checkpoint whose metadata can be read, or
+  (None, None); unreadable ones are moved aside (`move_checkpoint_aside`)."""
+  from l2w_jax.training.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  for step in sorted(checkpointer.all_steps(), reverse=True):
+    try:
+      return step, checkpointer.read_meta(step)
+    except CheckpointError as e:
+      _set_aside(checkpointer, step, workdir, e, log)
+  return None, None
+
+
+def _set_aside(checkpointer, step: int, workdir: str, error, log) -> None:
+  moved = move_checkpoint_aside(checkpointer.path(step), workdir)
+  checkpointer.reload()
+  log(f'checkpoint {step} cannot be read ({error.reason}); moved it to '
+      f'{moved} and trying the next older one')
+
+
+def check_resumable(checkpointer, config, workdir: str, log=print) -> None:
+  """Raises ConfigMismatch (one line) unless the newest readable
+  checkpoint was written with `config` up to RESUMABLE_FIELDS."""
+  step, meta = newest_meta(checkpointer, workdir, log)
+  if step is None or 'config' not in meta:
+    return
+  differences = config_differences(meta['config'], config)
+  if differences:
+    raise ConfigMismatch(mismatch_message(workdir, differences))
+
+
+def restore_newest(checkpointer, template, config, workdir: str, log=print):
+  """(state, meta) of the newest checkpoint that restores, checked against
+  `config` first; (None, None) if none is left. Checkpoints that cannot be
+  restored are moved aside one by one."""
+  from l2w_jax.training.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  while True:
+    check_resumable(checkpointer, config, workdir, log)
+    step = checkpointer.latest_step()
+    if step is None:
+      return None, None
+    try:
+      return checkpointer.restore(template, step)
+    except CheckpointError as e:
+      _set_aside(checkpointer, step, workdir, e, log)
