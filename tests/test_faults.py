@@ -4,6 +4,7 @@ and bad input files (`pytest -k "fault or corrupt or mismatch or validate
 or nan"` selects this file)."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,27 @@ def test_mismatch_ignores_the_resumable_fields_and_overwrite_moves_aside(
   old = [p for p in tmp_path.iterdir() if p.name.startswith('run.replaced-')]
   assert len(old) == 1 and (old[0] / 'checkpoints' / '1').is_dir()
   assert (workdir / train.RESULTS_FILE).exists()
+
+
+def test_mismatched_arrays_without_a_stored_config_stop_and_stay(
+    finished_run, tmp_path):
+  """A checkpoint whose metadata has no config (as if written by another
+  version of the code) and whose arrays do not fit the model: the run stops
+  naming it and moves nothing, rather than restarting from scratch."""
+  config, base, _ = finished_run
+  workdir = tmp_path / 'run'
+  shutil.copytree(base / 'run', workdir)
+  meta_file = workdir / 'checkpoints' / '2' / 'meta' / 'metadata'
+  meta = json.loads(meta_file.read_text())
+  del meta['config']
+  meta_file.write_text(json.dumps(meta))
+  changed = config.copy_and_resolve_references()
+  changed.model.n_channels = 8
+  with pytest.raises(CheckpointError, match=(
+      'checkpoints/2 holds arrays that do not fit the model')):
+    train.train_and_evaluate(changed, str(workdir))
+  assert (workdir / 'checkpoints' / '2').is_dir()
+  assert not (workdir / resume.BAD_CHECKPOINTS).exists()
 
 
 # ----------------------------------------------------------------------------

@@ -11,10 +11,13 @@ never replaces a good checkpoint.
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any
 
 from absl import logging
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -66,6 +69,26 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
+
+  def arrays_fit(self, step: int, template) -> bool | None:
+    """Whether checkpoint `step` stores arrays of the shapes and dtypes of
+    `template`'s leaves (compared as multisets, so independent of how
+    paths are spelled); None if its array metadata cannot be read."""
+    try:
+      stored = ocp.StandardCheckpointer().metadata(
+          os.path.join(self.path(step), 'state'))
+      stored = getattr(stored, 'item_metadata', stored)
+      got = collections.Counter(
+          (tuple(leaf.shape), str(leaf.dtype))
+          for leaf in jax.tree_util.tree_leaves(stored))
+    except Exception:  # pylint: disable=broad-except
+      return None
+    if not got:  # a damaged array store reads as an empty tree
+      return None
+    want = collections.Counter(
+        (tuple(np.shape(leaf)), str(leaf.dtype))
+        for leaf in jax.tree_util.tree_leaves(template))
+    return got == want
 
   def save(self, step: int, state, meta: dict[str, Any]) -> None:
     """Writes `state` at `step` (no-op if that step is already saved)."""

@@ -9,7 +9,9 @@ On each start the run:
 * resumes from the newest checkpoint that can be read; one that cannot (a
   truncated file, a half-finished copy) is moved aside to
   `<workdir>/bad_checkpoints/` with a line saying so, and the next older one
-  is tried. Nothing is ever deleted.
+  is tried. A checkpoint whose arrays are intact but do not fit the model
+  (the same config, another version of the code) stops the run instead, so
+  that a code change never silently restarts it. Nothing is ever deleted.
 
 Only the fields in RESUMABLE_FIELDS may change between the run that wrote a
 checkpoint and the run that resumes it.
@@ -162,4 +164,14 @@ def restore_newest(checkpointer, template, config, workdir: str, log=print):
     try:
       return checkpointer.restore(template, step)
     except CheckpointError as e:
+      if checkpointer.arrays_fit(step, template) is False:
+        # Intact but of another model: written by another version of the
+        # code. Moving it aside would silently restart the run.
+        raise CheckpointError(
+            f'{checkpointer.path(step)} holds arrays that do not fit the '
+            'model this code builds from the same config (written by '
+            f'another version of the code?): {e.reason}. Nothing was moved '
+            'or deleted; resume it with the code that wrote it, or pass '
+            '--overwrite to move the run aside and start afresh',
+            e.reason) from e
       _set_aside(checkpointer, step, workdir, e, log)
