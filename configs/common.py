@@ -156,6 +156,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.meta.lr = 1e-4
   config.meta.weight_decay = 1e-4
   config.meta.target_p_index = 15
+  # The virtual step (`l2w_jax.meta.api`): unrolled inner steps; first_order
+  # treats each inner gradient as a constant of the backbone parameters;
+  # virtual_params 'all' or 'heads' (only the exits' classifiers move).
+  config.meta.inner_steps = 1
+  config.meta.first_order = False
+  config.meta.virtual_params = 'all'
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 1024

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2w_jax.meta import l2w
+from l2w_jax.meta import api, l2w
 from l2w_jax.training.learner import build_learner, init_train_state
 from tests.tiny import TINY_IMAGE, tiny_config
 
@@ -27,14 +27,10 @@ def test_meta_gradient_matches_finite_differences(float64, input_kind,
   (xt, yt), (xm, ym) = l2w.split_halves(images, labels)
   lr = jnp.float64(0.5)
 
-  losses, loss_vjp, (logits, _) = jax.vjp(
-      lambda p: l2w.backbone_losses(learner.model, p, state.batch_stats, xt,
-                                    yt), state.params, has_aux=True)
-  from l2w_jax.meta import weighting  # pylint: disable=g-import-not-at-top
-  inputs = weighting.weight_net_inputs(
-      losses, weighting.exit_confidences(logits), input_kind)
-  objective = jax.jit(lambda mp: l2w.meta_objective(
-      learner, mp, state, loss_vjp, inputs, xm, ym, lr))
+  pieces = l2w.meta_pieces(learner, state)
+  objective = jax.jit(lambda mp: api.meta_loss(
+      mp, **pieces, train_batch=(xt, yt), meta_batch=(xm, ym),
+      learning_rate=lr))
 
   (value, (_, assignment)), grads = jax.jit(
       jax.value_and_grad(lambda mp: objective(mp), has_aux=True))(

@@ -76,8 +76,9 @@ def _reference_half(learner, state, shards, train_index):
 
   @jax.jit
   def meta_part(state, xt, yt, xm, ym):
-    _, loss_vjp, _, _, inputs = l2w.train_forward(learner, state, xt, yt)
-    _, grads = l2w.meta_gradient(learner, state, loss_vjp, inputs, xm, ym, LR)
+    losses, loss_vjp, logits, _, _ = l2w.train_forward(learner, state, xt, yt)
+    _, grads = l2w.meta_gradient(learner, state, (losses, loss_vjp, logits),
+                                 (xt, yt), (xm, ym), LR)
     return grads
 
   @jax.jit

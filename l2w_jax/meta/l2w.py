@@ -24,7 +24,6 @@ and call the compiled function twice per iteration.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax
@@ -33,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from l2w_jax.meta import weighting
+from l2w_jax.meta import api, weighting
 from l2w_jax.optim import apply_optimizer
 
 
@@ -65,6 +64,8 @@ class L2WSettings:
   # The backbone's activations; parameters, optimizer states and losses stay
   # in their own (float32) dtype.
   compute_dtype: str = 'float32'
+  # How the virtual step is taken (`api.MetaOptions`).
+  meta_options: api.MetaOptions = api.MetaOptions()
 
 
 def _unchanged(tree):
@@ -143,34 +144,25 @@ def weighted_loss(weights: jax.Array, losses: jax.Array) -> jax.Array:
   return jnp.sum(jnp.mean(weights * losses, axis=0))
 
 
-def meta_objective(learner: Learner, meta_params, state: TrainState,
-                   loss_vjp: Callable, weight_inputs, meta_images, meta_labels,
-                   learning_rate):
-  """The meta loss as a function of the weight-net parameters.
-
-  `loss_vjp` is the VJP of the train-half losses w.r.t. the backbone
-  parameters; the virtual step's gradient is `loss_vjp(w / B)` because the
-  weighted loss is linear in the losses. Under data parallelism that gradient
-  stays per device (the original's virtual step differentiates a local copy
-  of the network, which DDP does not all-reduce). Returns (meta_loss,
-  (pseudo_weights, exit_assignment)).
-  """
-  pseudo_weights = predict_weights(learner, meta_params, weight_inputs)
-  num_train = pseudo_weights.shape[0]
-  grads, = loss_vjp(pseudo_weights / num_train)
-  virtual_params, _ = apply_optimizer(learner.tx, grads, state.opt_state,
-                                      state.params, learning_rate)
-  # Train mode (batch statistics); the moved running statistics are dropped.
-  # The meta loss is never label-smoothed.
-  meta_losses, (meta_logits, _) = backbone_losses(
-      learner.model, virtual_params, state.batch_stats, meta_images,
-      meta_labels, compute_dtype=compute_dtype(learner.settings))
-  confidences = jax.lax.stop_gradient(weighting.exit_confidences(meta_logits))
-  quotas = weighting.exit_quotas(meta_labels.shape[0],
-                                 learner.settings.target_probs)
-  assignment = weighting.allocate_to_exits(confidences, quotas)
-  return weighting.allocated_loss(meta_losses, assignment), (pseudo_weights,
-                                                             assignment)
+def meta_pieces(learner: Learner, state: TrainState) -> dict:
+  """The keyword arguments of `api.meta_loss` / `api.meta_gradient` that
+  make L2W-DEN's meta step for `learner` at `state`: the backbone in train
+  mode on the batch statistics (the training half label-smoothed as
+  configured, the meta half never), the weight net, the confidence
+  allocation, the real optimizer as the inner update, and the configured
+  `MetaOptions`."""
+  s = learner.settings
+  dtype = compute_dtype(s)
+  return dict(
+      params=state.params, opt_state=state.opt_state,
+      losses_fn=api.backbone_loss_fn(learner.model, state.batch_stats,
+                                     s.label_smoothing, dtype),
+      meta_losses_fn=api.backbone_loss_fn(learner.model, state.batch_stats,
+                                          0.0, dtype),
+      weight_fn=api.default_weight_fn(learner.weight_net, s.input_kind,
+                                      s.constraint, s.epsilon),
+      objective_fn=api.allocation_objective(s.target_probs),
+      optimizer=learner.tx, options=s.meta_options)
 
 
 def train_forward(learner: Learner, state: TrainState, images, labels):
@@ -193,18 +185,19 @@ def train_forward(learner: Learner, state: TrainState, images, labels):
   return losses, loss_vjp, exit_logits, new_batch_stats, weight_inputs
 
 
-def meta_gradient(learner: Learner, state: TrainState, loss_vjp: Callable,
-                  weight_inputs, meta_images, meta_labels, learning_rate):
+def meta_gradient(learner: Learner, state: TrainState, first_forward,
+                  train_batch, meta_batch, learning_rate):
   """This device's meta-gradient: ((meta_loss, (pseudo_weights,
-  exit_assignment)), gradient w.r.t. state.meta_params), differentiating
-  through the virtual step (`meta_objective`)."""
-  objective = functools.partial(meta_objective, learner, state=state,
-                                loss_vjp=loss_vjp,
-                                weight_inputs=weight_inputs,
-                                meta_images=meta_images,
-                                meta_labels=meta_labels,
-                                learning_rate=learning_rate)
-  return jax.value_and_grad(objective, has_aux=True)(state.meta_params)
+  exit_assignment)), gradient w.r.t. state.meta_params), through the virtual
+  step (`api.meta_gradient` with `meta_pieces`). `first_forward` is
+  (losses, loss_vjp, exit_logits) of `train_forward` on `train_batch`
+  (images, labels). Under data parallelism the virtual step's gradient
+  stays per device (the original's virtual step differentiates a local copy
+  of the network, which DDP does not all-reduce)."""
+  return api.meta_gradient(state.meta_params, **meta_pieces(learner, state),
+                           train_batch=train_batch, meta_batch=meta_batch,
+                           learning_rate=learning_rate,
+                           first_forward=first_forward)
 
 
 def real_gradient(learner: Learner, meta_params, loss_vjp: Callable,
@@ -239,7 +232,8 @@ def l2w_half_step(learner: Learner, state: TrainState, train_images,
   meta_params, meta_opt_state = state.meta_params, state.meta_opt_state
   if with_meta:
     (meta_loss, (pseudo_weights, assignment)), meta_grads = meta_gradient(
-        learner, state, loss_vjp, weight_inputs, meta_images, meta_labels,
+        learner, state, (losses, loss_vjp, exit_logits),
+        (train_images, train_labels), (meta_images, meta_labels),
         learning_rate)
     meta_grads = learner.reduce_grads(meta_grads)
     meta_params, meta_opt_state = apply_optimizer(

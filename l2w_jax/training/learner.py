@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from l2w_jax.meta import weighting
+from l2w_jax.meta import api, weighting
 from l2w_jax.meta.l2w import COMPUTE_DTYPES, L2WSettings, Learner, TrainState
 from l2w_jax.models import build_model, build_weight_net
 from l2w_jax.optim import torch_adam, torch_sgd
@@ -47,7 +47,11 @@ def build_learner(config) -> Learner:
           float(q) for q in weighting.target_probs(num_exits,
                                                    meta.target_p_index)),
       label_smoothing=float(config.train.get('label_smoothing', 0.0)),
-      compute_dtype=_compute_dtype(config))
+      compute_dtype=_compute_dtype(config),
+      meta_options=api.MetaOptions(
+          inner_steps=meta.get('inner_steps', 1),
+          first_order=bool(meta.get('first_order', False)),
+          virtual_params=meta.get('virtual_params', 'all')))
   method = methods.get(config.method)
   options = method.options(config) if method.options else {}
   return Learner(

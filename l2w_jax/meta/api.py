@@ -1,0 +1,185 @@
+"""The meta-gradient of L2W-DEN as a function with pluggable pieces.
+
+`meta_gradient` differentiates a meta objective on the meta half through
+`inner_steps` virtual updates of the backbone on the training half, with
+respect to the weight net's parameters phi:
+
+  theta_0 = the backbone's parameters
+  w_t     = weight_fn(phi, L(theta_t), logits(theta_t))
+  g_t     = J_t^T w_t / B, J_t = dL/dtheta at theta_t  (w_t held constant:
+            the gradient of sum_k mean_b(w_bk L_bk) with the weights fixed)
+  theta_{t+1}, s_{t+1} = inner_update(g_t, s_t, theta_t, learning_rate)
+  meta loss = objective_fn(logits(theta_T) on the meta half, ...)
+
+Every piece is a plain function:
+
+  losses_fn(params, images, labels) -> (losses (B, K), exit_logits K x (B, C))
+      the backbone in train mode with its batch statistics as constants
+      (`backbone_loss_fn` builds it from a Flax module);
+  weight_fn(meta_params, losses (B, K), exit_logits) -> weights (B, K)
+      (L2W-DEN: per-exit losses -> MLP -> tanh, centred;
+      `default_weight_fn`); the inputs at theta_0 do not depend on phi;
+      later ones do, through theta_t, and the meta-gradient includes it;
+  objective_fn(exit_logits, losses (B, K), labels) -> (scalar, aux)
+      on the virtually updated backbone's meta-half outputs (L2W-DEN:
+      samples allocated to exits by confidence with target proportions;
+      `allocation_objective`);
+  inner_update(grads, opt_state, params, learning_rate) -> (params,
+      opt_state)  (default: the real optax optimizer, differentiated
+      through, as the original differentiates SGD with momentum and weight
+      decay).
+
+Options (`MetaOptions`): `inner_steps` unrolled virtual steps;
+`first_order`, which treats each inner gradient g_t as a constant of the
+backbone parameters (g_t then depends on phi through w_t only; with one
+inner step this changes nothing, theta_0 does not depend on phi); and
+`virtual_params`, 'all' or 'heads' (only the exits' classifiers
+`classifier_*` move in the virtual steps).
+
+With the defaults, one inner step and the train half's forward pass given
+as `first_forward` (the training loop shares it with the real step), this
+is exactly L2W-DEN's meta step: one forward and two VJPs per half.
+Nothing is jitted here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from l2w_jax.meta import weighting
+from l2w_jax.optim import apply_optimizer
+
+VIRTUAL_PARAMS = ('all', 'heads')
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaOptions:
+  """How the virtual step is taken (config fields `meta.inner_steps`,
+  `meta.first_order`, `meta.virtual_params`)."""
+  inner_steps: int = 1
+  first_order: bool = False
+  virtual_params: str = 'all'
+
+  def __post_init__(self):
+    if not (isinstance(self.inner_steps, int) and self.inner_steps >= 1):
+      raise ValueError(f'meta.inner_steps: must be an integer >= 1, got '
+                       f'{self.inner_steps!r}')
+    if self.virtual_params not in VIRTUAL_PARAMS:
+      raise ValueError(f'meta.virtual_params: use one of {VIRTUAL_PARAMS}, '
+                       f'got {self.virtual_params!r}')
+
+
+def backbone_loss_fn(model, batch_stats, label_smoothing: float = 0.0,
+                     compute_dtype=None) -> Callable:
+  """`losses_fn` of a multi-exit Flax module: train mode, `batch_stats` as
+  constants (the moved statistics are dropped), per-sample per-exit CE."""
+  def losses_fn(params, images, labels):
+    if compute_dtype is not None:
+      images = images.astype(compute_dtype)
+    exit_logits, _ = model.apply({'params': params,
+                                  'batch_stats': batch_stats}, images,
+                                 train=True, mutable=['batch_stats'])
+    if compute_dtype is not None:
+      exit_logits = [z.astype(jnp.float32) for z in exit_logits]
+    return (weighting.per_exit_losses(exit_logits, labels, label_smoothing),
+            exit_logits)
+  return losses_fn
+
+
+def default_weight_fn(weight_net, input_kind: str, constraint: str,
+                      epsilon: float) -> Callable:
+  """L2W-DEN's weights: the weight net on per-exit losses ('loss'),
+  confidences ('confidence') or both ('both'), then `sample_weights`."""
+  def weight_fn(meta_params, losses, exit_logits):
+    inputs = weighting.weight_net_inputs(
+        losses, weighting.exit_confidences(exit_logits), input_kind)
+    raw = weight_net.apply({'params': meta_params}, inputs)
+    return weighting.sample_weights(raw, constraint, epsilon)
+  return weight_fn
+
+
+def allocation_objective(target_probs) -> Callable:
+  """L2W-DEN's meta loss: each meta sample allocated to one exit by
+  confidence (the exits' quotas from `target_probs`), the mean of the
+  allocated CE. aux: the allocation (B,)."""
+  def objective_fn(exit_logits, losses, labels):
+    confidences = jax.lax.stop_gradient(
+        weighting.exit_confidences(exit_logits))
+    quotas = weighting.exit_quotas(labels.shape[0], target_probs)
+    assignment = weighting.allocate_to_exits(confidences, quotas)
+    return weighting.allocated_loss(losses, assignment), assignment
+  return objective_fn
+
+
+def head_mask(params) -> dict:
+  """{top-level module: whether it is an exit's classifier}."""
+  return {name: name.startswith('classifier_') for name in params}
+
+
+def _only_heads(new_params, old_params):
+  mask = head_mask(old_params)
+  return {name: new_params[name] if mask[name] else old_params[name]
+          for name in old_params}
+
+
+def meta_loss(meta_params, *, params, opt_state, losses_fn: Callable,
+              weight_fn: Callable, objective_fn: Callable, train_batch,
+              meta_batch, learning_rate,
+              inner_update: Callable | None = None,
+              optimizer: optax.GradientTransformation | None = None,
+              meta_losses_fn: Callable | None = None,
+              options: MetaOptions = MetaOptions(),
+              first_forward=None) -> tuple[jax.Array, tuple[Any, Any]]:
+  """The meta objective as a function of `meta_params` (see the module
+  docstring). `train_batch`, `meta_batch`: (images, labels). One of
+  `inner_update` and `optimizer` (whose update is then the inner update).
+  `meta_losses_fn` (default `losses_fn`) runs the meta half, e.g. without
+  the training half's label smoothing. `first_forward`: (losses, loss_vjp,
+  exit_logits) of `losses_fn` at `params` on the training half, reused for
+  the first inner step. Returns (meta loss, (the first inner step's weights
+  (B, K), objective_fn's aux))."""
+  if inner_update is None:
+    if optimizer is None:
+      raise ValueError('give the inner update or the optimizer')
+    inner_update = lambda g, s, p, lr: apply_optimizer(optimizer, g, s, p, lr)
+  train_images, train_labels = train_batch
+  theta, state = params, opt_state
+  first_weights = None
+  for t in range(options.inner_steps):
+    if t == 0 and first_forward is not None:
+      losses, loss_vjp, exit_logits = first_forward
+    else:
+      at = jax.lax.stop_gradient(theta) if options.first_order else theta
+      losses, loss_vjp, exit_logits = jax.vjp(
+          lambda p: losses_fn(p, train_images, train_labels), at,
+          has_aux=True)
+    # The weights enter the inner gradient as the VJP's cotangent, so they
+    # are constants of that differentiation without a stop_gradient (sum_k
+    # mean_b(w L) is linear in the losses). From the second inner step on
+    # the weight net's inputs depend on phi through theta_t, and the
+    # meta-gradient follows that path too (unless first_order holds
+    # theta_t constant).
+    weights = weight_fn(meta_params, losses, exit_logits)
+    if first_weights is None:
+      first_weights = weights
+    grads, = loss_vjp(weights / weights.shape[0])
+    updated, state = inner_update(grads, state, theta, learning_rate)
+    theta = (updated if options.virtual_params == 'all' else
+             _only_heads(updated, theta))
+  meta_images, meta_labels = meta_batch
+  meta_losses, meta_logits = (meta_losses_fn or losses_fn)(theta, meta_images,
+                                                           meta_labels)
+  value, aux = objective_fn(meta_logits, meta_losses, meta_labels)
+  return value, (first_weights, aux)
+
+
+def meta_gradient(meta_params, **kwargs):
+  """((meta loss, aux), d meta loss / d meta_params) of `meta_loss` (same
+  keyword arguments): the gradient through the virtual steps."""
+  return jax.value_and_grad(lambda mp: meta_loss(mp, **kwargs),
+                            has_aux=True)(meta_params)
