@@ -162,6 +162,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.meta.inner_steps = 1
   config.meta.first_order = False
   config.meta.virtual_params = 'all'
+  # Rematerialise the backbone's blocks (jax.checkpoint) to bound the memory
+  # of the meta step's second-order pass; same values, more compute.
+  config.meta.remat = False
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 1024

@@ -4,7 +4,9 @@ sets, and the first-order variant against its closed form (float64, tiny
 MSDNet)."""
 
 import dataclasses
+import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 
 from l2w_jax.meta import api, l2w
 from l2w_jax.training.learner import build_learner, init_train_state
-from tests.tiny import TINY_IMAGE, tiny_config
+from tests.tiny import TINY_IMAGE, tiny_config, tiny_ranet_config
 
 LR = 0.5
 
@@ -148,3 +150,50 @@ def test_bad_meta_options_are_named():
   config.meta.virtual_params = 'heads'
   assert build_learner(config).settings.meta_options == dataclasses.replace(
       api.MetaOptions(), virtual_params='heads')
+
+
+def _half_step_with_remat(config, remat: bool):
+  """(initial params, params after one L2W half step, its meta-gradient)."""
+  config.meta.remat = remat
+  learner = build_learner(config)
+  assert learner.model.cfg.remat == remat
+  state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE)
+  images = jax.random.normal(jax.random.PRNGKey(1), (8,) + TINY_IMAGE)
+  labels = jnp.arange(8) % 5
+  (xt, yt), (xm, ym) = l2w.split_halves(images, labels)
+  step = jax.jit(functools.partial(l2w.l2w_half_step, learner),
+                 static_argnames='with_meta')
+  new_state, metrics = step(state, xt, yt, xm, ym, 0.1, 1e-2, with_meta=True)
+  return state.params, new_state.params, metrics['meta_grads']
+
+
+def test_remat_changes_memory_not_values():
+  """meta.remat on the MSDNet: the same parameters (names, shapes, init)
+  and the same L2W half step, meta-gradient included, to float32
+  rounding."""
+  init_a, params_a, meta_a = _half_step_with_remat(tiny_config(), False)
+  init_b, params_b, meta_b = _half_step_with_remat(tiny_config(), True)
+  chex.assert_trees_all_equal(init_a, init_b)
+  chex.assert_trees_all_close(params_a, params_b, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(meta_a, meta_b, rtol=1e-4, atol=1e-7)
+  assert max(float(jnp.max(jnp.abs(g)))
+             for g in jax.tree_util.tree_leaves(meta_a)) > 1e-6
+
+
+def test_remat_on_ranet_gives_the_same_gradient():
+  """RANet's blocks under remat (their `train` argument static): the
+  same parameters and the same gradient of the summed exit losses."""
+  grads = []
+  for remat in (False, True):
+    config = tiny_ranet_config()
+    config.meta.remat = remat
+    model = build_learner(config).model
+    assert model.cfg.remat == remat
+    images = jax.random.normal(jax.random.PRNGKey(1), (4,) + TINY_IMAGE)
+    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+    losses_fn = api.backbone_loss_fn(model, variables['batch_stats'])
+    grads.append((variables['params'], jax.jit(jax.grad(
+        lambda p: jnp.sum(losses_fn(p, images, jnp.arange(4))[0])))(
+            variables['params'])))
+  chex.assert_trees_all_equal(grads[0][0], grads[1][0])
+  chex.assert_trees_all_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)

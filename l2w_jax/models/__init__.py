@@ -53,6 +53,8 @@ def build_model(config, **overrides):
   cfg = backbone_config(config)
   if config.get('train') and config.train.get('sync_bn', False):
     cfg = dataclasses.replace(cfg, bn_axis_name=DATA_AXIS)
+  if config.get('meta') and config.meta.get('remat', False):
+    cfg = dataclasses.replace(cfg, remat=True)
   unknown = set(overrides) - {f.name for f in dataclasses.fields(cfg)}
   if unknown:
     raise ValueError(

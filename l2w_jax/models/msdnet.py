@@ -83,6 +83,10 @@ class MSDNetConfig:
   # BoostNet's reweights r_k, one per exit: in eval mode the outputs are the
   # ensembles Q_k (`ensemble.ensemble_logits`) instead of the exit logits.
   ensemble_reweight: tuple[float, ...] = ()
+  # Rematerialise each dense layer and transition in the backward pass
+  # (`flax.linen.remat`, i.e. jax.checkpoint; `meta.remat`): less memory
+  # for the meta step's second-order pass, same values.
+  remat: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, 'gr_factor',
@@ -426,9 +430,10 @@ class MSDNet(nn.Module):
   def _make_layer(self, spec: LayerSpec) -> nn.Module:
     if spec.kind == 'first':
       return MSDNFirstLayer(self.cfg)
-    if spec.kind == 'msdn':
-      return MSDNLayer(self.cfg, spec)
-    return Transition(self.cfg, spec)
+    layer = MSDNLayer if spec.kind == 'msdn' else Transition
+    if self.cfg.remat:  # `train` (argument 2, self being 0) is static
+      layer = nn.remat(layer, static_argnums=(2,))
+    return layer(self.cfg, spec)
 
   @property
   def num_exits(self) -> int:

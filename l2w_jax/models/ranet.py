@@ -62,6 +62,8 @@ class RANetConfig:
   # r_k, one per exit (eval-mode outputs are then the ensembles Q_k).
   gradient_equilibrium: bool = False
   ensemble_reweight: tuple[float, ...] = ()
+  # Rematerialise each block in the backward pass (`meta.remat`).
+  remat: bool = False
 
   def __post_init__(self):
     for field in ('gr_factor', 'bn_factor', 'scale_list'):
@@ -475,7 +477,10 @@ class RANet(nn.Module):
   def setup(self):
     self.FirstLayer = RAFirstLayer(self.cfg)  # pylint: disable=invalid-name
     topology = ranet_topology(self.cfg)
-    self.scale_flows = [[RABlock(self.cfg, spec) for spec in flow]
+    # `train` (argument 3, self being 0) is static under remat.
+    block = (nn.remat(RABlock, static_argnums=(3,)) if self.cfg.remat else
+             RABlock)
+    self.scale_flows = [[block(self.cfg, spec) for spec in flow]
                         for flow in topology]
     self.classifier = [RAClassifier(self.cfg, spec.outputs[-1])
                        for flow in topology for spec in flow if spec.exit]
