@@ -162,8 +162,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.meta.inner_steps = 1
   config.meta.first_order = False
   config.meta.virtual_params = 'all'
-  # Rematerialise the backbone's blocks (jax.checkpoint) to bound the memory
-  # of the meta step's second-order pass; same values, more compute.
+  # Rematerialise the backbone's layers (flax remat = jax.checkpoint); same
+  # values. Meant to bound the memory of the meta step's second-order pass,
+  # but on CPU it does not lower the measured memory yet (README,
+  # benchmarks/meta_memory.py).
   config.meta.remat = False
 
   config.train = ml_collections.ConfigDict()

@@ -91,6 +91,7 @@ def finished_run(tmp_path_factory):
 
 def test_mismatched_config_is_refused_in_one_line(finished_run):
   _, base, _ = finished_run
+  before = sorted((p, p.stat().st_size) for p in (base / 'run').rglob('*'))
   code, _, err, seconds = _main(
       f'--workdir={base / "run"}', f'--config.dataset.data_dir={base / "data"}',
       '--config.train.num_steps=2', '--config.model.n_channels=8')
@@ -99,6 +100,9 @@ def test_mismatched_config_is_refused_in_one_line(finished_run):
   assert last.startswith('error: ') and (
       'model.n_channels = 4 in the checkpoint, 8 now' in last), last
   assert seconds < 60
+  # The refused run wrote nothing into the workdir.
+  assert sorted((p, p.stat().st_size)
+                for p in (base / 'run').rglob('*')) == before
 
 
 def test_mismatch_ignores_the_resumable_fields_and_overwrite_moves_aside(

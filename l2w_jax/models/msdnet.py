@@ -84,8 +84,7 @@ class MSDNetConfig:
   # ensembles Q_k (`ensemble.ensemble_logits`) instead of the exit logits.
   ensemble_reweight: tuple[float, ...] = ()
   # Rematerialise each dense layer and transition in the backward pass
-  # (`flax.linen.remat`, i.e. jax.checkpoint; `meta.remat`): less memory
-  # for the meta step's second-order pass, same values.
+  # (`flax.linen.remat`, i.e. jax.checkpoint; `meta.remat`); same values.
   remat: bool = False
 
   def __post_init__(self):

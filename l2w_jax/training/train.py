@@ -295,9 +295,9 @@ class WorkdirError(RuntimeError):
   """The workdir cannot be created or written."""
 
 
-def _open_workdir(workdir: str, keep: int, is_main: bool):
-  """(metrics writer, Checkpointer) of `workdir`, created if needed;
-  WorkdirError naming the path if it cannot be."""
+def _open_workdir(workdir: str, keep: int) -> Checkpointer:
+  """The Checkpointer of `workdir`, created if needed; WorkdirError naming
+  the path if it cannot be written."""
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
@@ -311,7 +311,7 @@ def _open_workdir(workdir: str, keep: int, is_main: bool):
         f'cannot write to the workdir {os.path.abspath(workdir)} '
         f'({type(e).__name__}: {e.strerror or e}): give a writable '
         '--workdir (nothing in it was changed)') from e
-  return metrics_lib.create_writer(workdir, write_to_disk=is_main), checkpointer
+  return checkpointer
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -354,15 +354,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if moved:
       log(f'--overwrite: moved the run in {workdir} to {moved}; starting '
           'afresh')
-  writer, checkpointer = _open_workdir(workdir, config.train.keep_checkpoints,
-                                       is_main)
+  checkpointer = _open_workdir(workdir, config.train.keep_checkpoints)
   try:
-    # Before anything is built or compiled.
+    # Before anything is compiled or written: a refused run leaves the
+    # workdir as it was.
     resume.check_resumable(checkpointer, config, workdir, log)
-    return _train(config, workdir, info, mesh, layout, learner, plan,
-                  writer, checkpointer, log, interrupt_at_step)
+    writer = metrics_lib.create_writer(workdir, write_to_disk=is_main)
+    try:
+      return _train(config, workdir, info, mesh, layout, learner, plan,
+                    writer, checkpointer, log, interrupt_at_step)
+    finally:
+      writer.flush()
   finally:
-    writer.flush()
     checkpointer.close()
 
 
