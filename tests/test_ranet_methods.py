@@ -3,7 +3,6 @@ scale flows, 3 exits), the whole-batch methods sharded over 8 simulated
 devices."""
 
 import dataclasses
-import functools
 
 import chex
 import jax
@@ -11,14 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2w_jax.evaluation import anytime, budgeted
-from l2w_jax.evaluation.cascade import (Cascade, SingleImageCascade,
-                                        simulated_exits)
 from l2w_jax.meta import weighting
 from l2w_jax.models.ranet import RANet, RANetConfig
 from l2w_jax.optim import sgd_momentum
 from l2w_jax.training import methods
-from tests.tiny import (TINY_IMAGE, TINY_RANET, float64_step_setup,
+from tests.tiny import (TINY_IMAGE, TINY_RANET,
+                        check_cascade_against_simulated, float64_step_setup,
                         mean_tree, sharded_and_per_device, tiny_ranet_config)
 
 LR = 0.3  # the learning rate of `sharded_and_per_device`
@@ -162,30 +159,5 @@ def test_cascade_on_ranet_gives_the_simulated_predictions(reweight):
   stem features and fuses the first flow's outputs of the exited-or-not
   samples kept) equals simulated exiting, in batches and one by one."""
   model = RANet(dataclasses.replace(TINY_RANET, ensemble_reweight=reweight))
-  images = jax.random.normal(jax.random.PRNGKey(1), (60,) + TINY_IMAGE)
-  labels = jnp.zeros((60,), jnp.int32)
-  variables = model.init(jax.random.PRNGKey(0), images[:1])
-  stats = jax.jit(functools.partial(anytime.exit_statistics, model,
-                                    variables))
-  held_out, test = stats(images[:30], labels[:30]), stats(images[30:],
-                                                           labels[30:])
-  thresholds = budgeted.find_thresholds(
-      np.asarray(held_out['confidence']),
-      budgeted.budget_proportions(model.num_exits)[19])
-  want_pred, want_exits = simulated_exits(
-      np.asarray(test['confidence']), np.asarray(test['prediction']),
-      thresholds)
-  assert set(want_exits.tolist()) == {0, 1, 2}
-  batch = Cascade(model, variables, thresholds, max_batch=16)
-  outputs = [batch(np.asarray(images[30 + i:30 + i + 15])) for i in (0, 15)]
-  np.testing.assert_array_equal(
-      np.concatenate([o.predictions for o in outputs]), want_pred)
-  np.testing.assert_array_equal(np.concatenate([o.exits for o in outputs]),
-                                want_exits)
-  sizes = outputs[0].samples_per_stage
-  assert sizes[0] == 15 and sizes == sorted(sizes, reverse=True)
-  single = SingleImageCascade(model, variables, thresholds)
-  for i in range(0, 30, 4):
-    prediction, exit_index = single(np.asarray(images[30 + i:31 + i]))
-    assert (int(prediction), int(exit_index)) == (want_pred[i],
-                                                  want_exits[i])
+  exits = check_cascade_against_simulated(model)
+  assert set(exits.tolist()) == {0, 1, 2}

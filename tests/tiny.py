@@ -141,3 +141,38 @@ def float64_step_setup(config):
                              jnp.float64)
   labels = jnp.arange(8, dtype=jnp.int32) % TINY_MSDNET.num_classes
   return learner, state, images, labels
+
+
+def check_cascade_against_simulated(model) -> np.ndarray:
+  """Runs `model` (random weights, 60 random TINY_IMAGE images: 30 held
+  out for the budget-20 thresholds, 30 tested) through the real cascade in
+  batches of 15 and one image at a time, asserting both give simulated
+  exiting's predictions and exits; returns the 30 exits."""
+  from l2w_jax.evaluation import anytime, budgeted, cascade  # pylint: disable=g-import-not-at-top
+  images = jax.random.normal(jax.random.PRNGKey(1), (60,) + TINY_IMAGE)
+  labels = jnp.zeros((60,), jnp.int32)
+  variables = model.init(jax.random.PRNGKey(0), images[:1])
+  stats = jax.jit(lambda x, y: anytime.exit_statistics(model, variables, x,
+                                                       y))
+  held_out, test = stats(images[:30], labels[:30]), stats(images[30:],
+                                                           labels[30:])
+  thresholds = budgeted.find_thresholds(
+      np.asarray(held_out['confidence']),
+      budgeted.budget_proportions(model.num_exits)[19])
+  want_pred, want_exits = cascade.simulated_exits(
+      np.asarray(test['confidence']), np.asarray(test['prediction']),
+      thresholds)
+  batch = cascade.Cascade(model, variables, thresholds, max_batch=16)
+  outputs = [batch(np.asarray(images[30 + i:30 + i + 15])) for i in (0, 15)]
+  np.testing.assert_array_equal(
+      np.concatenate([o.predictions for o in outputs]), want_pred)
+  np.testing.assert_array_equal(np.concatenate([o.exits for o in outputs]),
+                                want_exits)
+  sizes = outputs[0].samples_per_stage
+  assert sizes[0] == 15 and sizes == sorted(sizes, reverse=True)
+  single = cascade.SingleImageCascade(model, variables, thresholds)
+  for i in range(0, 30, 4):
+    prediction, exit_index = single(np.asarray(images[30 + i:31 + i]))
+    assert (int(prediction), int(exit_index)) == (want_pred[i],
+                                                  want_exits[i])
+  return want_exits
