@@ -38,6 +38,8 @@ def test_forward_returns_one_logit_array_per_exit():
     ({'n_blocks': 0}, 'n_blocks'),
     ({'reduction': 1.5}, 'reduction'),
     ({'gr_factor': 'one-two'}, 'gr_factor'),
+    ({'init': 'xavier'}, 'init'),
+    ({'ensemble_reweight': (0.5, 0.5)}, 'ensemble_reweight'),  # 5 exits
 ])
 def test_impossible_configurations_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=f'model.{field}'):

@@ -68,6 +68,8 @@ def test_topology_follows_the_original_channel_arithmetic():
     ('gr_factor', (4, 2), 'model.gr_factor: has 2 entries'),
     ('growth_rate', 1, 'model.compress_factor, model.growth_rate'),
     ('step_mode', 'lin_grow', "unknown RANet step mode 'lin_grow'"),
+    ('ensemble_reweight', (0.5, 0.5), r'model.ensemble_reweight: needs one '
+     r'value per exit \(6\)'),
 ])
 def test_configurations_that_do_not_fit_are_named(field, value, message):
   fields = {'gr_factor': (4, 2, 1), 'bn_factor': (4, 2, 1),

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 
 from l2w_jax.models import gradient_equilibrium as ge
+from l2w_jax.models.backbone import BackboneFields, parse_factors
 from l2w_jax.models.ensemble import ensemble_logits
 from l2w_jax.models.layers import (AvgPool2d, BatchNorm2d, Conv2d, Linear,
                                    MaxPool2d, ReLU, flatten_features)
@@ -34,33 +35,10 @@ from l2w_jax.models.layers import (AvgPool2d, BatchNorm2d, Conv2d, Linear,
 Features = list  # list of (B, H_s, W_s, C_s) arrays, finest scale first.
 
 
-def _parse_factors(value, field: str) -> tuple[int, ...]:
-  """Accepts (1, 2, 4), [1, 2, 4], '1-2-4' or '1,2,4'."""
-  if isinstance(value, str):
-    parts = value.replace(',', '-').replace(' ', '').strip('()[]').split('-')
-    try:
-      return tuple(int(p) for p in parts if p)
-    except ValueError as e:
-      raise ValueError(f'model.{field}: cannot parse {value!r} as a list of '
-                       'integers such as 1-2-4') from e
-  return tuple(int(v) for v in value)
-
-
-def config_from_fields(cls, model_config, num_classes: int,
-                       stem: str | None = None):
-  """A backbone config dataclass `cls` from `config.model`'s fields that
-  `cls` has (the others are ignored), with `num_classes` (and `stem`)."""
-  names = {f.name for f in dataclasses.fields(cls)}
-  kwargs = {k: v for k, v in dict(model_config).items() if k in names}
-  kwargs['num_classes'] = num_classes
-  if stem is not None:
-    kwargs['stem'] = stem
-  return cls(**kwargs)
-
-
 @dataclasses.dataclass(frozen=True)
-class MSDNetConfig:
-  """Hyper-parameters of an MSDNet; names follow `config.model`."""
+class MSDNetConfig(BackboneFields):
+  """Hyper-parameters of an MSDNet; names follow `config.model` (and the
+  fields the methods set, `BackboneFields`)."""
   n_blocks: int = 5
   n_channels: int = 16
   growth_rate: int = 6
@@ -75,25 +53,13 @@ class MSDNetConfig:
   stem: str = 'cifar'
   num_classes: int = 100
   init: str = 'torch_default'
-  # Mesh axis of synchronised BatchNorm (train.sync_bn); None: per device.
-  bn_axis_name: str | None = None
-  # IMTA's gradient equilibrium on the coarsest scale (backward only; see
-  # `gradient_equilibrium`). Set by the methods that train with it.
-  gradient_equilibrium: bool = False
-  # BoostNet's reweights r_k, one per exit: in eval mode the outputs are the
-  # ensembles Q_k (`ensemble.ensemble_logits`) instead of the exit logits.
-  ensemble_reweight: tuple[float, ...] = ()
-  # Rematerialise each dense layer and transition in the backward pass
-  # (`flax.linen.remat`, i.e. jax.checkpoint; `meta.remat`); same values.
-  remat: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, 'gr_factor',
-                       _parse_factors(self.gr_factor, 'gr_factor'))
+                       parse_factors(self.gr_factor, 'gr_factor'))
     object.__setattr__(self, 'bn_factor',
-                       _parse_factors(self.bn_factor, 'bn_factor'))
-    object.__setattr__(self, 'ensemble_reweight',
-                       tuple(float(r) for r in self.ensemble_reweight))
+                       parse_factors(self.bn_factor, 'bn_factor'))
+    self.normalise_backbone_fields()
     self.validate()
 
   @property
@@ -113,11 +79,7 @@ class MSDNetConfig:
           "'lin_grow'")
     if self.prune not in ('max', 'min'):
       bad('prune', f"unknown pruning {self.prune!r}; use 'max' or 'min'")
-    if self.stem not in ('cifar', 'imagenet'):
-      bad('stem', f"unknown stem {self.stem!r}; use 'cifar' or 'imagenet'")
-    if self.init not in ('torch_default', 'msdnet'):
-      bad('init', f"unknown init {self.init!r}; use 'torch_default' or "
-          "'msdnet'")
+    self.check_backbone_fields()
     if not self.gr_factor:
       bad('gr_factor', 'needs at least one scale')
     if len(self.bn_factor) != len(self.gr_factor):
@@ -133,16 +95,6 @@ class MSDNetConfig:
         bad(field, f'must be >= 1, got {getattr(self, field)}')
     if not 0.0 <= self.reduction <= 1.0:
       bad('reduction', f'must be in [0, 1], got {self.reduction}')
-    if self.ensemble_reweight and (len(self.ensemble_reweight) !=
-                                   self.n_blocks):
-      bad('ensemble_reweight', f'needs one value per exit ({self.n_blocks}), '
-          f'got {len(self.ensemble_reweight)}')
-
-  @classmethod
-  def from_config(cls, model_config, num_classes: int,
-                  stem: str | None = None) -> 'MSDNetConfig':
-    """From an ml_collections `config.model` (unknown fields are ignored)."""
-    return config_from_fields(cls, model_config, num_classes, stem)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,14 +30,15 @@ from l2w_jax.models import gradient_equilibrium as ge
 from l2w_jax.models.ensemble import ensemble_logits
 from l2w_jax.models.layers import (AvgPool2d, BatchNorm2d, Conv2d, Linear,
                                    MaxPool2d, ReLU, flatten_features)
-from l2w_jax.models.msdnet import (ConvBasic, ConvBN, _parse_factors,
-                                   config_from_fields)
+from l2w_jax.models.backbone import BackboneFields, parse_factors
+from l2w_jax.models.msdnet import ConvBasic, ConvBN
 
 
 @dataclasses.dataclass(frozen=True)
-class RANetConfig:
+class RANetConfig(BackboneFields):
   """Hyper-parameters of a RANet; names follow `config.model` (the
-  original's arguments in snake_case)."""
+  original's arguments in snake_case; and the fields the methods set,
+  `BackboneFields`)."""
   n_blocks: int = 2
   n_channels: int = 16
   growth_rate: int = 6
@@ -55,22 +56,12 @@ class RANetConfig:
   # 'msdnet': N(0, sqrt(2 / (k k out))) convs, zero linear biases, which the
   # original's _init_weights applies; 'torch_default': PyTorch's defaults.
   init: str = 'msdnet'
-  bn_axis_name: str | None = None
-  # Set by the methods that train with them, as on MSDNet: gradient
-  # equilibrium on the feature each exit's classifier reads (the current
-  # flow's block output; see `RANet.exit_step`), and BoostNet's reweights
-  # r_k, one per exit (eval-mode outputs are then the ensembles Q_k).
-  gradient_equilibrium: bool = False
-  ensemble_reweight: tuple[float, ...] = ()
-  # Rematerialise each block in the backward pass (`meta.remat`).
-  remat: bool = False
 
   def __post_init__(self):
     for field in ('gr_factor', 'bn_factor', 'scale_list'):
       object.__setattr__(self, field,
-                         _parse_factors(getattr(self, field), field))
-    object.__setattr__(self, 'ensemble_reweight',
-                       tuple(float(r) for r in self.ensemble_reweight))
+                         parse_factors(getattr(self, field), field))
+    self.normalise_backbone_fields()
     self.validate()
 
   @property
@@ -95,11 +86,7 @@ class RANetConfig:
     if self.step_mode not in ('even', 'lg'):
       bad('step_mode', f"unknown RANet step mode {self.step_mode!r}; use "
           "'even' or 'lg'")
-    if self.stem not in ('cifar', 'imagenet'):
-      bad('stem', f"unknown stem {self.stem!r}; use 'cifar' or 'imagenet'")
-    if self.init not in ('torch_default', 'msdnet'):
-      bad('init', f"unknown init {self.init!r}; use 'msdnet' or "
-          "'torch_default'")
+    self.check_backbone_fields()
     if not self.scale_list:
       bad('scale_list', 'needs at least one scale')
     for field in ('gr_factor', 'bn_factor'):
@@ -148,16 +135,6 @@ class RANetConfig:
             f'block_step={self.block_step} give it {len(downs)} '
             'downsampling blocks: use block_step >= 1, or fewer resolution '
             'steps in scale_list')
-    if self.ensemble_reweight and (len(self.ensemble_reweight) !=
-                                   self.num_exits):
-      bad('ensemble_reweight', f'needs one value per exit ({self.num_exits}),'
-          f' got {len(self.ensemble_reweight)}')
-
-  @classmethod
-  def from_config(cls, model_config, num_classes: int,
-                  stem: str | None = None) -> 'RANetConfig':
-    """From an ml_collections `config.model` (unknown fields are ignored)."""
-    return config_from_fields(cls, model_config, num_classes, stem)
 
 
 def _down_blocks(cfg: RANetConfig, ii: int) -> tuple[int, ...]:
