@@ -29,6 +29,8 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
+from l2w_jax.training.checkpoint import CheckpointError
+
 # Fields that may differ on resume: how long the run goes on, how often it
 # logs, checkpoints and evaluates, how it evaluates, where the data and
 # processes are. Everything else (model, method, optimizer, schedule shape,
@@ -124,7 +126,6 @@ def move_run_aside(workdir: str) -> str | None:
 def newest_meta(checkpointer, workdir: str, log=print):
   """(step, meta) of the newest checkpoint whose metadata can be read, or
   (None, None); unreadable ones are moved aside (`move_checkpoint_aside`)."""
-  from l2w_jax.training.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   for step in sorted(checkpointer.all_steps(), reverse=True):
     try:
       return step, checkpointer.read_meta(step)
@@ -152,12 +153,12 @@ def check_resumable(checkpointer, config, workdir: str, log=print) -> None:
 
 
 def restore_newest(checkpointer, template, config, workdir: str, log=print):
-  """(state, meta) of the newest checkpoint that restores, checked against
-  `config` first; (None, None) if none is left. Checkpoints that cannot be
-  restored are moved aside one by one."""
-  from l2w_jax.training.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  """(state, meta) of the newest checkpoint that restores; (None, None) if
+  none is left. Call it after `check_resumable` (which `train_and_evaluate`
+  runs before compiling); checkpoints that cannot be restored are moved
+  aside one by one, and the next newest is checked against `config`
+  before it is restored."""
   while True:
-    check_resumable(checkpointer, config, workdir, log)
     step = checkpointer.latest_step()
     if step is None:
       return None, None
@@ -175,3 +176,4 @@ def restore_newest(checkpointer, template, config, workdir: str, log=print):
             '--overwrite to move the run aside and start afresh',
             e.reason) from e
       _set_aside(checkpointer, step, workdir, e, log)
+      check_resumable(checkpointer, config, workdir, log)

@@ -373,7 +373,6 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
            checkpointer, log, interrupt_at_step) -> dict:
   """The body of `train_and_evaluate` once the workdir is open: the run of
   `plan` (its phases, `plan[-1]` ending at the last iteration)."""
-  is_main = jax.process_index() == 0
   num_exits = learner.model.num_exits
   batch_size = layout.global_batch
   steps_per_epoch = data.steps_per_epoch(info, batch_size)
@@ -391,15 +390,13 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
   else:
     if config.train.get('init_from'):
       state = _network_from(config.train.init_from, state)
-      if is_main:
-        print(f'phase {plan[0].name!r} starts from the network of '
-              f'{config.train.init_from}', flush=True)
+      log(f'phase {plan[0].name!r} starts from the network of '
+          f'{config.train.init_from}')
     writer.write_hparams(config.to_dict())
   step = int(state.step)
-  if is_main:
-    print(f'{config.method} on {info.name}: {info.num_train} training '
-          f'images, {steps_per_epoch} iterations/epoch, {total} iterations, '
-          f'{num_exits} exits; {layout.describe()}', flush=True)
+  log(f'{config.method} on {info.name}: {info.num_train} training images, '
+      f'{steps_per_epoch} iterations/epoch, {total} iterations, {num_exits} '
+      f'exits; {layout.describe()}')
 
   iteration = step_lib.make_iteration(config.method, learner, mesh,
                                       config.train.bn_stats)
@@ -435,9 +432,8 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
           # A new phase trains other parameters with a fresh optimizer, as
           # the original's separate jobs do.
           state = state.replace(opt_state=fresh_opt_state(state.params))
-          if is_main:
-            print(f'phase {phase.index + 1}/{len(plan)} ({phase.name}) from '
-                  f'iteration {step}', flush=True)
+          log(f'phase {phase.index + 1}/{len(plan)} ({phase.name}) from '
+              f'iteration {step}')
         lr = schedules.learning_rate(config.train, step - phase.start,
                                      phase.length, steps_per_epoch)
         meta_lr = cosine_learning_rate(config.meta.lr, step, total)
@@ -458,8 +454,7 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
                                                 max(elapsed, 1e-9))
           scalars['epoch'] = step / steps_per_epoch
           writer.write_scalars(step, scalars)
-          if is_main:
-            print(progress.line(step, scalars), flush=True)
+          log(progress.line(step, scalars))
           window, window_start = [], time.perf_counter()
         # A phase's last state is always kept (IMTA's stage-1 network).
         if (step % config.train.checkpoint_every_steps == 0 or
