@@ -49,6 +49,13 @@ def _sgd(params, grads, momentum):
       momentum)
 
 
+def _assert_frozen(new, old, part: str) -> None:
+  """`part`'s parameters and SGD momentum are exactly as they were."""
+  chex.assert_trees_all_equal(new.params[part], old.params[part])
+  chex.assert_trees_all_equal(sgd_momentum(new.opt_state)[part],
+                              sgd_momentum(old.opt_state)[part])
+
+
 def _ce(logits, labels):
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits,
                                                                   labels))
@@ -74,9 +81,7 @@ def test_stage1_trains_the_gradient_equilibrium_msdnet_on_summed_ce(float64):
                               sgd_momentum(state.opt_state)['net']),
       rtol=1e-10, atol=1e-13)
   # The heads neither ran nor changed.
-  chex.assert_trees_all_equal(new.params['heads'], state.params['heads'])
-  chex.assert_trees_all_equal(sgd_momentum(new.opt_state)['heads'],
-                              sgd_momentum(state.opt_state)['heads'])
+  _assert_frozen(new, state, 'heads')
   chex.assert_trees_all_equal(new.batch_stats['heads'],
                               state.batch_stats['heads'])
   np.testing.assert_array_equal(metrics['weight_per_exit'], [1, 1, 1])
@@ -112,9 +117,7 @@ def test_stage2_distils_into_the_heads_on_the_frozen_network(float64):
                                 sgd_momentum(state.opt_state)['heads']),
       rtol=1e-10, atol=1e-13)
   # The network is frozen, but its BatchNorm ran in train mode.
-  chex.assert_trees_all_equal(new.params['net'], state.params['net'])
-  chex.assert_trees_all_equal(sgd_momentum(new.opt_state)['net'],
-                              sgd_momentum(state.opt_state)['net'])
+  _assert_frozen(new, state, 'net')
   chex.assert_trees_all_close(new.batch_stats['net'], moved['batch_stats'],
                               rtol=1e-12, atol=1e-14)
   np.testing.assert_allclose(metrics['weight_per_exit'], [0.75, 0.75, 1.0])
