@@ -8,7 +8,8 @@ model on one device (`with_meta=True`, halves of `--batch_size` images) and
 one JSON line is printed, from XLA's memory analysis of the compiled
 program: `peak_bytes` = arguments + outputs + temporaries - aliased bytes
 (everything the program allocates), `temp_bytes` the temporaries alone
-(what the backward pass keeps: remat's target), `xla_peak_bytes` XLA's own
+(what the backward pass keeps: remat's target; compiled with the
+options the training step uses, `parallel.compiler_options`), `xla_peak_bytes` XLA's own
 `peak_memory_in_bytes`; `seconds` the median wall time of a call over
 `--iterations` calls after compilation, and `compile_s`.
 """
@@ -25,6 +26,7 @@ import numpy as np
 
 from configs import common
 
+from l2w_jax import parallel
 from l2w_jax.meta import l2w
 from l2w_jax.training.learner import build_learner, init_train_state
 
@@ -53,7 +55,8 @@ def measure(config, remat: bool, inner_steps: int, batch_size: int,
   step = jax.jit(lambda s, a, b, c, d: l2w.l2w_half_step(
       learner, s, a, b, c, d, 0.1, 1e-4, with_meta=True))
   start = time.perf_counter()
-  compiled = step.lower(state, xt, yt, xm, ym).compile()
+  compiled = step.lower(state, xt, yt, xm, ym).compile(
+      compiler_options=parallel.compiler_options(remat, jax.default_backend()))
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   times = []

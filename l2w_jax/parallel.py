@@ -83,6 +83,31 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
+# XLA's CPU pipeline runs this pass before CSE: it deletes the optimization
+# barriers `jax.checkpoint` puts around the recomputed forward, and CSE then
+# merges the recomputation back into the original forward, so remat keeps
+# every activation alive and saves nothing. Without the pass the barriers
+# stay and the recomputation happens in the backward pass, as on GPU/TPU.
+_BARRIER_EXPANDER = 'cse_barrier_expander'
+
+
+def compiler_options(remat: bool, platform: str) -> dict | None:
+  """XLA options under which `jax.checkpoint` (`meta.remat`) bounds memory on
+  `platform` ('cpu', 'gpu', 'tpu'): on CPU with `remat`, the barrier
+  expander disabled; otherwise None (XLA's defaults). Values are unchanged
+  either way: the barriers only order computations."""
+  if remat and platform == 'cpu':
+    return {'xla_disable_hlo_passes': _BARRIER_EXPANDER}
+  return None
+
+
+def step_compiler_options(model, mesh) -> dict | None:
+  """`compiler_options` for a step of `model` (whose `cfg.remat` says
+  whether it rematerialises) on `mesh`'s devices."""
+  remat = bool(getattr(getattr(model, 'cfg', None), 'remat', False))
+  return compiler_options(remat, mesh.devices.flat[0].platform)
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

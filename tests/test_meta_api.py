@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from l2w_jax import parallel
 from l2w_jax.meta import api, l2w
+from l2w_jax.training import step as step_lib
 from l2w_jax.training.learner import build_learner, init_train_state
 from tests.tiny import TINY_IMAGE, tiny_config, tiny_ranet_config
 
@@ -161,8 +163,11 @@ def _half_step_with_remat(config, remat: bool):
   images = jax.random.normal(jax.random.PRNGKey(1), (8,) + TINY_IMAGE)
   labels = jnp.arange(8) % 5
   (xt, yt), (xm, ym) = l2w.split_halves(images, labels)
+  # Compiled as the training step is (remat's barriers kept on CPU).
   step = jax.jit(functools.partial(l2w.l2w_half_step, learner),
-                 static_argnames='with_meta')
+                 static_argnames='with_meta',
+                 compiler_options=parallel.compiler_options(
+                     remat, jax.default_backend()))
   new_state, metrics = step(state, xt, yt, xm, ym, 0.1, 1e-2, with_meta=True)
   return state.params, new_state.params, metrics['meta_grads']
 
@@ -197,3 +202,26 @@ def test_remat_on_ranet_gives_the_same_gradient():
             variables['params'])))
   chex.assert_trees_all_equal(grads[0][0], grads[1][0])
   chex.assert_trees_all_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_remat_lowers_the_memory_of_the_training_step():
+  """The training loop's compiled L2W half step (`training.step`, one
+  device, tiny MSDNet) keeps fewer bytes of temporaries with meta.remat; on CPU only
+  because `parallel.compiler_options` keeps remat's barriers. Measured at
+  16 images a half: MSDNet 12.9 -> 11.0 MB, RANet 18.1 -> 13.9 MB; without
+  those options remat gives 12.6 and 18.5 MB."""
+  mesh = parallel.make_mesh(1)
+  temp_bytes = {}
+  for remat in (False, True):
+    config = tiny_config()
+    config.meta.remat = remat
+    learner = build_learner(config)
+    state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE)
+    images = jnp.zeros((16,) + TINY_IMAGE)
+    labels = jnp.arange(16) % 5
+    step = step_lib.sharded_half_step(
+        l2w.l2w_half_step, step_lib.data_parallel_learner(learner), mesh)
+    compiled = step.lower(state, images, labels, images, labels, 0.1, 1e-2,
+                          with_meta=True).compile()
+    temp_bytes[remat] = compiled.memory_analysis().temp_size_in_bytes
+  assert temp_bytes[True] < 0.92 * temp_bytes[False], temp_bytes

@@ -57,7 +57,8 @@ def data_parallel_learner(learner: l2w.Learner,
 def sharded_half_step(half_step: Callable, learner: l2w.Learner,
                       mesh) -> Callable:
   """`half_step` (the methods' signature) per device under `shard_map`,
-  jitted with `with_meta` static; the input state is donated."""
+  jitted with `with_meta` static (and remat's compiler options, see
+  `parallel.compiler_options`); the input state is donated."""
 
   def per_device(state, xt, yt, xm, ym, lr, meta_lr, *, with_meta):
     state, metrics = half_step(learner, state, xt, yt, xm, ym, lr, meta_lr,
@@ -72,7 +73,9 @@ def sharded_half_step(half_step: Callable, learner: l2w.Learner,
         out_specs=(P(), P()), check_vma=False)(state, xt, yt, xm, ym, lr,
                                                meta_lr)
 
-  return jax.jit(step, static_argnames='with_meta', donate_argnums=0)
+  return jax.jit(step, static_argnames='with_meta', donate_argnums=0,
+                 compiler_options=parallel.step_compiler_options(
+                     learner.model, mesh))
 
 
 def sharded_batch_step(batch_step: Callable, learner: l2w.Learner,
@@ -91,7 +94,9 @@ def sharded_batch_step(batch_step: Callable, learner: l2w.Learner,
                          out_specs=(P(), P()), check_vma=False)(
                              state, images, labels, lr)
 
-  return jax.jit(step, donate_argnums=0)
+  return jax.jit(step, donate_argnums=0,
+                 compiler_options=parallel.step_compiler_options(
+                     learner.model, mesh))
 
 
 def _batch_iteration(batch_step: Callable, learner: l2w.Learner, mesh):
