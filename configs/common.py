@@ -50,9 +50,10 @@ MODEL_PRESETS = {
 
 
 def dataset_kind(config: ml_collections.ConfigDict) -> str:
-  """'digits' (the embedded sklearn digits), 'imagenet' (the ImageNet stem)
-  or 'cifar' (everything else on 32 px CIFAR-style images)."""
-  if config.dataset.name == 'sklearn_digits':
+  """'digits' (the embedded sklearn_digits and graded_digits), 'imagenet'
+  (the ImageNet stem) or 'cifar' (everything else on 32 px CIFAR-style
+  images)."""
+  if config.dataset.name in ('sklearn_digits', 'graded_digits'):
     return 'digits'
   return 'imagenet' if config.model.stem == 'imagenet' else 'cifar'
 
@@ -134,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.name = 'msdnet'
   config.model.update(MODEL_PRESETS['msdnet', 'cifar'])
   config.model.stem = 'cifar'
+  # Channels of the exits' two hidden convs; 0: the original's (128 on the
+  # CIFAR stem, the exit's input width on the ImageNet stem).
+  config.model.classifier_width = 0
   # RANet only (model.name='ranet'; configs/ranet_*.py): flows of
   # n_blocks + block_step * i blocks per scale, the stem's resolution steps,
   # the share of the fused low-resolution features, BN after the convs.
@@ -162,10 +166,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.meta.inner_steps = 1
   config.meta.first_order = False
   config.meta.virtual_params = 'all'
-  # Rematerialise the backbone's layers (flax remat = jax.checkpoint); same
-  # values. Meant to bound the memory of the meta step's second-order pass,
-  # but on CPU it does not lower the measured memory yet (README,
-  # benchmarks/meta_memory.py).
+  # Rematerialise the backbone's layers (flax remat = jax.checkpoint): the
+  # same values, 40 % less peak memory for the CIFAR-100 meta step at 8-14 %
+  # more time (README, benchmarks/meta_memory.py).
   config.meta.remat = False
 
   config.train = ml_collections.ConfigDict()

@@ -38,11 +38,13 @@ def backbone_module(cfg):
 
 def pooled_feature_dims(cfg) -> tuple[int, ...]:
   """Width of each exit's pooled feature (what its linear layer reads):
-  128 on the CIFAR stem, the exit's input channels on the ImageNet stem."""
+  `msdnet.classifier_width` of each exit (128 on the CIFAR stem, the
+  exit's input channels on the ImageNet stem, unless model.classifier_width
+  is set)."""
   if isinstance(cfg, RANetConfig):
     return ranet.pooled_feature_dims(cfg)
   _, classifier_in = msdnet.msdnet_topology(cfg)
-  return tuple(128 if cfg.stem == 'cifar' else n for n in classifier_in)
+  return tuple(msdnet.classifier_width(cfg, n) for n in classifier_in)
 
 
 def build_model(config, **overrides):

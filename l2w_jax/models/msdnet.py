@@ -53,6 +53,9 @@ class MSDNetConfig(BackboneFields):
   stem: str = 'cifar'
   num_classes: int = 100
   init: str = 'torch_default'
+  # Channels of the exits' two hidden convs; 0: the original's (128 on the
+  # CIFAR stem, the exit's input channels on the ImageNet stem).
+  classifier_width: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, 'gr_factor',
@@ -95,6 +98,9 @@ class MSDNetConfig(BackboneFields):
         bad(field, f'must be >= 1, got {getattr(self, field)}')
     if not 0.0 <= self.reduction <= 1.0:
       bad('reduction', f'must be in [0, 1], got {self.reduction}')
+    if int(self.classifier_width) < 0:
+      bad('classifier_width', f"must be >= 0 (0: the original's), got "
+          f'{self.classifier_width}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +340,15 @@ class Transition(nn.Module):
     return [m(x, train) for m, x in zip(self.m, xs)]
 
 
+def classifier_width(cfg, n_in: int) -> int:
+  """Channels of an exit's hidden convs (its pooled feature's width) for an
+  exit reading `n_in` channels: cfg.classifier_width, or when 0 the
+  original's 128 on the CIFAR stem and `n_in` on the ImageNet stem."""
+  if cfg.classifier_width:
+    return int(cfg.classifier_width)
+  return 128 if cfg.stem == 'cifar' else n_in
+
+
 class Classifier(nn.Module):
   """Exit head on the coarsest scale: 2 strided ConvBasic, AvgPool(2), Linear."""
   cfg: MSDNetConfig
@@ -341,7 +356,7 @@ class Classifier(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    inter = 128 if cfg.stem == 'cifar' else self.n_in
+    inter = classifier_width(cfg, self.n_in)
     self.m = [ConvBasic(self.n_in, inter, 3, 2, 1, init=cfg.init,
                   bn_axis=cfg.bn_axis_name),
               ConvBasic(inter, inter, 3, 2, 1, init=cfg.init,
@@ -351,8 +366,8 @@ class Classifier(nn.Module):
                          zero_bias=cfg.init == 'msdnet')
 
   def pooled_features(self, xs: Features, train: bool) -> jax.Array:
-    """The pooled, flattened feature the linear layer reads: (B, 128) on
-    CIFAR, (B, n_in) on ImageNet (IMTA's heads read it too)."""
+    """The pooled, flattened feature the linear layer reads: (B, width),
+    width = `classifier_width(cfg, n_in)` (IMTA's heads read it too)."""
     conv1, conv2, pool = self.m
     x = pool(conv2(conv1(xs[-1], train), train))
     if x.shape[1:3] != (1, 1):

@@ -31,7 +31,7 @@ from l2w_jax.models.ensemble import ensemble_logits
 from l2w_jax.models.layers import (AvgPool2d, BatchNorm2d, Conv2d, Linear,
                                    MaxPool2d, ReLU, flatten_features)
 from l2w_jax.models.backbone import BackboneFields, parse_factors
-from l2w_jax.models.msdnet import ConvBasic, ConvBN
+from l2w_jax.models.msdnet import ConvBasic, ConvBN, classifier_width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,9 @@ class RANetConfig(BackboneFields):
   # 'msdnet': N(0, sqrt(2 / (k k out))) convs, zero linear biases, which the
   # original's _init_weights applies; 'torch_default': PyTorch's defaults.
   init: str = 'msdnet'
+  # Channels of the exits' two hidden convs; 0: the original's (128 on the
+  # CIFAR stem, the exit block's width on the ImageNet stem).
+  classifier_width: int = 0
 
   def __post_init__(self):
     for field in ('gr_factor', 'bn_factor', 'scale_list'):
@@ -111,6 +114,9 @@ class RANetConfig(BackboneFields):
       bad('step', 'RANet fusion blocks need at least 2 layers (step >= 2)')
     if not 0.0 < self.reduction <= 1.0:
       bad('reduction', f'must be in (0, 1], got {self.reduction}')
+    if int(self.classifier_width) < 0:
+      bad('classifier_width', f"must be >= 0 (0: the original's), got "
+          f'{self.classifier_width}')
     if not 0.0 <= self.compress_factor < 1.0:
       bad('compress_factor', f'must be in [0, 1), got {self.compress_factor}')
     for ii in range(1, self.n_scales):
@@ -388,14 +394,15 @@ class RAFirstLayer(nn.Module):
 
 
 class RAClassifier(nn.Module):
-  """Two strided ConvBasic, AvgPool(2), Linear (128 wide on CIFAR, the
-  block's width on ImageNet), as the original's ClassifierModule."""
+  """Two strided ConvBasic, AvgPool(2), Linear (`classifier_width`: 128
+  wide on CIFAR, the block's width on ImageNet), as the original's
+  ClassifierModule."""
   cfg: RANetConfig
   n_in: int
 
   def setup(self):
     cfg = self.cfg
-    inter = 128 if cfg.stem == 'cifar' else self.n_in
+    inter = classifier_width(cfg, self.n_in)
     self.m = [ConvBasic(self.n_in, inter, 3, 2, 1, init=cfg.init,
                         bn_axis=cfg.bn_axis_name),
               ConvBasic(inter, inter, 3, 2, 1, init=cfg.init,
@@ -405,8 +412,8 @@ class RAClassifier(nn.Module):
                          zero_bias=cfg.init == 'msdnet')
 
   def pooled_features(self, x, train: bool) -> jax.Array:
-    """The pooled, flattened feature the linear layer reads: (B, 128) on
-    CIFAR, (B, n_in) on ImageNet (IMTA's heads read it too)."""
+    """The pooled, flattened feature the linear layer reads: (B, width),
+    width = `classifier_width(cfg, n_in)` (IMTA's heads read it too)."""
     conv1, conv2, pool = self.m
     pooled = pool(conv2(conv1(x, train), train))
     if pooled.shape[1:3] != (1, 1):
@@ -428,9 +435,9 @@ def exit_positions(cfg: RANetConfig) -> tuple[tuple[int, int], ...]:
 
 
 def pooled_feature_dims(cfg: RANetConfig) -> tuple[int, ...]:
-  """Width of each exit's pooled feature: 128 on the CIFAR stem, the exit
-  block's output channels on the ImageNet stem."""
-  return tuple(128 if cfg.stem == 'cifar' else spec.outputs[-1]
+  """Width of each exit's pooled feature (`classifier_width`): 128 on the
+  CIFAR stem, the exit block's output channels on the ImageNet stem."""
+  return tuple(classifier_width(cfg, spec.outputs[-1])
                for flow in ranet_topology(cfg) for spec in flow if spec.exit)
 
 
