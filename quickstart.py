@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The two commands of the README, runnable with nothing but Python 3.10+.
 
-  python3 quickstart.py demo   # train + evaluate the default experiment
+  python3 quickstart.py demo   # L2W and uniform weighting, trained + compared
   python3 quickstart.py test   # run the test suite
 
 Creates `.venv/` next to this file on first use and installs the project
@@ -20,8 +20,7 @@ import venv
 ROOT = pathlib.Path(__file__).resolve().parent
 VENV = pathlib.Path(os.environ.get('L2W_VENV', ROOT / '.venv'))
 COMMANDS = {
-    'demo': ['-m', 'experiments.main', '--config=configs/digits.py',
-             '--workdir=workdir/digits'],
+    'demo': ['-m', 'experiments.demo', '--workdir=workdir/demo'],
     'test': ['-m', 'pytest', '-q', '--numprocesses=auto', '--maxprocesses=4'],
 }
 

@@ -1,7 +1,7 @@
-"""The default demo: L2W-DEN on scikit-learn's handwritten digits.
+"""L2W-DEN on scikit-learn's handwritten digits (the small real dataset most
+tests train on; the demo is configs/graded_digits.py).
 
-  python3 quickstart.py demo
-  # = python -m experiments.main --config=configs/digits.py --workdir=workdir/digits
+  python -m experiments.main --config=configs/digits.py --workdir=workdir/digits
 
 The 1,797 real 8x8 digits that ship with scikit-learn, upsampled to 32x32,
 split (stratified, fixed) into 1,257 training, 180 held-out (thresholds) and

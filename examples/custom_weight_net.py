@@ -6,7 +6,7 @@ on the embedded digits with the project's meta-gradient.
 The weight net reads each exit's confidence and a learned embedding of the
 exit (L2W-DEN's reads the per-exit losses); the meta objective is the mean
 cross-entropy over every exit on the meta half (L2W-DEN's allocates each
-meta sample to one exit by confidence). The backbone (the demo's MSDNet),
+meta sample to one exit by confidence). The backbone (the digits MSDNet),
 the optimizers, the data and the differentiation through the virtual step
 (`l2w_jax.meta.api.meta_gradient`) are the project's. Prints one JSON line:
 test top-1 per exit, the last meta loss and the mean weight per exit.
@@ -96,7 +96,7 @@ def make_half_step(model, weight_net, tx, meta_tx):
 
 
 def train(steps: int, data_dir: str | None = None) -> dict:
-  """Trains the demo's MSDNet for `steps` iterations; the JSON summary."""
+  """Trains the digits MSDNet for `steps` iterations; the JSON summary."""
   config = digits.get_config()
   config.dataset.data_dir = data_dir
   model = build_model(config)

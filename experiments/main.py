@@ -8,7 +8,6 @@ Rerunning with the same --workdir resumes from its latest checkpoint.
 """
 
 import os
-import sys
 
 # TensorFlow (used only for input pipelines) is chatty; keep its C++ logs to
 # errors. Must happen before TensorFlow is imported.
@@ -20,6 +19,7 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from ml_collections import config_flags
 
 from configs import common
+from experiments import cli
 
 from l2w_jax.data import DatasetNotFoundError
 from l2w_jax.training.checkpoint import CheckpointError
@@ -48,19 +48,11 @@ def main(argv):
                        overwrite=_OVERWRITE.value)
   except (DatasetNotFoundError, CheckpointError, TrainingDiverged,
           WorkdirError, ValueError) as e:
-    _exit(f'error: {e}', 1)
+    cli.exit_with_message(f'error: {e}', 1)
   except KeyboardInterrupt:
-    _exit('interrupted before a checkpoint could be saved; rerun the same '
-          'command to resume from the newest checkpoint', 130)
-
-
-def _exit(message: str, status: int) -> None:
-  """Prints one line to stderr and exits with `status` at once: skipping
-  interpreter teardown keeps checkpoint and pipeline threads still winding
-  down from printing tracebacks after the message."""
-  print(' '.join(message.split()), file=sys.stderr, flush=True)
-  sys.stdout.flush()
-  os._exit(status)  # pylint: disable=protected-access
+    cli.exit_with_message('interrupted before a checkpoint could be saved; '
+                          'rerun the same command to resume from the newest '
+                          'checkpoint', 130)
 
 
 if __name__ == '__main__':

@@ -95,8 +95,20 @@ def test_rows_for_results_json():
   rows = budgeted.budgeted_evaluation_from_probs(
       val, labels, val, labels, [1e6, 2e6, 3e6]).rows()
   assert len(rows) == 39 and rows[0]['budget_index'] == 1
-  assert set(rows[0]) == {'budget_index', 'val_top1', 'test_top1', 'mflops'}
+  assert set(rows[0]) == {'budget_index', 'val_top1', 'test_top1', 'mflops',
+                          'thresholds', 'test_exit_counts'}
   assert all(1.0 <= r['mflops'] <= 3.0 for r in rows)
+  for row in rows:
+    counts = row['test_exit_counts']
+    assert len(counts) == 3 and sum(counts) == 50
+    # The expected cost the counts imply is the one reported.
+    implied = sum(float(np.float32(c) / np.float32(50)) * f
+                  for c, f in zip(counts, (1.0, 2.0, 3.0)))
+    assert row['mflops'] == pytest.approx(implied, rel=1e-12)
+    assert row['thresholds'][-1] == float(budgeted.ALWAYS_EXIT)
+  # The smallest budget sends most images out early, the largest late.
+  assert rows[0]['test_exit_counts'][0] > rows[-1]['test_exit_counts'][0]
+  assert rows[0]['test_exit_counts'][2] < rows[-1]['test_exit_counts'][2]
 
 
 # The message of check_probabilities' range check only (the sum check and the

@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 from l2w_jax import data
 from l2w_jax.data import augment
 from l2w_jax.data import digits
+from l2w_jax.data import graded_digits
 from l2w_jax.data import pipeline
 from l2w_jax.data import splits
 
@@ -28,7 +29,7 @@ TEST_OFFSET = 50_000  # indices of test/validation examples start here
 
 
 def make_config(name, *, batch_size=16, seed=0, **dataset):
-  num_classes = {'sklearn_digits': 10, 'cifar10': 10, 'cifar100': 100,
+  num_classes = {'sklearn_digits': 10, 'graded_digits': 10, 'cifar10': 10, 'cifar100': 100,
                  'cifar100_lt': 100, 'imagenet2012': 1000}[name]
   config = ml_collections.ConfigDict()
   config.seed = seed
@@ -237,6 +238,80 @@ def test_digits_holdout_is_the_validation_split(digits_dir):
   labels = stack(holdout, 'label')[stack(holdout, 'mask')]
   assert len(labels) == 180
   np.testing.assert_array_equal(np.bincount(labels), [18] * 10)
+
+
+# ----------------------------------------------------------------------------
+# graded_digits: renderings of known severity, split by source digit.
+
+
+def _clean_rendering(glyph):
+  """The rendering at severity 0: the digit large, upright and centred."""
+  size = graded_digits.SEVERITY.size[0]
+  drawn = graded_digits._draw(glyph * (255.0 / 16.0), size, 0.0, (16.0, 16.0))  # pylint: disable=protected-access
+  return np.clip(np.rint(drawn), 0, 255)
+
+
+def test_graded_digits_renderings_are_fixed_and_graded():
+  raw, labels = digits.load_raw()
+  sources = digits.split_indices(labels)['validation'][:60]
+  rendered = graded_digits.render_split(raw, labels, sources)
+  n = 60 * graded_digits.VARIANTS
+  assert rendered['image'].shape == (n, 32, 32, 3)
+  assert rendered['image'].dtype == np.uint8
+  np.testing.assert_array_equal(rendered['source'],
+                                np.repeat(sources, graded_digits.VARIANTS))
+  np.testing.assert_array_equal(rendered['label'], labels[rendered['source']])
+  np.testing.assert_array_equal(rendered['variant'],
+                                np.tile(np.arange(graded_digits.VARIANTS), 60))
+  severity = rendered['severity']
+  assert severity.min() >= 0 and severity.max() <= 1
+  assert severity.min() < 0.1 and severity.max() > 0.9  # a graded mix
+  # Fixed: the same renderings every time, whatever else is rendered.
+  again = graded_digits.render_split(raw, labels, sources)
+  chex.assert_trees_all_equal(rendered, again)
+  # Graded: the further from the clean digit, the higher the severity.
+  distance = np.array([
+      np.abs(image[..., 0].astype(np.float64) - _clean_rendering(raw[i])).mean()
+      for image, i in zip(rendered['image'], rendered['source'])])
+  assert np.corrcoef(severity, distance)[0, 1] > 0.9
+  easiest = int(np.argmin(severity))
+  assert distance[easiest] < 0.1 * distance.max()
+
+
+@pytest.fixture(scope='session')
+def graded_dir(tmp_path_factory):
+  """graded_digits, prepared once (no download) in a tmp data_dir."""
+  path = str(tmp_path_factory.mktemp('tfds_graded'))
+  data.data_info(make_config('graded_digits', data_dir=path))
+  return path
+
+
+def test_graded_digits_builder_serves_its_splits(graded_dir):
+  info = data.data_info(make_config('graded_digits', data_dir=graded_dir))
+  assert info == data.DataInfo('graded_digits', 10, (32, 32, 3), 3771, 540,
+                               1080)
+  raw, labels = digits.load_raw()
+  parts = digits.split_indices(labels)
+  builder = tfds.builder('graded_digits', data_dir=graded_dir)
+  stored = tfds.as_numpy(builder.as_dataset(split='test', batch_size=-1))
+  expected = graded_digits.render_split(raw, labels, parts['test'])
+  # Every split holds the renderings of its own sources, and nothing else.
+  order = np.argsort(stored['source'] * graded_digits.VARIANTS +
+                     stored['variant'])
+  for key in ('image', 'label', 'severity', 'source', 'variant'):
+    np.testing.assert_array_equal(stored[key][order], expected[key], key)
+  batches = all_batches(data.eval_batches(
+      make_config('graded_digits', data_dir=graded_dir), 'holdout', 270))
+  holdout = stack(batches, 'label')[stack(batches, 'mask')]
+  assert len(holdout) == 540
+  np.testing.assert_array_equal(
+      np.bincount(holdout), np.bincount(labels[parts['validation']]) *
+      graded_digits.VARIANTS)
+  # The hard-coded normalisation constants are the train split's.
+  train = graded_digits.render_split(raw, labels, parts['train'])
+  pixels = train['image'][..., 0] / 255.0
+  assert abs(pixels.mean() - graded_digits.MEAN[0]) < 5e-5
+  assert abs(pixels.std() - graded_digits.STD[0]) < 5e-5
 
 
 # ----------------------------------------------------------------------------

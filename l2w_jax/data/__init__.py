@@ -1,10 +1,12 @@
-"""Input pipelines on tensorflow-datasets, and the embedded digits dataset.
+"""Input pipelines on tensorflow-datasets, and the embedded digits datasets.
 
-Importing this package registers the tfds dataset `sklearn_digits`
-(scikit-learn's handwritten digits, prepared locally on first use).
+Importing this package registers the tfds datasets `sklearn_digits`
+(scikit-learn's handwritten digits) and `graded_digits` (those digits
+rendered with graded corruptions), both prepared locally on first use.
 """
 
 from l2w_jax.data import digits  # registers sklearn_digits with tfds
+from l2w_jax.data import graded_digits  # registers graded_digits
 from l2w_jax.data.pipeline import DataInfo
 from l2w_jax.data.pipeline import DATASETS
 from l2w_jax.data.pipeline import DatasetNotFoundError

@@ -2,7 +2,8 @@
 
 Two kinds of source:
 
-* In memory (sklearn_digits, cifar10, cifar100, cifar100_lt): a tfds split
+* In memory (sklearn_digits, graded_digits, cifar10, cifar100, cifar100_lt):
+  a tfds split
   is loaded once per process as uint8 numpy arrays; an epoch is a
   permutation of indices seeded by (config.seed, epoch), a perfect shuffle.
   Process p of P takes columns [p * B, (p + 1) * B) of every global batch, so
@@ -40,15 +41,17 @@ import tensorflow_datasets as tfds
 
 from l2w_jax.data import augment
 from l2w_jax.data import digits
+from l2w_jax.data import graded_digits
 from l2w_jax.data import splits
 
-DATASETS = ('sklearn_digits', 'cifar10', 'cifar100', 'cifar100_lt',
+DATASETS = ('sklearn_digits', 'graded_digits', 'cifar10', 'cifar100', 'cifar100_lt',
             'imagenet2012')
 AUGMENTS = ('crop_flip', 'crop', 'none', 'imagenet')
 EVAL_SPLITS = ('holdout', 'test', 'train')
 
 # Normalisation constants of the original (MSDNet's CIFAR values, torchvision's
-# ImageNet ones); digits: see `digits.MEAN`.
+# ImageNet ones); the embedded digits: see `digits.MEAN`,
+# `graded_digits.MEAN`.
 CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
@@ -96,11 +99,17 @@ class _Kind:
   augment: str
   holdout: int
   streaming: bool
+  # Prepared here on first use, with its own fixed train / validation (the
+  # holdout) / test splits: the datasets built from scikit-learn's digits.
+  embedded: bool = False
 
 
 _KINDS = {
     'sklearn_digits': _Kind(digits.NAME, 10, 32, digits.MEAN, digits.STD,
-                            'crop', 0, False),
+                            'crop', 0, False, embedded=True),
+    'graded_digits': _Kind(graded_digits.NAME, 10, 32, graded_digits.MEAN,
+                           graded_digits.STD, 'crop', 0, False,
+                           embedded=True),
     'cifar10': _Kind('cifar10', 10, 32, CIFAR10_MEAN, CIFAR10_STD,
                      'crop_flip', 5000, False),
     'cifar100': _Kind('cifar100', 100, 32, CIFAR100_MEAN, CIFAR100_STD,
@@ -176,7 +185,7 @@ def _settings(config) -> _Settings:
       data_dir=os.fspath(data_dir) if data_dir else None,
       manual_dir=dataset.get('manual_dir', None),
       image_size=image_size,
-      holdout=0 if name == 'sklearn_digits' else holdout,
+      holdout=0 if kind.embedded else holdout,
       augment=augment_name,
       mean=mean,
       std=std,
@@ -266,13 +275,17 @@ def _not_found_message(settings: _Settings, builder) -> str:
 def _builder(settings: _Settings) -> tfds.core.DatasetBuilder:
   """The prepared tfds builder, or DatasetNotFoundError (nothing downloaded).
 
-  sklearn_digits is prepared on first use (it ships with scikit-learn).
+  The embedded datasets are prepared on first use (from scikit-learn's
+  digits).
   """
   _configure_tensorflow()
   builder = tfds.builder(settings.kind.tfds_name, data_dir=settings.data_dir)
   if _is_mocked() or builder.is_prepared():
     return builder
-  if settings.kind.tfds_name == digits.NAME:
+  if settings.kind.embedded:
+    print(f'preparing {settings.kind.tfds_name} in {builder.data_dir} (first '
+          'use only; nothing is downloaded)', flush=True)
+    tfds.disable_progress_bar()  # tfds' per-split bars would fill the screen
     builder.download_and_prepare()
     return builder
   raise DatasetNotFoundError(_not_found_message(settings, builder))
@@ -295,7 +308,7 @@ def _sizes(settings: _Settings,
            builder: tfds.core.DatasetBuilder) -> tuple[int, int, int]:
   """(num_train, num_holdout, num_test) from metadata and the split rules."""
   name = settings.name
-  if name == 'sklearn_digits':
+  if settings.kind.embedded:
     return (_split_size(builder, 'train'), _split_size(builder, 'validation'),
             _split_size(builder, 'test'))
   if name == 'imagenet2012':
@@ -378,13 +391,13 @@ def _in_memory_source(settings: _Settings,
   loaded tfds split.
   """
   name, tfds_name = settings.name, settings.kind.tfds_name
-  if name == 'sklearn_digits':
+  if settings.kind.embedded:
     split = {'train': 'train', 'holdout': 'validation', 'test': 'test'}[role]
   else:
     split = 'test' if role == 'test' else 'train'
   images, labels = _load_split(tfds_name, settings.data_dir, split)
   indices = np.arange(len(labels))
-  if name == 'sklearn_digits' or role == 'test':
+  if settings.kind.embedded or role == 'test':
     return images, labels, indices
   if name == 'cifar100_lt':
     # The long-tailed subset first; the holdout (if any) is a fixed random

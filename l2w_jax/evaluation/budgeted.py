@@ -130,17 +130,21 @@ def accuracy_and_flops(confidence: np.ndarray, predictions: np.ndarray,
 
 @dataclasses.dataclass
 class BudgetedResult:
-  """The 39-budget curve: arrays of shape (39,), thresholds (39, K)."""
+  """The 39-budget curve: arrays of shape (39,), thresholds and the test
+  samples leaving at each exit (39, K)."""
   val_acc: np.ndarray
   test_acc: np.ndarray
   test_flops: np.ndarray
   thresholds: np.ndarray
+  test_exit_counts: np.ndarray
 
   def rows(self) -> list[dict]:
     """One dict per budget, for results.json."""
     return [{'budget_index': i + 1, 'val_top1': float(self.val_acc[i]),
              'test_top1': float(self.test_acc[i]),
-             'mflops': float(self.test_flops[i]) / 1e6}
+             'mflops': float(self.test_flops[i]) / 1e6,
+             'thresholds': [float(t) for t in self.thresholds[i]],
+             'test_exit_counts': [int(c) for c in self.test_exit_counts[i]]}
             for i in range(len(self.val_acc))]
 
 
@@ -161,7 +165,8 @@ def budgeted_evaluation(val_confidence, val_predictions, val_labels,
     raise ValueError('held-out and test outputs have different numbers of '
                      'exits')
   proportions = budget_proportions(num_exits)
-  out = {k: [] for k in ('val_acc', 'test_acc', 'test_flops', 'thresholds')}
+  out = {k: [] for k in ('val_acc', 'test_acc', 'test_flops', 'thresholds',
+                         'test_exit_counts')}
   for q in proportions:
     thresholds = find_thresholds(val_confidence, q)
     val_acc, _ = accuracy_and_flops(val_confidence, val_predictions,
@@ -172,6 +177,8 @@ def budgeted_evaluation(val_confidence, val_predictions, val_labels,
     out['test_acc'].append(test_acc)
     out['test_flops'].append(test_flops)
     out['thresholds'].append(thresholds.astype(np.float64))
+    out['test_exit_counts'].append(np.bincount(
+        exit_indices(test_confidence, thresholds), minlength=num_exits))
   return BudgetedResult(**{k: np.array(v) for k, v in out.items()})
 
 

@@ -96,3 +96,68 @@ def plot_seed_summaries(summaries, path: str, title: str = '') -> None:
                 capsize=2, lw=0.8)
   _finish(fig, ax, path, 'top-1 accuracy (%), mean ± std over seeds', title,
           'lower right')
+
+
+def plot_method_comparison(runs: Sequence[tuple[str, dict]], path: str,
+                           budget_index: int, title: str = '') -> None:
+  """The demo's figure: three panels for runs [(label, results.json dict)]
+  of one config (same exits): (a) budgeted top-1 against average MFLOPs,
+  exits marked; (b) anytime top-1 of each exit; (c) the share of test
+  images leaving at each exit at budget `budget_index` (1..39), with that
+  budget's MFLOPs and top-1 per run in the legend. One PNG (or PDF)."""
+  fig, axes = plt.subplots(1, 3, figsize=(13.0, 3.9), dpi=160,
+                           gridspec_kw={'width_ratios': (1.25, 1.0, 1.0)})
+  colors = plt.get_cmap('tab10').colors
+  markers = ('o', 's', '^', 'D')
+  ax = axes[0]
+  for i, (label, results) in enumerate(runs):
+    curve = curve_from_results(results, label)
+    ax.plot(curve.budget_mflops, curve.budget_top1, '-', lw=1.8,
+            color=colors[i], label=f'{label} (budgeted)')
+    ax.plot(curve.exit_mflops, curve.exit_top1, markers[i % 4], ms=5.5,
+            mfc='white', mec=colors[i], mew=1.5, label=f'{label} (exits)')
+  ax.set_xlabel('average MFLOPs per image')
+  ax.set_ylabel('test top-1 (%)')
+  ax.set_title('(a) budgeted batch classification', fontsize=9)
+  ax.legend(fontsize=7, loc='lower right', frameon=False)
+
+  ax = axes[1]
+  num_exits = len(runs[0][1]['anytime']['top1'])
+  exits = list(range(1, num_exits + 1))
+  for i, (label, results) in enumerate(runs):
+    ax.plot(exits, results['anytime']['top1'], '-' + markers[i % 4],
+            color=colors[i], ms=5, mfc='white', mew=1.5, label=label)
+  mflops = runs[0][1]['mflops_per_exit']
+  ax.set_xticks(exits, [f'{k}\n{m:.2f}' for k, m in zip(exits, mflops)],
+                fontsize=7)
+  ax.set_xlabel('exit (MFLOPs)')
+  ax.set_ylabel('test top-1 (%)')
+  ax.set_title('(b) anytime prediction: every image to exit k', fontsize=9)
+  ax.legend(fontsize=7, loc='lower right', frameon=False)
+
+  ax = axes[2]
+  width = 0.8 / len(runs)
+  for i, (label, results) in enumerate(runs):
+    row = next(r for r in results['budgeted']
+               if r['budget_index'] == budget_index)
+    counts = row['test_exit_counts']
+    share = [100.0 * c / sum(counts) for c in counts]
+    ax.bar([k + (i - (len(runs) - 1) / 2) * width for k in exits], share,
+           width * 0.95, color=colors[i],
+           label=f"{label}: {row['mflops']:.2f} MFLOPs, "
+                 f"{row['test_top1']:.1f} %")
+  ax.set_xticks(exits, [str(k) for k in exits])
+  ax.set_xlabel('exit')
+  ax.set_ylabel('test images leaving here (%)')
+  ax.set_title(f'(c) where images exit at budget {budget_index} of 39',
+               fontsize=9)
+  ax.legend(fontsize=7, loc='upper right', frameon=False)
+  for ax in axes:
+    ax.grid(True, alpha=0.3, lw=0.6)
+    for side in ('top', 'right'):
+      ax.spines[side].set_visible(False)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

@@ -1,0 +1,152 @@
+r"""The demo: L2W-DEN beside uniform weighting, one table and one figure.
+
+  python3 quickstart.py demo
+  # = python -m experiments.demo --workdir=workdir/demo
+
+Trains `--config` (default configs/graded_digits.py) once per method of
+`--methods` (l2w, then uniform: the same seed, data order and iterations)
+in <workdir>/<method>. A run whose results.json exists is read back, so a
+rerun only redraws; an interrupted run resumes. Then prints each method's
+test top-1 per exit and the exit-1 to exit-K gap, a table of budgeted
+top-1 against MFLOPs at `--table_budgets`, and writes the figure
+(<workdir>/demo.png, or `--figure`): budgeted curves, anytime accuracy per
+exit and where test images exit at `--budget_index`.
+
+The README's figure and table come from
+  python -m experiments.demo --workdir=/tmp/demo --figure=docs/demo.png
+"""
+
+import json
+import os
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/graded_digits.py', 'Experiment config file.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', 'workdir/demo', 'One run per '
+                               'method goes in <workdir>/<method>.')
+_METHODS = flags.DEFINE_list('methods', ['l2w', 'uniform'], 'Training '
+                             'methods (config.method values), in order.')
+_FIGURE = flags.DEFINE_string('figure', None, 'Figure path (default '
+                              '<workdir>/demo.png).')
+_BUDGET = flags.DEFINE_integer('budget_index', 10, 'Budget (1..39) whose '
+                               'exit distribution the figure shows.')
+_TABLE = flags.DEFINE_list('table_budgets', ['1', '5', '10', '15', '20', '30',
+                                             '39'], 'Budgets (1..39) of the '
+                           'printed table.')
+
+
+def run_method(config, method: str, workdir: str) -> tuple[dict, float]:
+  """results.json of `config` trained with `method` in `workdir` (trained or
+  resumed unless results.json exists), and the seconds it took."""
+  from l2w_jax.evaluation.report import RESULTS_FILE  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(workdir, RESULTS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f)
+    print(f'{method}: read {path} (delete {workdir} to train it again)',
+          flush=True)
+    return results, 0.0
+  config = config.copy_and_resolve_references()
+  config.method = method
+  start = time.perf_counter()
+  results = train_and_evaluate(config, workdir)
+  return results, time.perf_counter() - start
+
+
+def budget_table(runs: list[tuple[str, dict]], budgets: list[int]) -> str:
+  """A plain-text table: one row per budget index, MFLOPs and test top-1 of
+  every run (runs: [(label, results.json dict)])."""
+  head = ['budget'] + [f'{label} {what}' for label, _ in runs
+                       for what in ('MFLOPs', 'top-1')]
+  rows = []
+  for budget in budgets:
+    row = [str(budget)]
+    for _, results in runs:
+      entry = next(r for r in results['budgeted']
+                   if r['budget_index'] == budget)
+      row += [f"{entry['mflops']:.2f}", f"{entry['test_top1']:.2f}"]
+    rows.append(row)
+  widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+  lines = ['  '.join(c.rjust(w) for c, w in zip(r, widths))
+           for r in [head] + rows]
+  return '\n'.join(lines)
+
+
+def exit_summary(label: str, results: dict) -> str:
+  """'<label>: test top-1 per exit a b c d (exit 1 -> exit K: +g points)'."""
+  top1 = results['anytime']['top1']
+  accs = ' '.join(f'{a:.2f}' for a in top1)
+  return (f'{label}: test top-1 per exit {accs} (exit 1 -> exit '
+          f'{len(top1)}: {top1[-1] - top1[0]:+.2f} points)')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.ERROR)
+  budgets = [int(b) for b in _TABLE.value] + [_BUDGET.value]
+  if any(not 1 <= b <= 39 for b in budgets):
+    cli.exit_with_message(f'error: budgets must be in 1..39, got {budgets}',
+                          1)
+  from l2w_jax.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
+  from l2w_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training import methods  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training.train import TrainingDiverged, WorkdirError  # pylint: disable=g-import-not-at-top
+
+  config = common.config_from_flag(_CONFIG)
+  start = time.perf_counter()
+  runs, seconds = [], {}
+  try:
+    for method in _METHODS.value:
+      methods.get(method)  # an unknown name stops before any training
+    for i, method in enumerate(_METHODS.value):
+      print(f'== {i + 1}/{len(_METHODS.value)}: {method} ==', flush=True)
+      results, seconds[method] = run_method(
+          config, method, os.path.join(_WORKDIR.value, method))
+      if 'interrupted_at' in results:  # SIGTERM / Ctrl-C: saved, stop here
+        cli.exit_with_message(
+            f'{method}: interrupted at iteration {results["interrupted_at"]}'
+            ' (checkpoint saved); rerun the same command to resume', 0)
+      runs.append((method, results))
+  except (DatasetNotFoundError, CheckpointError, TrainingDiverged,
+          WorkdirError, KeyError, ValueError) as e:
+    cli.exit_with_message(f'error: {e}', 1)
+  except KeyboardInterrupt:
+    cli.exit_with_message('interrupted; rerun the same command to resume',
+                          130)
+  figure = _FIGURE.value or os.path.join(_WORKDIR.value, 'demo.png')
+  os.makedirs(os.path.dirname(os.path.abspath(figure)), exist_ok=True)
+  plots.plot_method_comparison(
+      runs, figure, _BUDGET.value,
+      title=f'{" vs ".join(_METHODS.value)} on {config.dataset.name}: '
+            f'{runs[0][1]["iterations"]} iterations each, seed {config.seed}, '
+            f'{runs[0][1]["num_test"]} test images')
+  print(flush=True)
+  for label, results in runs:
+    print(exit_summary(label, results))
+  print('\nbudgeted top-1 (%) on the test split against average MFLOPs:')
+  print(budget_table(runs, [int(b) for b in _TABLE.value]))
+  trained = ', '.join(f'{m} {s:.0f} s' for m, s in seconds.items() if s)
+  print(f'\nfigure: {os.path.abspath(figure)}')
+  print(f'total {time.perf_counter() - start:.0f} s'
+        + (f' (training and evaluation: {trained})' if trained else ''),
+        flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
