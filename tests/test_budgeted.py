@@ -91,9 +91,10 @@ def test_matches_the_original_loops(exits, n_val, n_test, ties):
 
 def test_rows_for_results_json():
   rng = np.random.default_rng(0)
-  val, labels = _outputs(rng, 3, 50, 4, False)
+  val, labels = _outputs(rng, 3, 80, 4, False)
+  test, test_labels = _outputs(rng, 3, 50, 4, False)  # counts are test's
   rows = budgeted.budgeted_evaluation_from_probs(
-      val, labels, val, labels, [1e6, 2e6, 3e6]).rows()
+      val, labels, test, test_labels, [1e6, 2e6, 3e6]).rows()
   assert len(rows) == 39 and rows[0]['budget_index'] == 1
   assert set(rows[0]) == {'budget_index', 'val_top1', 'test_top1', 'mflops',
                           'thresholds', 'test_exit_counts'}

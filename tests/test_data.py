@@ -143,12 +143,18 @@ def imagenet():
     yield
 
 
+def _prepared(tmp_path_factory, name: str) -> str:
+  """A tmp data_dir in which the embedded dataset `name` is prepared (no
+  download)."""
+  path = str(tmp_path_factory.mktemp(f'tfds_{name}'))
+  data.data_info(make_config(name, data_dir=path))
+  return path
+
+
 @pytest.fixture(scope='session')
 def digits_dir(tmp_path_factory):
-  """The real sklearn_digits, prepared once (no download) in a tmp data_dir."""
-  path = str(tmp_path_factory.mktemp('tfds'))
-  data.data_info(make_config('sklearn_digits', data_dir=path))
-  return path
+  """The real sklearn_digits, prepared once."""
+  return _prepared(tmp_path_factory, 'sklearn_digits')
 
 
 def all_batches(iterator):
@@ -280,10 +286,8 @@ def test_graded_digits_renderings_are_fixed_and_graded():
 
 @pytest.fixture(scope='session')
 def graded_dir(tmp_path_factory):
-  """graded_digits, prepared once (no download) in a tmp data_dir."""
-  path = str(tmp_path_factory.mktemp('tfds_graded'))
-  data.data_info(make_config('graded_digits', data_dir=path))
-  return path
+  """graded_digits, prepared once."""
+  return _prepared(tmp_path_factory, 'graded_digits')
 
 
 def test_graded_digits_builder_serves_its_splits(graded_dir):
