@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2w_jax.evaluation import anytime, budgeted
+from l2w_jax.evaluation import anytime
 from l2w_jax.evaluation.cascade import (Cascade, SingleImageCascade,
-                                        bucket_sizes, simulated_exits)
+                                        bucket_sizes)
 from l2w_jax.models.msdnet import MSDNet
-from tests.tiny import TINY_IMAGE, TINY_MSDNET
+from tests.tiny import (TINY_IMAGE, TINY_MSDNET,
+                        assert_cascade_is_simulated_exiting)
 
 
 @pytest.fixture(scope='session')
@@ -35,26 +36,9 @@ def test_bucket_sizes():
 @pytest.mark.parametrize('budget', [3, 20, 39])
 def test_cascade_gives_the_simulated_predictions(trained_like, budget):
   model, variables, images, held_out, test = trained_like
-  thresholds = budgeted.find_thresholds(
-      np.asarray(held_out['confidence']),
-      budgeted.budget_proportions(model.num_exits)[budget - 1])
-  want_pred, want_exits = simulated_exits(np.asarray(test['confidence']),
-                                          np.asarray(test['prediction']),
-                                          thresholds)
-  cascade = Cascade(model, variables, thresholds, max_batch=16)
-  outputs = [cascade(images[i:i + 16]) for i in range(0, 40, 16)]
-  np.testing.assert_array_equal(
-      np.concatenate([o.predictions for o in outputs]), want_pred)
-  np.testing.assert_array_equal(np.concatenate([o.exits for o in outputs]),
-                                want_exits)
-  # Later stages only saw the samples that had not exited.
-  sizes = outputs[0].samples_per_stage
-  assert sizes[0] == 16 and sizes == sorted(sizes, reverse=True)
-  single = SingleImageCascade(model, variables, thresholds)
-  for i in range(0, 40, 7):
-    prediction, exit_index = single(images[i:i + 1])
-    assert (int(prediction), int(exit_index)) == (want_pred[i],
-                                                  want_exits[i])
+  assert_cascade_is_simulated_exiting(model, variables, held_out, test,
+                                      images, budget_index=budget, batch=16,
+                                      single_stride=7)
 
 
 def test_no_recompilation_after_warm_up(trained_like):

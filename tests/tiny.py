@@ -143,12 +143,47 @@ def float64_step_setup(config):
   return learner, state, images, labels
 
 
+def assert_cascade_is_simulated_exiting(model, variables, held_out, test,
+                                        test_images, budget_index: int,
+                                        batch: int,
+                                        single_stride: int) -> np.ndarray:
+  """Asserts that the real cascade, on `test_images` in batches of `batch`
+  and one image at a time (every `single_stride`-th), gives simulated
+  exiting's predictions and exits for the thresholds of budget
+  `budget_index` (1..39) on `held_out`; returns the simulated exits.
+  `held_out` and `test` are `anytime.exit_statistics` dicts."""
+  from l2w_jax.evaluation import budgeted, cascade  # pylint: disable=g-import-not-at-top
+  test_images = np.asarray(test_images)
+  thresholds = budgeted.find_thresholds(
+      np.asarray(held_out['confidence']),
+      budgeted.budget_proportions(model.num_exits)[budget_index - 1])
+  want_pred, want_exits = cascade.simulated_exits(
+      np.asarray(test['confidence']), np.asarray(test['prediction']),
+      thresholds)
+  batched = cascade.Cascade(model, variables, thresholds, max_batch=16)
+  outputs = [batched(test_images[i:i + batch])
+             for i in range(0, len(test_images), batch)]
+  np.testing.assert_array_equal(
+      np.concatenate([o.predictions for o in outputs]), want_pred)
+  np.testing.assert_array_equal(np.concatenate([o.exits for o in outputs]),
+                                want_exits)
+  # Later stages only saw the samples that had not exited.
+  sizes = outputs[0].samples_per_stage
+  assert sizes[0] == batch and sizes == sorted(sizes, reverse=True)
+  single = cascade.SingleImageCascade(model, variables, thresholds)
+  for i in range(0, len(test_images), single_stride):
+    prediction, exit_index = single(test_images[i:i + 1])
+    assert (int(prediction), int(exit_index)) == (want_pred[i],
+                                                  want_exits[i])
+  return want_exits
+
+
 def check_cascade_against_simulated(model) -> np.ndarray:
   """Runs `model` (random weights, 60 random TINY_IMAGE images: 30 held
   out for the budget-20 thresholds, 30 tested) through the real cascade in
   batches of 15 and one image at a time, asserting both give simulated
   exiting's predictions and exits; returns the 30 exits."""
-  from l2w_jax.evaluation import anytime, budgeted, cascade  # pylint: disable=g-import-not-at-top
+  from l2w_jax.evaluation import anytime  # pylint: disable=g-import-not-at-top
   images = jax.random.normal(jax.random.PRNGKey(1), (60,) + TINY_IMAGE)
   labels = jnp.zeros((60,), jnp.int32)
   variables = model.init(jax.random.PRNGKey(0), images[:1])
@@ -156,23 +191,6 @@ def check_cascade_against_simulated(model) -> np.ndarray:
                                                        y))
   held_out, test = stats(images[:30], labels[:30]), stats(images[30:],
                                                            labels[30:])
-  thresholds = budgeted.find_thresholds(
-      np.asarray(held_out['confidence']),
-      budgeted.budget_proportions(model.num_exits)[19])
-  want_pred, want_exits = cascade.simulated_exits(
-      np.asarray(test['confidence']), np.asarray(test['prediction']),
-      thresholds)
-  batch = cascade.Cascade(model, variables, thresholds, max_batch=16)
-  outputs = [batch(np.asarray(images[30 + i:30 + i + 15])) for i in (0, 15)]
-  np.testing.assert_array_equal(
-      np.concatenate([o.predictions for o in outputs]), want_pred)
-  np.testing.assert_array_equal(np.concatenate([o.exits for o in outputs]),
-                                want_exits)
-  sizes = outputs[0].samples_per_stage
-  assert sizes[0] == 15 and sizes == sorted(sizes, reverse=True)
-  single = cascade.SingleImageCascade(model, variables, thresholds)
-  for i in range(0, 30, 4):
-    prediction, exit_index = single(np.asarray(images[30 + i:31 + i]))
-    assert (int(prediction), int(exit_index)) == (want_pred[i],
-                                                  want_exits[i])
-  return want_exits
+  return assert_cascade_is_simulated_exiting(
+      model, variables, held_out, test, images[30:], budget_index=20,
+      batch=15, single_stride=4)
