@@ -16,7 +16,8 @@ from l2w_jax import parallel
 from l2w_jax.meta import api, l2w
 from l2w_jax.training import step as step_lib
 from l2w_jax.training.learner import build_learner, init_train_state
-from tests.tiny import TINY_IMAGE, tiny_config, tiny_ranet_config
+from tests.tiny import (TINY_IMAGE, float64_meta_problem, tiny_config,
+                        tiny_ranet_config)
 
 LR = 0.5
 
@@ -26,14 +27,7 @@ def _problem(**train):
   config = tiny_config()
   for key, value in train.items():
     config.train[key] = value
-  learner = build_learner(config)
-  state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE,
-                           dtype=jnp.float64)
-  key_x, key_y = jax.random.split(jax.random.PRNGKey(1))
-  images = jax.random.normal(key_x, (12,) + TINY_IMAGE, jnp.float64)
-  labels = jax.random.randint(key_y, (12,), 0, 5)
-  train_batch, meta_batch = l2w.split_halves(images, labels)
-  return learner, state, train_batch, meta_batch
+  return float64_meta_problem(config)
 
 
 def _pieces(learner, state, train_batch, meta_batch, **options):

@@ -9,7 +9,7 @@ import pytest
 
 from l2w_jax.meta import api, l2w
 from l2w_jax.training.learner import build_learner, init_train_state
-from tests.tiny import TINY_IMAGE, tiny_config
+from tests.tiny import TINY_IMAGE, float64_meta_problem, tiny_config
 
 
 @pytest.mark.parametrize('input_kind,constraint', [('loss', 'col'),
@@ -18,13 +18,7 @@ def test_meta_gradient_matches_finite_differences(float64, input_kind,
                                                   constraint):
   del float64
   config = tiny_config(input=input_kind, constraint=constraint, epsilon=0.8)
-  learner = build_learner(config)
-  state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE,
-                           dtype=jnp.float64)
-  key_x, key_y = jax.random.split(jax.random.PRNGKey(1))
-  images = jax.random.normal(key_x, (12,) + TINY_IMAGE, jnp.float64)
-  labels = jax.random.randint(key_y, (12,), 0, 5)
-  (xt, yt), (xm, ym) = l2w.split_halves(images, labels)
+  learner, state, (xt, yt), (xm, ym) = float64_meta_problem(config)
   lr = jnp.float64(0.5)
 
   pieces = l2w.meta_pieces(learner, state)
