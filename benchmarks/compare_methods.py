@@ -14,7 +14,6 @@ iterations (two-phase methods split them by train.phase_split).
 
 import json
 import os
-import time
 
 from absl import app
 from absl import flags
@@ -25,9 +24,8 @@ import numpy as np
 from configs import common
 
 from l2w_jax.evaluation import comparison, plots
-from l2w_jax.evaluation.report import RESULTS_FILE
 from l2w_jax.training import methods
-from l2w_jax.training.train import train_and_evaluate
+from l2w_jax.training.train import finished_or_trained
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py')
 _METHODS = flags.DEFINE_list('methods', None, 'Methods to compare (default: '
@@ -39,16 +37,11 @@ _FIGURE = flags.DEFINE_string('figure', 'methods_budgeted.png', 'Figure.')
 
 def _run(config, method: str, seed: int, workdir: str) -> tuple[dict, float]:
   """results.json of one run (trained unless it exists), and its seconds."""
-  path = os.path.join(workdir, RESULTS_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f), 0.0
   config = config.copy_and_resolve_references()
   config.method = method
   config.seed = seed
-  start = time.perf_counter()
-  results = train_and_evaluate(config, workdir)
-  return results, time.perf_counter() - start
+  results, seconds = finished_or_trained(config, workdir)
+  return results, seconds or 0.0
 
 
 def main(argv):

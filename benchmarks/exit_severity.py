@@ -43,10 +43,9 @@ def summarise(config, workdir: str, budget_index: int) -> dict:
   variables, _ = restore_variables(config, workdir)
   stats = functools.partial(report.jitted_statistics(
       build_learner(config).model), variables)
-  batch = config.eval.batch_size
-  test = anytime.collect(stats, data.eval_batches(config, 'test', batch))
-  held_out = anytime.collect(stats, data.eval_batches(config, 'holdout',
-                                                      batch))
+  test = anytime.collect(stats, data.eval_batches(config, 'test',
+                                                  config.eval.batch_size))
+  held_out = report.threshold_outputs(config, stats)
   severity = test_severities(config)
   num_exits = test.confidence.shape[0]
   thresholds = budgeted.find_thresholds(

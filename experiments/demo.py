@@ -16,7 +16,6 @@ The README's figure and table come from
   python -m experiments.demo --workdir=/tmp/demo --figure=docs/demo.png
 """
 
-import json
 import os
 import time
 
@@ -48,22 +47,16 @@ _TABLE = flags.DEFINE_list('table_budgets', ['1', '5', '10', '15', '20', '30',
 
 def run_method(config, method: str, workdir: str) -> tuple[dict, float]:
   """results.json of `config` trained with `method` in `workdir` (trained or
-  resumed unless results.json exists), and the seconds it took."""
-  from l2w_jax.evaluation.report import RESULTS_FILE  # pylint: disable=g-import-not-at-top
-  from l2w_jax.training.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  resumed unless results.json exists), and the seconds it took (0: read)."""
+  from l2w_jax.training.train import finished_or_trained  # pylint: disable=g-import-not-at-top
 
-  path = os.path.join(workdir, RESULTS_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      results = json.load(f)
-    print(f'{method}: read {path} (delete {workdir} to train it again)',
-          flush=True)
-    return results, 0.0
   config = config.copy_and_resolve_references()
   config.method = method
-  start = time.perf_counter()
-  results = train_and_evaluate(config, workdir)
-  return results, time.perf_counter() - start
+  results, seconds = finished_or_trained(config, workdir)
+  if seconds is None:
+    print(f'{method}: read {workdir}/results.json (delete {workdir} to train '
+          'it again)', flush=True)
+  return results, seconds or 0.0
 
 
 def budget_table(runs: list[tuple[str, dict]], budgets: list[int]) -> str:

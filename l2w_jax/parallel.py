@@ -102,10 +102,11 @@ def compiler_options(remat: bool, platform: str) -> dict | None:
 
 
 def step_compiler_options(model, mesh) -> dict | None:
-  """`compiler_options` for a step of `model` (whose `cfg.remat` says
-  whether it rematerialises) on `mesh`'s devices."""
-  remat = bool(getattr(getattr(model, 'cfg', None), 'remat', False))
-  return compiler_options(remat, mesh.devices.flat[0].platform)
+  """`compiler_options` for a step of `model` (a backbone or a method's
+  network around one: its `cfg.remat` says whether it rematerialises) on
+  `mesh`'s devices."""
+  return compiler_options(bool(model.cfg.remat),
+                          mesh.devices.flat[0].platform)
 
 
 def replicated(mesh) -> NamedSharding:

@@ -133,9 +133,9 @@ def render_split(raw: np.ndarray, labels: np.ndarray,
                              'variant')}
   sources = np.asarray(sources)
   for i in sources:
+    candidates = sources[labels[sources] != labels[i]]
     for j in range(VARIANTS):
       rng = np.random.default_rng((RENDER_SEED, int(i), j))
-      candidates = sources[labels[sources] != labels[i]]
       other = int(candidates[rng.integers(len(candidates))])
       image, s = render_one(raw[i], raw[other], rng)
       out['image'].append(np.repeat(image[..., None], 3, axis=-1))

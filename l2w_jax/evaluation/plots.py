@@ -55,6 +55,13 @@ def plot_budgeted(curves: Sequence[Curve], path: str, title: str = '') -> None:
   _finish(fig, ax, path, 'top-1 accuracy (%)', title, 'best')
 
 
+def _frame(ax) -> None:
+  """The house style of an axis: a light grid, no top or right spine."""
+  ax.grid(True, alpha=0.3, lw=0.6)
+  for side in ('top', 'right'):
+    ax.spines[side].set_visible(False)
+
+
 def _finish(fig, ax, path: str, ylabel: str, title: str,
             legend_loc: str) -> None:
   """Labels, grid, legend and frame of an accuracy-MFLOPs figure; saves it
@@ -63,10 +70,8 @@ def _finish(fig, ax, path: str, ylabel: str, title: str,
   ax.set_ylabel(ylabel)
   if title:
     ax.set_title(title, fontsize=10)
-  ax.grid(True, alpha=0.3, lw=0.6)
   ax.legend(fontsize=7, loc=legend_loc, frameon=False)
-  for side in ('top', 'right'):
-    ax.spines[side].set_visible(False)
+  _frame(ax)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
@@ -153,9 +158,7 @@ def plot_method_comparison(runs: Sequence[tuple[str, dict]], path: str,
                fontsize=9)
   ax.legend(fontsize=7, loc='upper right', frameon=False)
   for ax in axes:
-    ax.grid(True, alpha=0.3, lw=0.6)
-    for side in ('top', 'right'):
-      ax.spines[side].set_visible(False)
+    _frame(ax)
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()

@@ -9,6 +9,7 @@ and `workdir/budgeted.png`.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import time
@@ -312,6 +313,22 @@ def _open_workdir(workdir: str, keep: int) -> Checkpointer:
         f'({type(e).__name__}: {e.strerror or e}): give a writable '
         '--workdir (nothing in it was changed)') from e
   return checkpointer
+
+
+def finished_or_trained(config: ml_collections.ConfigDict,
+                        workdir: str) -> tuple[dict, float | None]:
+  """(results, seconds) of the run of `config` in `workdir`: its
+  results.json when it exists (seconds None: nothing was trained), else
+  `train_and_evaluate(config, workdir)` (which resumes an interrupted run)
+  and the seconds it took. Lets a script that runs several experiments be
+  rerun to redraw without retraining."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f), None
+  start = time.perf_counter()
+  results = train_and_evaluate(config, workdir)
+  return results, time.perf_counter() - start
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
