@@ -7,7 +7,9 @@ this times the paper's CIFAR-100 MSDNet (random weights, random images: the
 thresholds are quantiles of the held-out confidences, so each budget still
 sends the intended fractions of samples to each exit). Prints one JSON line:
 for each budget the FLOPs-predicted speed-up and the measured ones, in
-batches and one image at a time.
+batches and one image at a time, and the time per image at which each exit
+returns when every image leaves there (`exit_return_ms`); `--figure` draws
+those return times against the full network's.
 """
 
 import functools
@@ -23,8 +25,10 @@ from ml_collections import config_flags
 from configs import common
 
 from l2w_jax.evaluation import anytime, budgeted
+from l2w_jax.evaluation import plots
 from l2w_jax.evaluation.cascade import (Cascade, SingleImageCascade,
-                                        compare_with_full_network)
+                                        compare_with_full_network,
+                                        exit_return_times)
 from l2w_jax.evaluation.flops import count_per_exit
 from l2w_jax.models import build_model
 
@@ -32,9 +36,13 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar100.py')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Cascade batch size.')
 _IMAGES = flags.DEFINE_integer('images', 512, 'Test images (and as many '
                                'held-out ones).')
-_SINGLE = flags.DEFINE_integer('latency_images', 32, 'Images timed one by '
+_SINGLE = flags.DEFINE_integer('latency_images', 128, 'Images timed one by '
                                'one.')
-_BUDGETS = flags.DEFINE_list('budgets', ['5', '15', '25', '39'], 'Budgets.')
+_BUDGETS = flags.DEFINE_list(
+    'budgets', ['1', '5', '10', '15', '20', '25', '30', '35', '39'],
+    'Budget indices (1..39).')
+_FIGURE = flags.DEFINE_string('figure', None, 'Where to draw each exit\'s '
+                              'return time (PNG or PDF); none by default.')
 
 
 def main(argv):
@@ -67,8 +75,8 @@ def main(argv):
 
   rows = []
   for index in (int(b) for b in _BUDGETS.value):
-    thresholds = budgeted.find_thresholds(
-        confidence, budgeted.budget_proportions(model.num_exits)[index - 1])
+    proportions = budgeted.budget_proportions(model.num_exits)[index - 1]
+    thresholds = budgeted.find_thresholds(confidence, proportions)
     cascade.thresholds = single.thresholds = thresholds
     exits = np.concatenate([cascade(b).exits for b in batches])
     fractions = np.bincount(exits, minlength=model.num_exits) / len(exits)
@@ -77,13 +85,34 @@ def main(argv):
     rows.append({
         'budget_index': index,
         'flops_speedup': round(float(flops[-1] / expected), 3),
-        'batch_speedup': round(t['full_batch_s'] / t['cascade_batch_s'], 3),
-        'single_speedup': round(t['full_single_s'] / t['cascade_single_s'],
-                                3),
-        **{k[:-len('_s')] + '_ms': round(1e3 * v, 3) for k, v in t.items()}})
+        'batch_speedup': round(t['batch_speedup'], 3),
+        'single_speedup': round(t['single_speedup'], 3),
+        **{k[:-len('_s')] + '_ms': round(1e3 * v, 3) for k, v in t.items()
+           if k.endswith('_s')}})
+  returns = {}
+  returns['single'], returns['full_single'] = exit_return_times(
+      full, single, singles)
+  returns['batch'], returns['full_batch'] = exit_return_times(
+      full, cascade, batches)
+  returns = {k: np.round(1e3 * np.asarray(v), 3).tolist()
+             for k, v in returns.items()}
+  if _FIGURE.value:
+    plots.plot_exit_return_times(
+        flops / 1e6, returns['single'], returns['full_single'],
+        returns['batch'], returns['full_batch'], _BATCH.value, _FIGURE.value,
+        title=f'{config.dataset.name} {config.model.name}, CPU: time until '
+        'each exit returns')
+  lowest = min(rows, key=lambda r: r['budget_index'])
   print(json.dumps({'model': config.model.name,
                     'mflops_per_exit': [round(f / 1e6, 3) for f in flops],
-                    'batch_size': _BATCH.value, 'budgets': rows}))
+                    'batch_size': _BATCH.value, 'budgets': rows,
+                    'min_batch_speedup': min(r['batch_speedup'] for r in rows),
+                    'min_single_speedup': min(r['single_speedup']
+                                              for r in rows),
+                    # Of the lowest budget: measured / FLOPs-predicted.
+                    'lowest_budget_batch_fraction': round(
+                        lowest['batch_speedup'] / lowest['flops_speedup'], 3),
+                    'exit_return_ms': returns}))
 
 
 if __name__ == '__main__':

@@ -30,7 +30,13 @@ def trained_like():
 
 def test_bucket_sizes():
   assert bucket_sizes(1) == (1,)
-  assert bucket_sizes(20) == (1, 2, 4, 8, 16, 20)
+  assert bucket_sizes(20) == (1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20)
+  assert bucket_sizes(64) == (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
+  assert bucket_sizes(64, steps=4) == (1, 2, 4, 8, 16, 32, 48, 64)
+  # Padding stays under an eighth of the batch (and under n itself).
+  for n in range(1, 65):
+    padded = next(b for b in bucket_sizes(64) if b >= n)
+    assert padded - n < min(n, 8)
 
 
 @pytest.mark.parametrize('budget', [3, 20, 39])
@@ -46,12 +52,14 @@ def test_no_recompilation_after_warm_up(trained_like):
   cascade = Cascade(model, variables, np.full(model.num_exits, 0.5),
                     max_batch=8)
   cascade.warm_up(TINY_IMAGE)
-  before = [s._cache_size() for s in cascade._stages]  # pylint: disable=protected-access
+  programs = lambda: ([s._cache_size() for s in cascade._stages],  # pylint: disable=protected-access
+                      cascade._gather._cache_size())  # pylint: disable=protected-access
+  before = programs()
   for n in (8, 5, 1, 3):
     cascade.thresholds = np.random.default_rng(n).uniform(
         0.0, 1.0, model.num_exits).astype(np.float32)
     cascade(images[:n])
-  assert [s._cache_size() for s in cascade._stages] == before  # pylint: disable=protected-access
+  assert programs() == before
 
 
 def test_bad_thresholds_and_batches(trained_like):
@@ -63,3 +71,30 @@ def test_bad_thresholds_and_batches(trained_like):
   cascade = Cascade(model, variables, np.zeros(model.num_exits), max_batch=4)
   with pytest.raises(ValueError, match='exceeds max_batch'):
     cascade(images[:5])
+
+
+def test_forced_exits_and_their_return_times(trained_like, tmp_path):
+  """forced_exit_thresholds(K, k) sends every sample to exit k, in batches
+  and one at a time; exit_return_times times each exit's return against the
+  full network and restores the thresholds; the figure is drawn."""
+  from l2w_jax.evaluation import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
+  from l2w_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+  model, variables, images, _, _ = trained_like
+  batched = Cascade(model, variables, np.full(model.num_exits, 0.5), 16)
+  single = SingleImageCascade(model, variables, np.full(model.num_exits, 0.5))
+  for k in range(model.num_exits):
+    batched.thresholds = single.thresholds = (
+        cascade_lib.forced_exit_thresholds(model.num_exits, k))
+    assert batched(images[:16]).exits.tolist() == [k] * 16
+    assert int(single(images[:1])[1]) == k
+  batched.thresholds = np.full(model.num_exits, 0.5)
+  full = jax.jit(lambda x: model.apply(variables, x, train=False))
+  exit_s, full_s = cascade_lib.exit_return_times(
+      full, batched, [images[:16]], repeats=1)
+  assert len(exit_s) == model.num_exits and min(exit_s) > 0 and full_s > 0
+  np.testing.assert_array_equal(batched.thresholds, 0.5)
+  path = tmp_path / 'exits.png'
+  plots.plot_exit_return_times([1.0, 2.0, 3.0], [0.1, 0.2, 0.3], 0.3,
+                               [0.05, 0.1, 0.2], 0.2, 16, str(path))
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  assert matplotlib.image.imread(path).shape[:2] == (576, 1536)

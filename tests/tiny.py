@@ -185,6 +185,9 @@ def assert_cascade_is_simulated_exiting(model, variables, held_out, test,
   # Later stages only saw the samples that had not exited.
   sizes = outputs[0].samples_per_stage
   assert sizes[0] == batch and sizes == sorted(sizes, reverse=True)
+  # Each ran on the smallest bucket that holds them.
+  assert outputs[0].rows_per_stage == [
+      next(b for b in batched.buckets if b >= n) for n in sizes]
   single = cascade.SingleImageCascade(model, variables, thresholds)
   for i in range(0, len(test_images), single_stride):
     prediction, exit_index = single(test_images[i:i + 1])

@@ -5,14 +5,21 @@ simulate the exiting afterwards. `Cascade` does it for real: stage k runs
 the backbone's stage k (`run_stage`: MSDNet's block k; RANet's blocks
 between exits k-1 and k, starting new scale flows as needed) and classifier
 k on the samples that have not exited, the confident ones (max softmax >=
-threshold k) leave with that exit's prediction, and the carry of the rest
-(every array in it) is gathered for stage k + 1. To keep shapes static,
-the active samples are padded up to a bucket size (powers of two up to the
-batch size), so each (stage, bucket) compiles once and nothing recompiles
-per batch. In eval mode BatchNorm uses running statistics, so a sample's
-outputs do not depend on its batch companions: the cascade's predictions are
-those of simulated exiting with the same thresholds (up to floating-point
-rounding of different batch shapes).
+threshold k, decided in the stage's program) leave with that exit's
+prediction, and the carry of the rest (every array in it) is gathered for
+stage k + 1 when that lets the stage run on a smaller bucket. To keep
+shapes static, the active samples are padded up to a bucket size (powers of
+two, then multiples of an eighth of the batch), so each (stage, bucket)
+compiles once and nothing recompiles per batch. In eval mode BatchNorm uses
+running statistics, so a sample's outputs do not depend on its batch
+companions: the cascade's predictions are those of simulated exiting with
+the same thresholds (up to floating-point rounding of different batch
+shapes).
+
+The variables are compiled into the programs as constants, as a served
+model's are: passing them as arguments costs about 0.4 ms per call for the
+560 arrays of the CIFAR MSDNet on CPU (more than a small stage's run time),
+and the full network it is compared with is compiled the same way.
 """
 
 from __future__ import annotations
@@ -28,12 +35,22 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def bucket_sizes(max_batch: int) -> tuple[int, ...]:
-  """Powers of two below `max_batch`, and `max_batch` itself."""
+def bucket_sizes(max_batch: int, steps: int = 8) -> tuple[int, ...]:
+  """The row counts a stage is compiled for: powers of two up to the step
+  (the largest power of two <= max_batch / steps), then multiples of the
+  step, then `max_batch`. Padding n active samples up to their bucket adds
+  fewer than min(n, step) rows, so a stage never does more than 1/steps of
+  the full batch's work on padding."""
+  if max_batch < 1:
+    raise ValueError(f'max_batch must be >= 1, got {max_batch}')
+  step = 1
+  while 2 * step * steps <= max_batch:
+    step *= 2
   sizes, size = [], 1
-  while size < max_batch:
+  while size < step:
     sizes.append(size)
     size *= 2
+  sizes.extend(range(step, max_batch, step))
   return tuple(sizes) + (max_batch,)
 
 
@@ -74,6 +91,18 @@ def _stage(model: nn.Module, index: int, variables, carry):
   return (features, ensemble), confidence, jnp.argmax(logits, axis=-1)
 
 
+def _stage_and_decide(model: nn.Module, index: int, variables, carry,
+                      thresholds):
+  """Stage `index` and its exit decision, in one program: carry (rows,
+  ...) and thresholds (K,) -> (carry for the next stage (None after the
+  last), leave (rows,) bool, prediction (rows,)). At the last exit
+  every sample leaves."""
+  carry, confidence, prediction = _stage(model, index, variables, carry)
+  if index == model.num_exits - 1:
+    return None, jnp.ones(confidence.shape, bool), prediction
+  return carry, confidence >= thresholds[index], prediction
+
+
 def _gather(features, rows):
   """Keeps rows (bucket,) of every scale's features (and of Q, if any)."""
   return jax.tree_util.tree_map(lambda f: jnp.take(f, rows, axis=0), features)
@@ -81,10 +110,12 @@ def _gather(features, rows):
 
 @dataclasses.dataclass
 class CascadeOutput:
-  """Per-sample prediction and exit index (0-based), and stage sizes."""
+  """Per-sample prediction and exit index (0-based); for each stage that
+  ran, the samples still active and the rows it computed (their bucket)."""
   predictions: np.ndarray
   exits: np.ndarray
   samples_per_stage: list[int]
+  rows_per_stage: list[int]
 
 
 def _check_stageable(model: nn.Module) -> None:
@@ -97,8 +128,34 @@ def _check_stageable(model: nn.Module) -> None:
         'supported yet; use --mode=budgeted for its simulated early exits')
 
 
-class Cascade:
-  """Early-exit inference of a multi-exit model with fixed thresholds."""
+def _checked_thresholds(model: nn.Module, thresholds) -> np.ndarray:
+  """Thresholds as float32 (K,); ValueError naming the shape otherwise."""
+  thresholds = np.asarray(thresholds, dtype=np.float32)
+  if thresholds.shape != (model.num_exits,):
+    raise ValueError(f'need {model.num_exits} thresholds (one per exit), '
+                     f'got shape {thresholds.shape}')
+  return thresholds
+
+
+class _Thresholded:
+  """Holds validated thresholds and their copy on the device, so that a call
+  does not transfer them again."""
+
+  model: nn.Module
+
+  @property
+  def thresholds(self) -> np.ndarray:
+    return self._thresholds
+
+  @thresholds.setter
+  def thresholds(self, value) -> None:
+    self._thresholds = _checked_thresholds(self.model, value)
+    self._device_thresholds = jnp.asarray(self._thresholds)
+
+
+class Cascade(_Thresholded):
+  """Early-exit inference of a multi-exit model with fixed thresholds, in
+  batches of up to `max_batch` images."""
 
   def __init__(self, model: nn.Module, variables, thresholds,
                max_batch: int):
@@ -106,56 +163,63 @@ class Cascade:
     self.model = model
     self.variables = variables
     self.num_exits = model.num_exits
-    thresholds = np.asarray(thresholds, dtype=np.float32)
-    if thresholds.shape != (self.num_exits,):
-      raise ValueError(f'need {self.num_exits} thresholds (one per exit), '
-                       f'got shape {thresholds.shape}')
     self.thresholds = thresholds
     self.buckets = bucket_sizes(max_batch)
-    self._stages = [jax.jit(functools.partial(_stage, model, k))
-                    for k in range(self.num_exits)]
+    self._stages = [
+        jax.jit(functools.partial(_stage_and_decide, model, k, variables))
+        for k in range(self.num_exits)]
     self._gather = jax.jit(_gather)
 
   def __call__(self, images) -> CascadeOutput:
-    """Images (N, H, W, C), N <= max_batch -> predictions and exits (N,)."""
+    """Images (N, H, W, C), N <= max_batch -> predictions and exits (N,).
+
+    The carry of the samples still active is gathered into a smaller
+    bucket only when their count fits one; otherwise the next stage runs on
+    the rows it has (the exited ones included, as padding), which costs no
+    more than that bucket would and saves the gather."""
     n = images.shape[0]
     if n > self.buckets[-1]:
       raise ValueError(f'batch of {n} exceeds max_batch {self.buckets[-1]}')
     predictions = np.zeros((n,), np.int64)
     exits = np.full((n,), self.num_exits - 1, np.int64)
-    active = np.arange(n)  # original positions of the rows in `features`
-    size = _bucket(n, self.buckets)
-    features = _start(self.model,
-                      jnp.asarray(_pad_rows(np.asarray(images), size)))
-    sizes = []
+    active = np.arange(n)  # the original positions of the active samples
+    slots = np.arange(n)  # and their rows in `carry`
+    rows = _bucket(n, self.buckets)
+    carry = _start(self.model,
+                   jnp.asarray(_pad_rows(np.asarray(images), rows)))
+    sizes, computed = [], []
     for k in range(self.num_exits):
       sizes.append(len(active))
-      features, confidence, prediction = self._stages[k](self.variables,
-                                                         features)
-      confidence = np.asarray(confidence)[:len(active)]
-      prediction = np.asarray(prediction)[:len(active)]
-      leave = (confidence >= self.thresholds[k] if k < self.num_exits - 1
-               else np.ones(len(active), bool))
-      predictions[active[leave]] = prediction[leave]
+      computed.append(rows)
+      carry, leave, prediction = self._stages[k](carry,
+                                                 self._device_thresholds)
+      leave = np.asarray(leave)[slots]
+      predictions[active[leave]] = np.asarray(prediction)[slots[leave]]
       exits[active[leave]] = k
-      stay = np.flatnonzero(~leave)
-      if stay.size == 0:
+      active, slots = active[~leave], slots[~leave]
+      if active.size == 0:
         break
-      active = active[stay]
-      size = _bucket(stay.size, self.buckets)
-      rows = np.concatenate([stay, np.zeros(size - stay.size, stay.dtype)])
-      features = self._gather(features, jnp.asarray(rows))
-    return CascadeOutput(predictions, exits, sizes)
+      bucket = _bucket(active.size, self.buckets)
+      if bucket < rows:
+        picked = np.concatenate([slots, np.zeros(bucket - slots.size,
+                                                 slots.dtype)])
+        carry = self._gather(carry, jnp.asarray(picked))
+        rows, slots = bucket, np.arange(active.size)
+    return CascadeOutput(predictions, exits, sizes, computed)
 
-  def warm_up(self, image_shape) -> None:
-    """Compiles every (stage, bucket) by running a cascade that never exits."""
-    saved = self.thresholds
-    self.thresholds = np.full_like(saved, np.inf)
-    try:
-      for size in self.buckets:
-        self(np.zeros((size,) + tuple(image_shape), np.float32))
-    finally:
-      self.thresholds = saved
+  def warm_up(self, image_shape, gathers: bool = True) -> None:
+    """Compiles every (stage, bucket) by running a cascade that never
+    exits from each bucket size, and (with `gathers`) every gather from a
+    bucket to a smaller one, so that no call compiles afterwards."""
+    never = jnp.full((self.num_exits,), jnp.inf, jnp.float32)
+    for size in self.buckets:
+      carry = _start(self.model, jnp.zeros((size,) + tuple(image_shape)))
+      for k in range(self.num_exits):
+        carry, _, _ = self._stages[k](carry, never)
+        if gathers and carry is not None:
+          for smaller in (b for b in self.buckets if b < size):
+            self._gather(carry, jnp.zeros((smaller,), jnp.int32))
+      jax.block_until_ready(carry)
 
 
 def _exit_early(model: nn.Module, variables, image, thresholds):
@@ -174,7 +238,7 @@ def _exit_early(model: nn.Module, variables, image, thresholds):
   return from_stage(0, _start(model, image))
 
 
-class SingleImageCascade:
+class SingleImageCascade(_Thresholded):
   """Latency mode: one image per call, the whole cascade in one program.
 
   The exits are decided on the device (`lax.cond`), so there is no host
@@ -185,17 +249,14 @@ class SingleImageCascade:
     _check_stageable(model)
     self.model = model
     self.variables = variables
-    self.thresholds = np.asarray(thresholds, np.float32)
-    if self.thresholds.shape != (model.num_exits,):
-      raise ValueError(f'need {model.num_exits} thresholds (one per exit), '
-                       f'got shape {self.thresholds.shape}')
-    self._run = jax.jit(functools.partial(_exit_early, model))
+    self.thresholds = thresholds
+    self._run = jax.jit(functools.partial(_exit_early, model, variables))
 
   def __call__(self, image) -> tuple[jax.Array, jax.Array]:
     """Image (1, H, W, C) -> (prediction, exit index) device scalars."""
     if image.shape[0] != 1:
       raise ValueError(f'latency mode takes one image, got {image.shape[0]}')
-    return self._run(self.variables, image, jnp.asarray(self.thresholds))
+    return self._run(image, self._device_thresholds)
 
 
 def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
@@ -213,27 +274,89 @@ def simulated_exits(confidence: np.ndarray, prediction: np.ndarray,
   return prediction[exits, np.arange(exits.shape[0])], exits
 
 
+def _seconds_per_image(fn, batches: Sequence[np.ndarray]) -> float:
+  """Wall-clock seconds per image of one pass of fn over the batches."""
+  n = sum(b.shape[0] for b in batches)
+  start = time.perf_counter()
+  for batch in batches:
+    jax.block_until_ready(fn(batch))
+  return (time.perf_counter() - start) / n
+
+
 def time_per_image(fn, batches: Sequence[np.ndarray], repeats: int = 5
                    ) -> float:
   """Median over repeats of the wall-clock seconds per image of fn(batch)."""
-  n = sum(b.shape[0] for b in batches)
-  times = []
+  return float(np.median([_seconds_per_image(fn, batches)
+                          for _ in range(repeats)]))
+
+
+def paired_times(fns: dict, batches: dict, repeats: int = 7) -> dict:
+  """Seconds per image of each fns[name] over batches[name], the functions
+  taking turns within each repeat so that a change of load on a shared
+  machine hits all of them alike: {name: median seconds}, and for every
+  name after the first {name + '_speedup': the median over repeats of the
+  first function's time / this one's}. One untimed pass of each comes
+  first, so that compiling is not timed."""
+  names = list(fns)
+  runs = {name: [] for name in names}
+  for name in names:  # untimed: compiles whatever the passes will use
+    _seconds_per_image(fns[name], batches[name])
   for _ in range(repeats):
-    start = time.perf_counter()
-    for batch in batches:
-      jax.block_until_ready(fn(batch))
-    times.append((time.perf_counter() - start) / n)
-  return float(np.median(times))
+    for name in names:
+      runs[name].append(_seconds_per_image(fns[name], batches[name]))
+  out = {name: float(np.median(runs[name])) for name in names}
+  for name in names[1:]:
+    out[name + '_speedup'] = float(np.median(
+        np.asarray(runs[names[0]]) / np.asarray(runs[name])))
+  return out
 
 
-def compare_with_full_network(full, cascade, single, batches, singles
-                              ) -> dict[str, float]:
+def compare_with_full_network(full, cascade, single, batches, singles,
+                              repeats: int = 7) -> dict[str, float]:
   """Seconds per image of the full network and of the cascades, in batches
-  and one image at a time; each pair timed back to back so that load
-  changes on a shared machine hit both."""
+  and one image at a time, and the speed-ups (median over repeats of the
+  paired ratios); each pair takes turns within every repeat."""
+  in_batches = paired_times({'full': full, 'cascade': cascade},
+                            {'full': batches, 'cascade': batches}, repeats)
+  one_by_one = paired_times({'full': full, 'cascade': single},
+                            {'full': singles, 'cascade': singles}, repeats)
   return {
-      'full_batch_s': time_per_image(full, batches),
-      'cascade_batch_s': time_per_image(cascade, batches),
-      'full_single_s': time_per_image(full, singles),
-      'cascade_single_s': time_per_image(single, singles),
+      'full_batch_s': in_batches['full'],
+      'cascade_batch_s': in_batches['cascade'],
+      'batch_speedup': in_batches['cascade_speedup'],
+      'full_single_s': one_by_one['full'],
+      'cascade_single_s': one_by_one['cascade'],
+      'single_speedup': one_by_one['cascade_speedup'],
   }
+
+
+def forced_exit_thresholds(num_exits: int, exit_index: int) -> np.ndarray:
+  """Thresholds (K,) under which every sample leaves at `exit_index`
+  (0-based): +inf before it (nobody is confident enough), -inf at it."""
+  thresholds = np.full((num_exits,), np.inf, np.float32)
+  thresholds[exit_index] = -np.inf
+  return thresholds
+
+
+def exit_return_times(full, cascade, batches: Sequence[np.ndarray],
+                      repeats: int = 7) -> tuple[list[float], float]:
+  """Seconds per image of `cascade` (a Cascade or a SingleImageCascade)
+  when every image leaves at exit k, for each k (the time of each exit's
+  early return), and of `full` (the full network), which takes turns with
+  every exit's runs; the cascade's thresholds are restored afterwards."""
+  saved = cascade.thresholds
+  num_exits = cascade.model.num_exits
+  forced = [forced_exit_thresholds(num_exits, k) for k in range(num_exits)]
+
+  def at_exit(k):
+    def run(batch):
+      cascade.thresholds = forced[k]
+      return cascade(batch)
+    return run
+
+  fns = {'full': full, **{f'exit{k}': at_exit(k) for k in range(num_exits)}}
+  try:
+    times = paired_times(fns, {name: batches for name in fns}, repeats)
+  finally:
+    cascade.thresholds = saved
+  return [times[f'exit{k}'] for k in range(num_exits)], times['full']

@@ -164,3 +164,43 @@ def plot_method_comparison(runs: Sequence[tuple[str, dict]], path: str,
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
+
+
+def plot_exit_return_times(mflops_per_exit: Sequence[float],
+                           single_ms: Sequence[float], full_single_ms: float,
+                           batch_ms: Sequence[float], full_batch_ms: float,
+                           batch_size: int, path: str,
+                           title: str = '') -> None:
+  """Two panels: the milliseconds per image until exit k returns, one image
+  at a time (left) and in batches of `batch_size` (right), each against
+  the full network (every block and exit) as a dashed line; the x axis is
+  each exit's MFLOPs. One PNG (or PDF)."""
+  fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=160)
+  labels = [f'exit {k + 1}\n{m:.1f} MFLOPs'
+            for k, m in enumerate(mflops_per_exit)]
+  panels = ((axes[0], single_ms, full_single_ms, 'one image at a time'),
+            (axes[1], batch_ms, full_batch_ms, f'batches of {batch_size}'))
+  for ax, exit_ms, full_ms, name in panels:
+    positions = range(len(exit_ms))
+    bars = ax.bar(positions, exit_ms, width=0.6, color='tab:blue',
+                  alpha=0.8, label='cascade: return at this exit')
+    for bar, value in zip(bars, exit_ms):
+      ax.annotate(f'{value:.2f}', (bar.get_x() + bar.get_width() / 2, value),
+                  textcoords='offset points', xytext=(0, 2), ha='center',
+                  fontsize=7)
+    ax.axhline(full_ms, color='tab:red', ls='--', lw=1.2,
+               label=f'full network: {full_ms:.2f} ms')
+    ax.plot(positions, [full_ms * m / mflops_per_exit[-1]
+                        for m in mflops_per_exit], '_', ms=22, mew=2,
+            color='black', label='full network x MFLOPs share')
+    ax.set_xticks(list(positions), labels, fontsize=7)
+    ax.set_ylabel('ms per image')
+    ax.set_title(name, fontsize=9)
+    ax.set_ylim(0, 1.5 * max(max(exit_ms), full_ms))  # room for the legend
+    ax.legend(fontsize=7, loc='upper left', frameon=False)
+    _frame(ax)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
