@@ -12,6 +12,8 @@ from l2w_jax.data.pipeline import DATASETS
 from l2w_jax.data.pipeline import DatasetNotFoundError
 from l2w_jax.data.pipeline import data_info
 from l2w_jax.data.pipeline import eval_batches
+from l2w_jax.data.pipeline import input_spec
+from l2w_jax.data.pipeline import InputSpec
 from l2w_jax.data.pipeline import steps_per_epoch
 from l2w_jax.data.pipeline import train_batches
 

@@ -339,6 +339,32 @@ def data_info(config) -> DataInfo:
       num_test=num_test)
 
 
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+  """What a model of the dataset takes: (H, W, 3) images normalised as
+  (x / 255 - mean) / std per channel, after the evaluation transform
+  (`eval_transform`: 'none', or ImageNet's resize of the shorter side to
+  256 and center crop to 224)."""
+  name: str
+  image_shape: tuple
+  mean: tuple
+  std: tuple
+  eval_transform: str
+
+
+def input_spec(config) -> InputSpec:
+  """The model input of config.dataset, from the config alone (the dataset
+  need not be prepared)."""
+  settings = _settings(config)
+  transform = (f'resize the shorter side to '
+               f'{int(round(settings.image_size * IMAGENET_EVAL_RATIO))}, '
+               f'center crop {settings.image_size}'
+               if settings.kind.streaming else 'none')
+  return InputSpec(name=settings.name, image_shape=settings.image_shape,
+                   mean=settings.mean, std=settings.std,
+                   eval_transform=transform)
+
+
 def steps_per_epoch(info: DataInfo, global_batch_size: int) -> int:
   """Full global batches in an epoch (the remainder is dropped)."""
   return info.num_train // global_batch_size

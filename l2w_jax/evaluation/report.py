@@ -4,11 +4,9 @@ writing the results (results.json, budgeted.png) of a run."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 
-import flax
 import jax
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -16,25 +14,12 @@ import numpy as np
 from l2w_jax import data
 from l2w_jax import parallel
 from l2w_jax.evaluation import anytime, budgeted, plots
+from l2w_jax.evaluation.fingerprint import params_sha256
 from l2w_jax.evaluation.flops import count_per_exit
 from l2w_jax.models import DATA_AXIS
 
 RESULTS_FILE = 'results.json'
 PLOT_FILE = 'budgeted.png'
-
-
-def params_sha256(params, batch_stats) -> str:
-  """SHA-256 over all parameters and batch statistics in sorted-path order
-  (path, dtype, shape and bytes of each array)."""
-  digest = hashlib.sha256()
-  for collection, tree in (('params', params), ('batch_stats', batch_stats)):
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
-    for path in sorted(flat):
-      array = np.ascontiguousarray(np.asarray(flat[path]))
-      digest.update('/'.join((collection,) + tuple(path)).encode())
-      digest.update(f'{array.dtype}{array.shape}'.encode())
-      digest.update(array.tobytes())
-  return digest.hexdigest()
 
 
 def jitted_statistics(model, mesh=None):
