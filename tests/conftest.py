@@ -50,7 +50,7 @@ def shared_reference() -> pathlib.Path:
 # Modules whose session fixtures train runs that all their tests read: under
 # pytest-xdist each runs on one worker, so the fixture trains once.
 SHARED_FIXTURE_MODULES = ('tests/test_cascade.py', 'tests/test_evaluate.py',
-                          'tests/test_options.py',
+                          'tests/test_export.py', 'tests/test_options.py',
                           'tests/test_training_loop.py')
 
 try:

@@ -1,0 +1,79 @@
+r"""Exports an evaluated run as a served-model artifact (`l2w_jax.serving`).
+
+  python -m experiments.evaluate --config=configs/digits.py --workdir=workdir/digits
+  python -m experiments.export --config=configs/digits.py \
+      --workdir=workdir/digits --out=/tmp/digits_model [--overwrite]
+
+The artifact holds the run's latest checkpoint's variables, its config and
+the 39 budgets of its results.json; load it with
+`l2w_jax.serving.Predictor.load(out)` (no TensorFlow needed).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The evaluated run to export '
+                               '(its latest checkpoint and results.json).')
+_OUT = flags.DEFINE_string('out', None, 'The artifact directory to write.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing '
+                               'artifact at --out.')
+flags.mark_flags_as_required(['config', 'workdir', 'out'])
+
+
+def read_results(workdir: str) -> dict:
+  """The run's results.json; FileNotFoundError saying how to make it."""
+  from l2w_jax.evaluation.report import RESULTS_FILE  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'no {RESULTS_FILE} in {workdir}: evaluate first: python -m '
+        f'experiments.evaluate --config=<config> --workdir={workdir}')
+  with open(path) as f:
+    return json.load(f)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.ERROR)
+  from l2w_jax import serving  # pylint: disable=g-import-not-at-top
+  from l2w_jax.serving import artifact  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training.train import restore_variables  # pylint: disable=g-import-not-at-top
+  config = common.config_from_flag(_CONFIG)
+  # Refused before the slow restore, and checked again when writing.
+  artifact.check_replaceable(_OUT.value, _OVERWRITE.value)
+  results = read_results(_WORKDIR.value)
+  variables, _ = restore_variables(config, _WORKDIR.value)
+  path = serving.write_artifact(_OUT.value, config, variables, results,
+                                overwrite=_OVERWRITE.value)
+  size = artifact.artifact_size(path) / 1e6
+  print(f'artifact in {path} ({size:.2f} MB); predict with: from '
+        f'l2w_jax.serving import Predictor; p = Predictor.load({path!r}); '
+        'p(p.normalize(uint8_images), budget=20)', flush=True)
+
+
+def run():
+  try:
+    app.run(main)
+  except SystemExit:
+    raise
+  except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+    # One line, whatever the message's own line breaks.
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  run()
