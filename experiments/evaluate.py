@@ -12,16 +12,15 @@ r"""Evaluates a trained run or a converted PyTorch checkpoint.
 
 import json
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run to evaluate (its latest '
@@ -62,10 +61,7 @@ def _variables(config, model, info):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.ERROR)
+  cli.start_quietly(argv)
   from l2w_jax import data  # pylint: disable=g-import-not-at-top
   from l2w_jax.evaluation import cascade_report, report  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.learner import method_model  # pylint: disable=g-import-not-at-top
@@ -95,14 +91,7 @@ def main(argv):
 
 
 def run():
-  try:
-    app.run(main)
-  except SystemExit:
-    raise
-  except (FileNotFoundError, ValueError, RuntimeError) as e:
-    # One line: the multi-line lists of missing entries joined.
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
-    sys.exit(1)
+  cli.run_with_one_line_errors(main)
 
 
 if __name__ == '__main__':

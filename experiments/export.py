@@ -11,16 +11,14 @@ the 39 budgets of its results.json; load it with
 
 import json
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The evaluated run to export '
@@ -44,10 +42,7 @@ def read_results(workdir: str) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.ERROR)
+  cli.start_quietly(argv)
   from l2w_jax import serving  # pylint: disable=g-import-not-at-top
   from l2w_jax.serving import artifact  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.train import restore_variables  # pylint: disable=g-import-not-at-top
@@ -65,14 +60,8 @@ def main(argv):
 
 
 def run():
-  try:
-    app.run(main)
-  except SystemExit:
-    raise
-  except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-    # One line, whatever the message's own line breaks.
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
-    sys.exit(1)
+  cli.run_with_one_line_errors(main, (FileNotFoundError, FileExistsError,
+                                      ValueError, RuntimeError))
 
 
 if __name__ == '__main__':

@@ -62,6 +62,15 @@ def _frame(ax) -> None:
     ax.spines[side].set_visible(False)
 
 
+def _save(fig, path: str, title: str) -> None:
+  """A multi-panel figure's title (if any), layout, file and closing."""
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
 def _finish(fig, ax, path: str, ylabel: str, title: str,
             legend_loc: str) -> None:
   """Labels, grid, legend and frame of an accuracy-MFLOPs figure; saves it
@@ -159,11 +168,7 @@ def plot_method_comparison(runs: Sequence[tuple[str, dict]], path: str,
   ax.legend(fontsize=7, loc='upper right', frameon=False)
   for ax in axes:
     _frame(ax)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _save(fig, path, title)
 
 
 def plot_exit_return_times(mflops_per_exit: Sequence[float],
@@ -199,8 +204,4 @@ def plot_exit_return_times(mflops_per_exit: Sequence[float],
     ax.set_ylim(0, 1.5 * max(max(exit_ms), full_ms))  # room for the legend
     ax.legend(fontsize=7, loc='upper left', frameon=False)
     _frame(ax)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _save(fig, path, title)
