@@ -75,11 +75,13 @@ def test_bad_thresholds_and_batches(trained_like):
 
 def test_forced_exits_and_their_return_times(trained_like, tmp_path):
   """forced_exit_thresholds(K, k) sends every sample to exit k, in batches
-  and one at a time; exit_return_times times each exit's return against the
-  full network and restores the thresholds; the figure is drawn."""
+  and one at a time; with the variables passed on each call instead of
+  compiled in, both cascades predict the same; exit_return_times times each
+  exit's return against the full network and restores the thresholds; the
+  figure is drawn."""
   from l2w_jax.evaluation import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
   from l2w_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
-  model, variables, images, _, _ = trained_like
+  model, variables, images, held_out, _ = trained_like
   batched = Cascade(model, variables, np.full(model.num_exits, 0.5), 16)
   single = SingleImageCascade(model, variables, np.full(model.num_exits, 0.5))
   for k in range(model.num_exits):
@@ -87,12 +89,27 @@ def test_forced_exits_and_their_return_times(trained_like, tmp_path):
         cascade_lib.forced_exit_thresholds(model.num_exits, k))
     assert batched(images[:16]).exits.tolist() == [k] * 16
     assert int(single(images[:1])[1]) == k
-  batched.thresholds = np.full(model.num_exits, 0.5)
+  # Half of the held-out samples are confident enough at each exit.
+  batched.thresholds = np.quantile(np.asarray(held_out['confidence']), 0.5,
+                                   axis=1).astype(np.float32)
+  # The same with the variables passed on each call.
+  passed = Cascade(model, variables, batched.thresholds, 16,
+                   variables_as_constants=False)
+  want, got = batched(images[:16]), passed(images[:16])
+  assert len(set(want.exits.tolist())) > 1
+  np.testing.assert_array_equal(got.predictions, want.predictions)
+  np.testing.assert_array_equal(got.exits, want.exits)
+  passed_single = SingleImageCascade(model, variables, batched.thresholds,
+                                     variables_as_constants=False)
+  for i in range(0, 16, 5):
+    assert [int(v) for v in passed_single(images[i:i + 1])] == [
+        want.predictions[i], want.exits[i]]
   full = jax.jit(lambda x: model.apply(variables, x, train=False))
+  saved = np.array(batched.thresholds)
   exit_s, full_s = cascade_lib.exit_return_times(
       full, batched, [images[:16]], repeats=1)
   assert len(exit_s) == model.num_exits and min(exit_s) > 0 and full_s > 0
-  np.testing.assert_array_equal(batched.thresholds, 0.5)
+  np.testing.assert_array_equal(batched.thresholds, saved)
   path = tmp_path / 'exits.png'
   plots.plot_exit_return_times([1.0, 2.0, 3.0], [0.1, 0.2, 0.3], 0.3,
                                [0.05, 0.1, 0.2], 0.2, 16, str(path))

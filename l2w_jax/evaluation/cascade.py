@@ -16,10 +16,13 @@ companions: the cascade's predictions are those of simulated exiting with
 the same thresholds (up to floating-point rounding of different batch
 shapes).
 
-The variables are compiled into the programs as constants, as a served
-model's are: passing them as arguments costs about 0.4 ms per call for the
-560 arrays of the CIFAR MSDNet on CPU (more than a small stage's run time),
-and the full network it is compared with is compiled the same way.
+By default the variables are compiled into the programs as constants, as
+a served model's are: passing them as arguments costs about 0.4 ms per call
+for the 560 arrays of the CIFAR MSDNet on CPU (more than a small stage's
+run time), and the full network it is compared with is compiled the same
+way. Each program then holds its own copy of its stage's weights (one per
+bucket); for large networks `variables_as_constants=False` passes them
+instead.
 """
 
 from __future__ import annotations
@@ -137,6 +140,17 @@ def _checked_thresholds(model: nn.Module, thresholds) -> np.ndarray:
   return thresholds
 
 
+def _compiled(fn, variables, as_constants: bool):
+  """jit of fn(variables, *args) as a function of *args: the variables
+  compiled in as constants, or passed on each call."""
+  if as_constants:
+    return jax.jit(functools.partial(fn, variables))
+  compiled = jax.jit(fn)
+  run = lambda *args: compiled(variables, *args)
+  run._cache_size = compiled._cache_size  # pylint: disable=protected-access
+  return run
+
+
 class _Thresholded:
   """Holds validated thresholds and their copy on the device, so that a call
   does not transfer them again."""
@@ -158,16 +172,16 @@ class Cascade(_Thresholded):
   batches of up to `max_batch` images."""
 
   def __init__(self, model: nn.Module, variables, thresholds,
-               max_batch: int):
+               max_batch: int, variables_as_constants: bool = True):
     _check_stageable(model)
     self.model = model
     self.variables = variables
     self.num_exits = model.num_exits
     self.thresholds = thresholds
     self.buckets = bucket_sizes(max_batch)
-    self._stages = [
-        jax.jit(functools.partial(_stage_and_decide, model, k, variables))
-        for k in range(self.num_exits)]
+    self._stages = [_compiled(functools.partial(_stage_and_decide, model, k),
+                              variables, variables_as_constants)
+                    for k in range(self.num_exits)]
     self._gather = jax.jit(_gather)
 
   def __call__(self, images) -> CascadeOutput:
@@ -245,12 +259,14 @@ class SingleImageCascade(_Thresholded):
   round trip between stages and the skipped stages are never executed.
   """
 
-  def __init__(self, model: nn.Module, variables, thresholds):
+  def __init__(self, model: nn.Module, variables, thresholds,
+               variables_as_constants: bool = True):
     _check_stageable(model)
     self.model = model
     self.variables = variables
     self.thresholds = thresholds
-    self._run = jax.jit(functools.partial(_exit_early, model, variables))
+    self._run = _compiled(functools.partial(_exit_early, model), variables,
+                          variables_as_constants)
 
   def __call__(self, image) -> tuple[jax.Array, jax.Array]:
     """Image (1, H, W, C) -> (prediction, exit index) device scalars."""

@@ -94,7 +94,8 @@ class Predictor:
   """
 
   def __init__(self, artifact: artifact_lib.Artifact,
-               max_batch: int = DEFAULT_MAX_BATCH, where: str = 'artifact'):
+               max_batch: int = DEFAULT_MAX_BATCH, where: str = 'artifact',
+               variables_as_constants: bool = True):
     if isinstance(max_batch, bool) or not isinstance(
         max_batch, numbers.Integral) or max_batch < 1:
       raise ValueError(f'max_batch must be a positive integer, got '
@@ -121,8 +122,10 @@ class Predictor:
     self.variables = jax.device_put(artifact.variables)
     self._lock = threading.Lock()
     try:
-      self._cascade = cascade.Cascade(self.model, self.variables,
-                                      self._thresholds(1), self.max_batch)
+      self._cascade = cascade.Cascade(
+          self.model, self.variables, self._thresholds(1), self.max_batch,
+          variables_as_constants=variables_as_constants)
+      self._as_constants = variables_as_constants
       self.fallback_reason = None
       self._single = None  # the latency program, built on the first image
     except ValueError as e:  # a model the real cascade cannot stage
@@ -133,12 +136,16 @@ class Predictor:
               self.model, v, x, jnp.zeros((x.shape[0],), jnp.int32)))
 
   @classmethod
-  def load(cls, path: str, max_batch: int = DEFAULT_MAX_BATCH) -> Predictor:
+  def load(cls, path: str, max_batch: int = DEFAULT_MAX_BATCH,
+           variables_as_constants: bool = True) -> Predictor:
     """The predictor of the artifact directory `path` (`write_artifact`,
     `python -m experiments.export`); batches above `max_batch` images are
-    predicted in chunks of that size."""
+    predicted in chunks of that size. The cascade's programs hold the
+    variables as constants (fastest; one copy of a stage's weights per
+    bucket), or with `variables_as_constants=False` take them per call."""
     return cls(artifact_lib.read_artifact(path), max_batch,
-               where=os.fspath(path))
+               where=os.fspath(path),
+               variables_as_constants=variables_as_constants)
 
   @property
   def uses_cascade(self) -> bool:
@@ -192,8 +199,9 @@ class Predictor:
       # One image: the whole cascade in one program, exits decided on the
       # device (no host round trip between stages).
       if self._single is None:
-        self._single = cascade.SingleImageCascade(self.model, self.variables,
-                                                  thresholds)
+        self._single = cascade.SingleImageCascade(
+            self.model, self.variables, thresholds,
+            variables_as_constants=self._as_constants)
       self._single.thresholds = thresholds
       label, exit_index = self._single(images)
       return np.asarray(label)[None], np.asarray(exit_index)[None]
