@@ -727,3 +727,25 @@ def test_bad_dataset_fields_are_named(field, value, match):
   config.dataset[field] = value
   with pytest.raises(ValueError, match=match):
     data.data_info(config)
+
+
+def test_input_spec_needs_no_prepared_dataset(tmp_path):
+  """What a served model takes, from the config alone: ImageNet's
+  evaluation transform and constants, CIFAR's without a transform, a
+  config's own mean/std; a missing dataset is no error here."""
+  from configs import cifar100, imagenet  # pylint: disable=g-import-not-at-top
+  config = imagenet.get_config()
+  config.dataset.data_dir = str(tmp_path / 'nothing_here')
+  spec = data.input_spec(config)
+  assert spec.image_shape == (224, 224, 3)
+  assert spec.mean == (0.485, 0.456, 0.406)
+  assert spec.std == (0.229, 0.224, 0.225)
+  assert spec.eval_transform == ('resize the shorter side to 256, center '
+                                 'crop 224')
+  config = cifar100.get_config()
+  config.dataset.mean, config.dataset.std = (0.5, 0.5, 0.5), (0.25, 0.25,
+                                                               0.25)
+  spec = data.input_spec(config)
+  assert (spec.name, spec.image_shape, spec.eval_transform) == (
+      'cifar100', (32, 32, 3), 'none')
+  assert spec.mean == (0.5, 0.5, 0.5) and spec.std == (0.25, 0.25, 0.25)
