@@ -2,11 +2,14 @@ r"""Exports an evaluated run as a served-model artifact (`l2w_jax.serving`).
 
   python -m experiments.evaluate --config=configs/digits.py --workdir=workdir/digits
   python -m experiments.export --config=configs/digits.py \
-      --workdir=workdir/digits --out=/tmp/digits_model [--overwrite]
+      --workdir=workdir/digits --out=/tmp/digits_model [--overwrite] \
+      [--stablehlo [--platforms=cpu,cuda,tpu]]
 
 The artifact holds the run's latest checkpoint's variables, its config and
 the 39 budgets of its results.json; load it with
-`l2w_jax.serving.Predictor.load(out)` (no TensorFlow needed).
+`l2w_jax.serving.Predictor.load(out)` (no TensorFlow needed). With
+--stablehlo it also holds the model as StableHLO programs
+(`l2w_jax.serving.stablehlo`).
 """
 
 import json
@@ -26,6 +29,12 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'The evaluated run to export '
 _OUT = flags.DEFINE_string('out', None, 'The artifact directory to write.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing '
                                'artifact at --out.')
+_STABLEHLO = flags.DEFINE_bool('stablehlo', False, 'Also write the model as '
+                                'StableHLO programs (jax.export), for '
+                                'serving outside this package.')
+_PLATFORMS = flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'],
+                               'Platforms the --stablehlo programs are '
+                               'lowered for.')
 flags.mark_flags_as_required(['config', 'workdir', 'out'])
 
 
@@ -52,7 +61,9 @@ def main(argv):
   results = read_results(_WORKDIR.value)
   variables, _ = restore_variables(config, _WORKDIR.value)
   path = serving.write_artifact(_OUT.value, config, variables, results,
-                                overwrite=_OVERWRITE.value)
+                                overwrite=_OVERWRITE.value,
+                                programs=_STABLEHLO.value,
+                                platforms=_PLATFORMS.value)
   size = artifact.artifact_size(path) / 1e6
   print(f'artifact in {path} ({size:.2f} MB); predict with: from '
         f'l2w_jax.serving import Predictor; p = Predictor.load({path!r}); '

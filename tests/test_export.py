@@ -75,8 +75,21 @@ one_by_one = [predictor(test['images'][i:i + 1], budget=20)
               for i in range(0, len(test['images']), 37)]
 single = {'labels': [int(o.labels[0]) for o in one_by_one],
           'exits': [int(o.exits[0]) for o in one_by_one]}
+# The StableHLO programs, with budget 20's thresholds.
+from l2w_jax.serving import stablehlo
+thresholds = np.asarray(predictor.budgets[19].thresholds, np.float32)
+batch = stablehlo.load_program(f'{artifact}/{stablehlo.BATCH_FILE}')
+latency = stablehlo.load_program(f'{artifact}/{stablehlo.LATENCY_FILE}')
+labels, exits = batch.call(test['images'], thresholds)
+one = [latency.call(test['images'][i:i + 1], thresholds)
+       for i in range(0, len(test['images']), 37)]
+programs = {'batch': {'labels': np.asarray(labels).tolist(),
+                      'exits': np.asarray(exits).tolist()},
+            'latency': {'labels': [int(l) for l, _ in one],
+                        'exits': [int(e) for _, e in one]},
+            'platforms': [list(batch.platforms), list(latency.platforms)]}
 print(json.dumps({
-    'rows': rows, 'single_budget_20': single,
+    'rows': rows, 'single_budget_20': single, 'programs': programs,
     'uses_cascade': predictor.uses_cascade,
     'attempts': attempts,
     'loaded': sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)}))
@@ -113,7 +126,7 @@ def exported(tmp_path_factory):
   config.dataset.data_dir = str(root / 'data')
   train.train_and_evaluate(config, str(root / 'run'))
   out = _export(f'--workdir={root / "run"}', f'--out={root / "model"}',
-                f'--config.dataset.data_dir={root / "data"}')
+                f'--config.dataset.data_dir={root / "data"}', '--stablehlo')
   assert out.returncode == 0, out.stderr[-2000:]
   images, labels = _test_split(config)
   np.savez(root / 'test.npz', images=images, labels=labels)
@@ -152,6 +165,12 @@ def test_served_model_reproduces_the_budgeted_results(exported):
   batched = out['rows'][19]
   assert out['single_budget_20'] == {
       'labels': batched['labels'][::37], 'exits': batched['exits'][::37]}
+  # The StableHLO programs (lowered for CPU, CUDA and TPU) predict the same.
+  programs = out['programs']
+  assert programs['batch'] == {'labels': batched['labels'],
+                               'exits': batched['exits']}
+  assert programs['latency'] == out['single_budget_20']
+  assert programs['platforms'] == [['cpu', 'cuda', 'tpu']] * 2
 
 
 def test_normalize_is_the_pipelines_bit_for_bit(exported):
@@ -338,3 +357,17 @@ def test_imta_predicts_with_simulated_exits(exported, tmp_path):
     assert correct * 100.0 / len(exported.labels) == want['test_top1']
     assert np.bincount(out.exits, minlength=model.num_exits).tolist() == (
         want['test_exit_counts'])
+  # Its StableHLO export is the batch program alone, with the same results.
+  from l2w_jax.serving import stablehlo  # pylint: disable=g-import-not-at-top
+  programs = stablehlo.export_programs(model, variables,
+                                       exported.images.shape[1:], ('cpu',))
+  assert set(programs) == {'batch'}
+  thresholds = np.asarray(predictor.budgets[19].thresholds, np.float32)
+  labels, exits = programs['batch'].call(exported.images, thresholds)
+  out = predictor(exported.images, budget=20)
+  np.testing.assert_array_equal(np.asarray(labels), out.labels)
+  np.testing.assert_array_equal(np.asarray(exits), out.exits)
+  # Confident nowhere, even at the last exit: everyone leaves there.
+  _, exits = programs['batch'].call(
+      exported.images[:8], np.full(model.num_exits, np.inf, np.float32))
+  assert np.asarray(exits).tolist() == [model.num_exits - 1] * 8

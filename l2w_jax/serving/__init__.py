@@ -1,7 +1,8 @@
 """Serving a trained run: export it as a self-contained artifact
-(`write_artifact`, `python -m experiments.export`) and predict with early
-exits at a chosen budget (`Predictor`). Nothing here imports TensorFlow
-except `write_artifact`, which reads the dataset's normalisation."""
+(`write_artifact`, `python -m experiments.export`), optionally with
+StableHLO programs (`stablehlo`), and predict with early exits at a chosen
+budget (`Predictor`). Nothing here imports TensorFlow except
+`write_artifact`, which reads the dataset's normalisation."""
 
 from l2w_jax.serving.artifact import FORMAT_VERSION
 from l2w_jax.serving.artifact import normalize

@@ -226,7 +226,8 @@ def check_replaceable(path: str, overwrite: bool) -> None:
 
 
 def write_artifact(path: str, config, variables, results: dict, *,
-                   overwrite: bool = False) -> str:
+                   overwrite: bool = False, programs: bool = False,
+                   platforms=('cpu', 'cuda', 'tpu')) -> str:
   """Writes the artifact of a run to the directory `path`; returns it.
 
   Args:
@@ -236,6 +237,9 @@ def write_artifact(path: str, config, variables, results: dict, *,
     results: the run's results.json dict (`budgeted`, `mflops_per_exit`,
       `params_sha256`, ...), which must have been evaluated on `variables`.
     overwrite: replace an existing artifact at `path`.
+    programs: also write the StableHLO programs (`serving.stablehlo`),
+      lowered for `platforms`, and list them in serving.json.
+    platforms: the platforms they are lowered for.
 
   Everything is written to a temporary directory next to `path` and renamed
   into place, so `path` is either absent, the old artifact or the complete
@@ -244,7 +248,8 @@ def write_artifact(path: str, config, variables, results: dict, *,
   path = os.path.abspath(os.fspath(path))
   check_replaceable(path, overwrite)
   variables = numpy_variables(variables)
-  spec = serving_spec(config, method_model(config), variables, results)
+  model = method_model(config)
+  spec = serving_spec(config, model, variables, results)
   parent, name = os.path.split(path)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f'.{name}.', suffix='.tmp', dir=parent)
@@ -254,6 +259,10 @@ def write_artifact(path: str, config, variables, results: dict, *,
                 flax.serialization.msgpack_serialize(
                     flax.serialization.to_state_dict(variables)))
     _write_file(os.path.join(staging, CONFIG_FILE), config.to_json().encode())
+    if programs:
+      from l2w_jax.serving import stablehlo  # pylint: disable=g-import-not-at-top
+      spec['programs'] = stablehlo.write_programs(
+          staging, model, variables, spec['image_shape'], platforms)
     _write_file(os.path.join(staging, SERVING_FILE),
                 json.dumps(spec, indent=1).encode())
     _move_into_place(staging, path, overwrite)
@@ -281,8 +290,8 @@ def _move_into_place(staging: str, path: str, overwrite: bool) -> None:
 
 
 def artifact_size(path: str) -> int:
-  """Bytes of the artifact's files."""
-  return sum(os.path.getsize(os.path.join(path, f)) for f in ARTIFACT_FILES)
+  """Bytes of the artifact's files (the programs included)."""
+  return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
 
 def _read_json(path: str, file: str):
