@@ -110,6 +110,29 @@ def test_forced_exits_and_their_return_times(trained_like, tmp_path):
       full, batched, [images[:16]], repeats=1)
   assert len(exit_s) == model.num_exits and min(exit_s) > 0 and full_s > 0
   np.testing.assert_array_equal(batched.thresholds, saved)
+
+  class Recording:
+    """The cascade, recording the exits of every call it is timed on."""
+    model, seen = batched.model, []
+    thresholds = property(lambda self: batched.thresholds)
+
+    @thresholds.setter
+    def thresholds(self, value):
+      batched.thresholds = value
+
+    def __call__(self, batch):
+      exits = batched(batch).exits
+      self.seen.append(set(exits.tolist()))
+      return exits
+
+  recording = Recording()
+  cascade_lib.exit_return_times(full, recording, [images[:8], images[8:16]],
+                                repeats=2)
+  # An untimed pass and 2 repeats, of 2 batches, for each exit in turn.
+  assert recording.seen == [{k} for _ in range(3)
+                            for k in range(model.num_exits)
+                            for _ in range(2)]
+  np.testing.assert_array_equal(batched.thresholds, saved)
   path = tmp_path / 'exits.png'
   plots.plot_exit_return_times([1.0, 2.0, 3.0], [0.1, 0.2, 0.3], 0.3,
                                [0.05, 0.1, 0.2], 0.2, 16, str(path))

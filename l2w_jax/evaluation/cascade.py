@@ -146,9 +146,7 @@ def _compiled(fn, variables, as_constants: bool):
   if as_constants:
     return jax.jit(functools.partial(fn, variables))
   compiled = jax.jit(fn)
-  run = lambda *args: compiled(variables, *args)
-  run._cache_size = compiled._cache_size  # pylint: disable=protected-access
-  return run
+  return lambda *args: compiled(variables, *args)
 
 
 class _Thresholded:
@@ -221,16 +219,16 @@ class Cascade(_Thresholded):
         rows, slots = bucket, np.arange(active.size)
     return CascadeOutput(predictions, exits, sizes, computed)
 
-  def warm_up(self, image_shape, gathers: bool = True) -> None:
+  def warm_up(self, image_shape) -> None:
     """Compiles every (stage, bucket) by running a cascade that never
-    exits from each bucket size, and (with `gathers`) every gather from a
-    bucket to a smaller one, so that no call compiles afterwards."""
+    exits from each bucket size, and every gather from a bucket to a
+    smaller one, so that no call compiles afterwards."""
     never = jnp.full((self.num_exits,), jnp.inf, jnp.float32)
     for size in self.buckets:
       carry = _start(self.model, jnp.zeros((size,) + tuple(image_shape)))
       for k in range(self.num_exits):
         carry, _, _ = self._stages[k](carry, never)
-        if gathers and carry is not None:
+        if carry is not None:
           for smaller in (b for b in self.buckets if b < size):
             self._gather(carry, jnp.zeros((smaller,), jnp.int32))
       jax.block_until_ready(carry)
@@ -299,13 +297,6 @@ def _seconds_per_image(fn, batches: Sequence[np.ndarray]) -> float:
   return (time.perf_counter() - start) / n
 
 
-def time_per_image(fn, batches: Sequence[np.ndarray], repeats: int = 5
-                   ) -> float:
-  """Median over repeats of the wall-clock seconds per image of fn(batch)."""
-  return float(np.median([_seconds_per_image(fn, batches)
-                          for _ in range(repeats)]))
-
-
 def paired_times(fns: dict, batches: dict, repeats: int = 7) -> dict:
   """Seconds per image of each fns[name] over batches[name], the functions
   taking turns within each repeat so that a change of load on a shared
@@ -364,9 +355,12 @@ def exit_return_times(full, cascade, batches: Sequence[np.ndarray],
   num_exits = cascade.model.num_exits
   forced = [forced_exit_thresholds(num_exits, k) for k in range(num_exits)]
 
+  current = [None]  # the exit the thresholds force now
+
   def at_exit(k):
     def run(batch):
-      cascade.thresholds = forced[k]
+      if current[0] != k:  # once per pass, not in every timed call
+        cascade.thresholds, current[0] = forced[k], k
       return cascade(batch)
     return run
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from l2w_jax.convert import torch_state
 from l2w_jax.evaluation.fingerprint import params_sha256
 from l2w_jax.evaluation.flops import count_per_exit
 from l2w_jax.training.learner import method_model
@@ -94,9 +95,7 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 def variable_shapes(model, image_shape) -> dict:
   """{path: shape} of the variables `model.init` makes (nothing computed)."""
   x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
-  template = jax.eval_shape(
-      lambda images: model.init(jax.random.PRNGKey(0), images, train=False),
-      x)
+  template = torch_state.variables_template(model, x, train=False)
   return _shapes({c: template[c] for c in COLLECTIONS if c in template})
 
 
