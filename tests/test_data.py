@@ -74,7 +74,10 @@ def index_of(images):
 
 
 def to_uint8(images, mean, std):
-  """Inverts ToTensor + Normalize exactly (the error is ~1e-5 grey levels)."""
+  """Inverts ToTensor + Normalize exactly (the error is ~1e-5 grey levels);
+  uint8 images (training batches) as they are."""
+  if images.dtype == np.uint8:
+    return images
   x = (images * np.asarray(std, np.float32) + np.asarray(mean, np.float32))
   return np.round(x * 255.0).astype(np.uint8)
 
@@ -224,9 +227,10 @@ def test_digits_train_epoch(digits_dir):
   assert len(batches) == steps
   for batch in batches:
     assert batch['image'].shape == (128, 32, 32, 3)
-    assert batch['image'].dtype == np.float32
+    assert batch['image'].dtype == np.uint8  # normalised on the device
     assert batch['label'].shape == (128,) and batch['label'].dtype == np.int32
-  images = stack(batches, 'image')
+  images = augment.to_float_normalized(stack(batches, 'image'), digits.MEAN,
+                                       digits.STD).numpy()
   low = (0.0 - digits.MEAN[0]) / digits.STD[0]
   high = (1.0 - digits.MEAN[0]) / digits.STD[0]
   assert images.min() >= low - 1e-5 and images.max() <= high + 1e-5
@@ -629,7 +633,7 @@ def test_imagenet_train_is_deterministic_resumable_and_sharded(imagenet):
   full = all_batches(data.train_batches(config, epoch=2))
   assert len(full) == 6
   assert full[0]['image'].shape == (8, 32, 32, 3)
-  assert full[0]['image'].dtype == np.float32
+  assert full[0]['image'].dtype == np.uint8
   again = all_batches(data.train_batches(config, epoch=2))
   tail = all_batches(data.train_batches(config, epoch=2, start_step=4))
   chex.assert_trees_all_equal(full, again)

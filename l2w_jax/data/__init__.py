@@ -12,12 +12,15 @@ from l2w_jax.data.pipeline import DATASETS
 from l2w_jax.data.pipeline import DatasetNotFoundError
 from l2w_jax.data.pipeline import data_info
 from l2w_jax.data.pipeline import eval_batches
+from l2w_jax.data.pipeline import host_cpus
 from l2w_jax.data.pipeline import input_spec
 from l2w_jax.data.pipeline import InputSpec
 from l2w_jax.data.pipeline import steps_per_epoch
 from l2w_jax.data.pipeline import train_batches
+from l2w_jax.data.pipeline import train_stream
 
 __all__ = [
-    'DATASETS', 'DataInfo', 'DatasetNotFoundError', 'data_info',
-    'eval_batches', 'steps_per_epoch', 'train_batches',
+    'DATASETS', 'DataInfo', 'DatasetNotFoundError', 'InputSpec', 'data_info',
+    'eval_batches', 'host_cpus', 'input_spec', 'steps_per_epoch',
+    'train_batches', 'train_stream',
 ]

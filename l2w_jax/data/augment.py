@@ -11,6 +11,16 @@ Resizing is bilinear with antialiasing (a triangle filter widened when
 shrinking), which is what PIL's BILINEAR does on the PIL images torchvision
 transforms; the result is rounded to uint8 as PIL's is, and lands within one
 grey level of PIL's fixed-point arithmetic.
+
+JPEGs are decoded by libjpeg with its accurate integer IDCT (`JDCT_ISLOW`,
+TensorFlow's `dct_method='INTEGER_ACCURATE'`), which is what PIL uses: the
+same pixels as the original's loader. For RandomResizedCrop only the crop
+window is decoded (`decode_random_resized_crop`): the same window, the same
+pixels (see `decode_crop_jpeg` for why that holds). That saves less than the
+window's share of the image suggests: libjpeg still entropy-decodes every
+row down to the window's bottom, and every column of those rows (measured
+on 100 KB photos: a window of the left half costs as much as the whole
+image, the top half about half); see benchmarks/input_pipeline.py.
 """
 
 from __future__ import annotations
@@ -164,6 +174,107 @@ def random_resized_crop(image: tf.Tensor, seed: tf.Tensor,
   return resize_bilinear(crop, size, size)
 
 
+# ----------------------------------------------------------------------------
+# Decoding: whole images, or only the RandomResizedCrop window of a JPEG.
+
+JPEG_DECODES = ('crop', 'full')
+
+# Columns decoded on each side of a crop window (clipped to the image). With
+# chroma subsampled 2:1 horizontally (4:2:0, 4:2:2: nearly every ImageNet
+# photo) libjpeg's "fancy" upsampling interpolates each pixel's chroma with
+# the neighbouring chroma sample; a cropped decode treats the window's edge
+# columns as image edges and replicates instead, which changes the last
+# column of the window (and the first one when the window starts on an iMCU
+# boundary) by up to ~15 grey levels. One more column on each side puts
+# that neighbour inside the decoded region. Rows need nothing:
+# libjpeg-turbo's jpeg_skip_scanlines keeps the vertical upsampling context.
+JPEG_CROP_MARGIN = 1
+# Columns decoded at least (all if the image is narrower). A region 2 px
+# wide at the left edge of a 4:2:0 JPEG decoded differently in the tests
+# (libjpeg upsamples a component of at most 2 chroma samples without the
+# interpolation); every region 3 px wide or more was exact. Decoding works
+# in 16 px iMCUs anyway, so one iMCU costs nothing.
+JPEG_CROP_MIN_WIDTH = 16
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+  """An encoded JPEG (or PNG, or GIF's first frame) -> uint8 (H, W, 3).
+
+  INTEGER_ACCURATE is libjpeg's ISLOW, what PIL decodes with: the same
+  pixels as the original's loader. Greyscale is replicated to 3 channels and
+  CMYK converted to RGB (tfds's imagenet2012 stores its 22 CMYK files and
+  its one PNG re-encoded as RGB JPEGs, the others as they came); TensorFlow's
+  decode_jpeg also decodes PNG and GIF (not BMP), so a stray PNG works too.
+  """
+  return tf.io.decode_jpeg(encoded, channels=3, dct_method='INTEGER_ACCURATE')
+
+
+def decode_crop_jpeg(encoded: tf.Tensor, window: tf.Tensor,
+                     width: tf.Tensor | None = None) -> tf.Tensor:
+  """decode_image(encoded)[top:top + h, left:left + w], decoding little more.
+
+  Args:
+    encoded: scalar string, a JPEG (baseline or progressive; greyscale, YCbCr
+      with any chroma subsampling, or CMYK).
+    window: int32 (4,): top, left, h, w, inside the image.
+    width: the image's width if known (int32 scalar), else read from the
+      header.
+
+  Returns:
+    uint8 (h, w, 3), pixel for pixel what the full decode gives in the window
+    (tested on 4:4:4, 4:2:2 and 4:2:0 chroma, progressive, greyscale and CMYK
+    files of odd sizes). A plain `decode_and_crop_jpeg` of the window would
+    differ in its edge columns (see `JPEG_CROP_MARGIN`), so the window is
+    widened by the margin (and to `JPEG_CROP_MIN_WIDTH`), decoded, and
+    sliced.
+  """
+  if width is None:
+    width = tf.io.extract_jpeg_shape(encoded, output_type=tf.int32)[1]
+  top, left, crop_h, crop_w = tf.unstack(window)
+  wide_left = tf.maximum(left - JPEG_CROP_MARGIN, 0)
+  wide_right = tf.minimum(
+      tf.maximum(left + crop_w + JPEG_CROP_MARGIN,
+                 wide_left + JPEG_CROP_MIN_WIDTH), width)
+  wide_left = tf.maximum(
+      tf.minimum(wide_left, wide_right - JPEG_CROP_MIN_WIDTH), 0)
+  wide = tf.io.decode_and_crop_jpeg(
+      encoded, tf.stack([top, wide_left, crop_h, wide_right - wide_left]),
+      channels=3, dct_method='INTEGER_ACCURATE')
+  return tf.slice(wide, tf.stack([0, left - wide_left, 0]),
+                  tf.stack([crop_h, crop_w, 3]))
+
+
+def decode_random_resized_crop(encoded: tf.Tensor, seed: tf.Tensor,
+                               size: int) -> tf.Tensor:
+  """`random_resized_crop(decode_image(encoded), seed, size)`, decoding less.
+
+  A JPEG's size is read from its header (`extract_jpeg_shape`), the window
+  drawn from it with the same seed (`random_resized_crop_window`), and only
+  that window decoded (`decode_crop_jpeg`): the same pixels in the same
+  window, then the same resize. Anything else (a PNG, say) is decoded whole
+  and cropped.
+
+  Args:
+    encoded: scalar string, the encoded image.
+    seed: int64 (2,), the crop's stateless seed.
+    size: the output side.
+
+  Returns:
+    uint8 (size, size, 3).
+  """
+
+  def jpeg():
+    shape = tf.io.extract_jpeg_shape(encoded, output_type=tf.int32)
+    window = random_resized_crop_window(seed, shape[0], shape[1])
+    crop = decode_crop_jpeg(encoded, window, shape[1])
+    return resize_bilinear(crop, size, size)
+
+  def other():
+    return random_resized_crop(decode_image(encoded), seed, size)
+
+  return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+
+
 def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   """RandomHorizontalFlip(p=0.5) of one (H, W, C) image."""
   flip = tf.random.stateless_uniform([], seed=seed) < 0.5
@@ -201,6 +312,34 @@ def imagenet_train(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   crop_seed, flip_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 2))
   return random_flip(random_resized_crop(image, crop_seed, size), flip_seed)
+
+
+def imagenet_train_encoded(encoded: tf.Tensor, seed: tf.Tensor, size: int,
+                           jpeg_decode: str = 'crop') -> tf.Tensor:
+  """Decode + RandomResizedCrop(size) + RandomHorizontalFlip.
+
+  Args:
+    encoded: scalar string, the encoded image.
+    seed: int64 (2,), the example's stateless seed.
+    size: the output side.
+    jpeg_decode: 'crop' decodes only the crop window of a JPEG
+      (`decode_random_resized_crop`); 'full' decodes the whole image first.
+      Both give the same pixels.
+
+  Returns:
+    uint8 (size, size, 3), equal to `imagenet_train(decode_image(encoded),
+    seed, size)`.
+  """
+  if jpeg_decode == 'full':
+    return imagenet_train(decode_image(encoded), seed, size)
+  if jpeg_decode != 'crop':
+    raise ValueError(f'jpeg_decode must be one of {JPEG_DECODES}, got '
+                     f'{jpeg_decode!r}')
+  # The same split of the seed as imagenet_train: the same window and flip.
+  crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 2))
+  return random_flip(decode_random_resized_crop(encoded, crop_seed, size),
+                     flip_seed)
 
 
 def imagenet_eval(image: tf.Tensor, size: int, resize: int) -> tf.Tensor:

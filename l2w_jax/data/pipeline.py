@@ -22,18 +22,32 @@ Two kinds of source:
 
 Both give bit-identical batches for the same (config, epoch) in any run, and
 `start_step=k` yields exactly batches k, k+1, ... of the uninterrupted epoch.
-Batches are numpy: {'image': float32 (B, H, W, 3) normalised, 'label': int32
-(B,)}, plus 'mask': bool (B,) from `eval_batches`. H = W =
+`train_batches` builds one epoch's pipeline; `train_stream` chains every
+epoch from a global step on in one pipeline, batch for batch the same.
+Batches are numpy: {'image', 'label': int32 (B,)}, plus 'mask': bool (B,)
+from `eval_batches`. Training images are uint8 (B, H, W, 3), normalised on
+the devices by the training step (a quarter of float32's bytes over the
+host-device link, and less work here); evaluation images are float32,
+normalised as ToTensor + Normalize. H = W =
 config.dataset.image_size; the 32x32 datasets are resized (bilinear) to it
 after the augmentation when it is not 32, which only small test models ask.
+
+ImageNet's training images are decoded only in their RandomResizedCrop
+window (config.dataset.jpeg_decode = 'crop', the default; 'full' decodes
+whole images first, with the same pixels: see `augment.decode_crop_jpeg`).
+tf.data runs on a private pool of config.dataset.num_threads threads, by
+default every CPU the process may use (`host_cpus`).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import functools
 import os
 from typing import Iterator
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -43,6 +57,14 @@ from l2w_jax.data import augment
 from l2w_jax.data import digits
 from l2w_jax.data import graded_digits
 from l2w_jax.data import splits
+
+# pylint: disable=g-direct-tensorflow-import,g-import-not-at-top
+try:  # Private; it only silences a deprecation warning (`_chain_epochs`).
+  from tensorflow.python.util import deprecation as _tf_deprecation
+  _silence_deprecation = _tf_deprecation.silence
+except (ImportError, AttributeError):
+  _silence_deprecation = contextlib.nullcontext
+# pylint: enable=g-direct-tensorflow-import,g-import-not-at-top
 
 DATASETS = ('sklearn_digits', 'graded_digits', 'cifar10', 'cifar100', 'cifar100_lt',
             'imagenet2012')
@@ -139,6 +161,7 @@ class _Settings:
   seed: int
   shuffle_buffer: int
   num_threads: int
+  jpeg_decode: str
 
   @property
   def image_shape(self) -> tuple:
@@ -179,6 +202,13 @@ def _settings(config) -> _Settings:
     raise ValueError(f'dataset.mean / dataset.std: need 3 values each, got '
                      f'{mean} / {std}')
   data_dir = dataset.get('data_dir', None)
+  num_threads = int(dataset.get('num_threads', None) or host_cpus())
+  if num_threads < 1:
+    raise ValueError(f'dataset.num_threads: must be >= 1, got {num_threads}')
+  jpeg_decode = dataset.get('jpeg_decode', None) or 'crop'
+  if jpeg_decode not in augment.JPEG_DECODES:
+    raise ValueError(f'dataset.jpeg_decode: must be one of '
+                     f'{augment.JPEG_DECODES}, got {jpeg_decode!r}')
   return _Settings(
       name=name,
       kind=kind,
@@ -192,8 +222,22 @@ def _settings(config) -> _Settings:
       imbalance_factor=float(dataset.get('imbalance_factor', 100)),
       seed=seed,
       shuffle_buffer=int(dataset.get('shuffle_buffer', 10000)),
-      num_threads=int(
-          dataset.get('num_threads', None) or min(32, os.cpu_count() or 1)))
+      num_threads=num_threads,
+      jpeg_decode=jpeg_decode)
+
+
+def host_cpus() -> int:
+  """The CPUs this process may run on: the default `dataset.num_threads`.
+
+  The affinity mask where the OS has one (a container, `taskset` or a batch
+  scheduler may grant fewer CPUs than the machine has), else
+  `os.cpu_count()`. Not capped: a TPU host's 100-odd cores all decode JPEGs,
+  and the private pool's threads only run while there is work.
+  """
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+    return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------
@@ -440,22 +484,27 @@ def _long_tail_pool(settings: _Settings) -> np.ndarray:
                                   settings.imbalance_factor)
 
 
-def _crop_params(settings: _Settings, seed: np.ndarray, num: int) -> tf.Tensor:
-  """int32 (num, 3) crop/flip parameters; row i belongs to position i."""
+def _crop_params(settings: _Settings, seed, num: int) -> tf.Tensor:
+  """int32 (num, 3) crop/flip parameters; row i belongs to position i.
+
+  `seed`: int64 (2,), numpy or a tensor computed in the pipeline.
+  """
   return augment.crop_flip_params(
-      tf.constant(seed, tf.int64), num, CROP_PADDING,
+      tf.convert_to_tensor(seed, tf.int64), num, CROP_PADDING,
       flip=settings.augment == 'crop_flip')
 
 
-def _in_memory_batches(settings: _Settings, images: np.ndarray,
-                       labels: np.ndarray, indices: np.ndarray,
-                       params: tf.Tensor | None, batch_size: int,
-                       drop_remainder: bool) -> tf.data.Dataset:
-  """Batches of images[indices] (augmented by `params` rows when given)."""
+def _in_memory_batch_fn(settings: _Settings, images: np.ndarray,
+                        labels: np.ndarray, normalize: bool = True):
+  """(indices[, params]) -> {'image': (B, H, W, 3), 'label': int32 (B,)}:
+  gathers the batch from the split held in memory, augments it when
+  `params` (int32 (B, 3), see `augment.crop_flip_params`) are given,
+  resizes it to config.dataset.image_size if that differs; normalised to
+  float32 with `normalize`, else uint8."""
   images_t = tf.constant(images)
   labels_t = tf.constant(labels)
 
-  def make_batch(batch_indices, batch_params):
+  def make_batch(batch_indices, batch_params=None):
     batch_images = tf.gather(images_t, batch_indices)
     if batch_params is not None:
       batch_images = augment.crop_flip(batch_images, batch_params,
@@ -463,12 +512,21 @@ def _in_memory_batches(settings: _Settings, images: np.ndarray,
     if settings.image_size != settings.kind.image_size:
       batch_images = augment.resize_bilinear(
           batch_images, settings.image_size, settings.image_size)
-    return {
-        'image': augment.to_float_normalized(batch_images, settings.mean,
-                                             settings.std),
-        'label': tf.gather(labels_t, batch_indices),
-    }
+    if normalize:
+      batch_images = augment.to_float_normalized(batch_images, settings.mean,
+                                                 settings.std)
+    return {'image': batch_images,
+            'label': tf.gather(labels_t, batch_indices)}
 
+  return make_batch
+
+
+def _in_memory_batches(settings: _Settings, images: np.ndarray,
+                       labels: np.ndarray, indices: np.ndarray,
+                       params: tf.Tensor | None, batch_size: int,
+                       drop_remainder: bool) -> tf.data.Dataset:
+  """Batches of images[indices] (augmented by `params` rows when given)."""
+  make_batch = _in_memory_batch_fn(settings, images, labels)
   indices = indices.astype(np.int64)
   if params is None:
     ds = tf.data.Dataset.from_tensor_slices(indices)
@@ -480,6 +538,40 @@ def _in_memory_batches(settings: _Settings, images: np.ndarray,
   return ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def _in_memory_epoch(settings: _Settings, order, positions, augment_seed,
+                     table_size: int, local: int) -> tf.data.Dataset:
+  """One epoch of a process's training batches, as indices (and crop
+  parameters), before the images are gathered.
+
+  Args:
+    settings: the dataset settings.
+    order: int64 (n,), the examples (indices into the loaded split) in the
+      order this process visits them, n a multiple of `local`.
+    positions: int64 (n,), their positions in the uninterrupted global epoch,
+      the keys of their augmentation.
+    augment_seed: int64 (2,), the epoch's augmentation seed.
+    table_size: positions in the global epoch (steps * global batch).
+    local: this process's batch size.
+
+  The arrays are numpy for `train_batches` and tensors computed inside the
+  pipeline for `train_stream`: the same ops either way, so the same batches.
+
+  Returns:
+    Batches of int64 (local,) indices, or of (indices, int32 (local, 3)
+    params) when the epoch is augmented.
+  """
+  if settings.augment == 'none':
+    ds = tf.data.Dataset.from_tensor_slices(order)
+  else:
+    # The table is counter based (Philox): row i is a function of
+    # (augment_seed, i), so gathering the rows of `positions` gives each
+    # example the crop it has in the uninterrupted epoch.
+    table = _crop_params(settings, augment_seed, table_size)
+    ds = tf.data.Dataset.from_tensor_slices(
+        (order, tf.gather(table, positions)))
+  return ds.batch(local, drop_remainder=True)
+
+
 def _in_memory_train(settings: _Settings, epoch: int, start_step: int,
                      global_batch_size: int, process_index: int,
                      process_count: int) -> tf.data.Dataset:
@@ -489,14 +581,50 @@ def _in_memory_train(settings: _Settings, epoch: int, start_step: int,
   order, positions = splits.epoch_batches(
       len(train), global_batch_size, settings.seed, epoch, start_step,
       process_index, process_count)
-  params = None
-  if settings.augment != 'none':
-    table = _crop_params(
-        settings, splits.seed_words(settings.seed, epoch, splits.AUGMENT_TAG),
-        steps * global_batch_size)
-    params = tf.gather(table, positions)
-  return _in_memory_batches(settings, images, labels, train[order], params,
-                            local, drop_remainder=True)
+  ds = _in_memory_epoch(
+      settings, train[order].astype(np.int64), positions,
+      splits.seed_words(settings.seed, epoch, splits.AUGMENT_TAG),
+      steps * global_batch_size, local)
+  return ds.map(_in_memory_batch_fn(settings, images, labels,
+                                    normalize=False),
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _in_memory_stream(settings: _Settings, start_step: int,
+                      global_batch_size: int, process_index: int,
+                      process_count: int) -> tf.data.Dataset:
+  """`_in_memory_train` of every epoch from `start_step` on, one pipeline.
+
+  Each epoch's permutation is numpy's (`splits.epoch_batches`), so it is
+  computed by a numpy_function when the pipeline reaches the epoch (a
+  permutation of at most 50,000 indices: well under a millisecond).
+  """
+  images, labels, train = _in_memory_source(settings, 'train')
+  local = _local_batch_size(global_batch_size, process_index, process_count)
+  steps = _check_steps(len(train), global_batch_size, 0)
+
+  def epoch_arrays(epoch, start):
+    epoch, start = int(epoch), int(start)
+    order, positions = splits.epoch_batches(
+        len(train), global_batch_size, settings.seed, epoch, start,
+        process_index, process_count)
+    return (train[order].astype(np.int64), positions.astype(np.int64),
+            splits.seed_words(settings.seed, epoch, splits.AUGMENT_TAG))
+
+  def make_epoch(epoch, start):
+    order, positions, seed = tf.numpy_function(
+        epoch_arrays, [epoch, start], (tf.int64, tf.int64, tf.int64),
+        stateful=False)
+    order.set_shape([None])
+    positions.set_shape([None])
+    seed.set_shape([2])
+    return _in_memory_epoch(settings, order, positions, seed,
+                            steps * global_batch_size, local)
+
+  ds = _chain_epochs(start_step // steps, start_step % steps, make_epoch)
+  return ds.map(_in_memory_batch_fn(settings, images, labels,
+                                    normalize=False),
+                num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _check_steps(num_train: int, global_batch_size: int,
@@ -510,42 +638,147 @@ def _check_steps(num_train: int, global_batch_size: int,
   return steps
 
 
+def _chain_epochs(first_epoch: int, first_start: int,
+                  make_epoch) -> tf.data.Dataset:
+  """Epochs first_epoch, first_epoch + 1, ... without end, as one dataset.
+
+  Args:
+    first_epoch: the epoch to start in.
+    first_start: the step of `first_epoch` to start at; later epochs start
+      at 0.
+    make_epoch: (epoch, start), int64 scalar tensors -> the dataset of that
+      epoch from batch `start` on. Traced once; must not depend on Python
+      values of its arguments.
+
+  Returns:
+    The epochs' elements one epoch after the other, in order. The next
+    epoch's dataset is opened while the current one is read (one epoch
+    ahead: for ImageNet that fills its shuffle buffer early, one more
+    buffer's worth of memory), so the batches after an epoch boundary are
+    ready when the loop gets there.
+  """
+  epochs = tf.data.Dataset.counter(first_epoch)
+
+  # Plain Python, traced once: autograph would otherwise rewrite tfds's
+  # as_dataset and everything it calls.
+  @tf.autograph.experimental.do_not_convert
+  def one(epoch):
+    start = tf.where(tf.equal(epoch, first_epoch),
+                     tf.constant(first_start, tf.int64),
+                     tf.constant(0, tf.int64))
+    return make_epoch(epoch, start)
+
+  parallel_interleave = getattr(tf.data.experimental, 'parallel_interleave',
+                                None)
+  if parallel_interleave is None:
+    # Opens two epochs ahead (TensorFlow's default); same order.
+    return epochs.interleave(one, cycle_length=1, block_length=1,
+                             num_parallel_calls=1, deterministic=True)
+  # The deprecated form is the one that still takes prefetch_input_elements;
+  # with cycle_length 1 and sloppy=False its order is flat_map's.
+  with _silence_deprecation():
+    return epochs.apply(parallel_interleave(
+        one, cycle_length=1, block_length=1, sloppy=False,
+        buffer_output_elements=2, prefetch_input_elements=1))
+
+
 # ----------------------------------------------------------------------------
 # Streaming (ImageNet).
 
 
-def _decode(encoded: tf.Tensor) -> tf.Tensor:
-  # INTEGER_ACCURATE is libjpeg's ISLOW, what PIL decodes with: the same
-  # pixels as the original's loader.
-  return tf.io.decode_jpeg(encoded, channels=3, dct_method='INTEGER_ACCURATE')
+def _streaming_split(settings: _Settings, process_index: int,
+                     process_count: int) -> str:
+  """This process's contiguous share of the training records."""
+  return tfds.split_for_jax_process(
+      f'train[{settings.holdout}:]', process_index=process_index,
+      process_count=process_count)
 
 
-def _streaming_preprocess(settings: _Settings, augment_key: np.ndarray | None,
-                          stride: int = 1, offset: int = 0):
-  """(position, example) -> {'image', 'label'}.
+def _streaming_epoch_seeds(seed: int, epoch: int) -> np.ndarray:
+  """int64 (3,): the epoch's file shuffle, buffer shuffle and augmentation
+  seeds."""
+  return np.array([
+      splits.seed_words(seed, epoch, splits.FILE_SHUFFLE_TAG, num=1)[0],
+      splits.seed_words(seed, epoch, splits.BUFFER_SHUFFLE_TAG, num=1)[0],
+      splits.seed_words(seed, epoch, splits.AUGMENT_TAG)[0],
+  ], np.int64)
 
-  With `augment_key`, train augmentation seeded by (augment_key, position *
-  stride + offset); without, the evaluation transform.
+
+def _streaming_epoch(settings: _Settings, builder: tfds.core.DatasetBuilder,
+                     split: str, seeds, start, steps: int,
+                     local: int) -> tf.data.Dataset:
+  """One epoch of a process's training records, still encoded, in batches.
+
+  Args:
+    settings: the dataset settings.
+    builder: the prepared tfds builder.
+    split: this process's tfds split (`_streaming_split`).
+    seeds: (file, buffer, augment) seeds of the epoch
+      (`_streaming_epoch_seeds`): Python ints for `train_batches`, int64
+      scalar tensors computed in the pipeline for `train_stream` (tfds and
+      tf.data take either, with the same result).
+    start: the first batch (int or int64 scalar tensor).
+    steps: batches in the epoch.
+    local: this process's batch size.
+
+  Returns:
+    Batches of `local` records {'key': int64, 'position': int64 (the
+    record's index in the process's epoch), 'image': string, 'label':
+    int64}, from batch `start` on; only full batches.
   """
+  file_seed, buffer_seed, augment_key = seeds
+  ds = builder.as_dataset(
+      split=split, shuffle_files=True,
+      read_config=tfds.ReadConfig(shuffle_seed=file_seed,
+                                  try_autocache=False),
+      decoders={'image': tfds.decode.SkipDecoding()})
+  # An explicit op seed makes the buffer's order a function of the input order
+  # (as long as nobody sets TF's global seed, which nothing here does).
+  ds = ds.shuffle(settings.shuffle_buffer, seed=buffer_seed,
+                  reshuffle_each_iteration=False)
+  # Every process yields the same number of batches, whatever its share.
+  ds = ds.take(steps * local).enumerate()
+  ds = ds.skip(start * local)  # still encoded: skipping is cheap
+  key = tf.cast(augment_key, tf.int64)
+  ds = ds.map(lambda position, example: {
+      'key': key, 'position': position, 'image': example['image'],
+      'label': example['label']})
+  return ds.batch(local, drop_remainder=True)
+
+
+def _imagenet_image(settings: _Settings, encoded: tf.Tensor,
+                    seed: tf.Tensor | None) -> tf.Tensor:
+  """Encoded image -> uint8 (size, size, 3): the training transform seeded
+  by `seed` (int64 (2,)), or without a seed the evaluation one."""
   size = settings.image_size
-  resize = int(round(size * IMAGENET_EVAL_RATIO))
-  key = None if augment_key is None else tf.constant(augment_key[0], tf.int64)
+  if seed is None or settings.augment == 'none':
+    resize = int(round(size * IMAGENET_EVAL_RATIO))
+    return augment.imagenet_eval(augment.decode_image(encoded), size, resize)
+  return augment.imagenet_train_encoded(encoded, seed, size,
+                                        settings.jpeg_decode)
 
-  def preprocess(position, example):
-    image = _decode(example['image'])
-    if key is None or settings.augment == 'none':
-      image = augment.imagenet_eval(image, size, resize)
-    else:
-      seed = tf.stack([key, position * stride + offset])
-      image = augment.imagenet_train(image, seed, size)
-    image = tf.ensure_shape(image, settings.image_shape)
-    return {
-        'image': augment.to_float_normalized(image, settings.mean,
-                                             settings.std),
-        'label': tf.cast(example['label'], tf.int32),
-    }
 
-  return preprocess
+def _streaming_batches(settings: _Settings, records: tf.data.Dataset,
+                       stride: int, offset: int,
+                       local: int) -> tf.data.Dataset:
+  """Training batches from batches of records (`_streaming_epoch`).
+
+  The record batches are split and the images decoded and augmented one by
+  one, in parallel, then batched again: every record batch is full, so the
+  batches are the same as each epoch's own, while decoding runs on without a
+  break at epoch boundaries. The augmentation of the record at `position` is
+  seeded by (key, position * stride + offset): process p of P keys its
+  records p, p + P, ...
+  """
+
+  def preprocess(record):
+    seed = tf.stack([record['key'], record['position'] * stride + offset])
+    image = tf.ensure_shape(_imagenet_image(settings, record['image'], seed),
+                            settings.image_shape)
+    return {'image': image, 'label': tf.cast(record['label'], tf.int32)}
+
+  ds = records.unbatch().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(local, drop_remainder=True)
 
 
 def _streaming_train(settings: _Settings, epoch: int, start_step: int,
@@ -555,31 +788,40 @@ def _streaming_train(settings: _Settings, epoch: int, start_step: int,
   num_train, _, _ = _sizes(settings, builder)
   local = _local_batch_size(global_batch_size, process_index, process_count)
   steps = _check_steps(num_train, global_batch_size, start_step)
-  split = tfds.split_for_jax_process(
-      f'train[{settings.holdout}:]', process_index=process_index,
-      process_count=process_count)
-  file_seed = splits.seed_words(settings.seed, epoch, splits.FILE_SHUFFLE_TAG,
-                                num=1)[0]
-  buffer_seed = splits.seed_words(settings.seed, epoch,
-                                  splits.BUFFER_SHUFFLE_TAG, num=1)[0]
-  ds = builder.as_dataset(
-      split=split, shuffle_files=True,
-      read_config=tfds.ReadConfig(shuffle_seed=int(file_seed),
-                                  try_autocache=False),
-      decoders={'image': tfds.decode.SkipDecoding()})
-  # An explicit op seed makes the buffer's order a function of the input order
-  # (as long as nobody sets TF's global seed, which nothing here does).
-  ds = ds.shuffle(settings.shuffle_buffer, seed=int(buffer_seed),
-                  reshuffle_each_iteration=False)
-  # Every process yields the same number of batches, whatever its share.
-  ds = ds.take(steps * local).enumerate()
-  ds = ds.skip(start_step * local)  # still encoded: skipping is cheap
-  augment_key = splits.seed_words(settings.seed, epoch, splits.AUGMENT_TAG)
-  ds = ds.map(
-      _streaming_preprocess(settings, augment_key, stride=process_count,
-                            offset=process_index),
-      num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.batch(local, drop_remainder=True)
+  seeds = [int(w) for w in _streaming_epoch_seeds(settings.seed, epoch)]
+  records = _streaming_epoch(
+      settings, builder, _streaming_split(settings, process_index,
+                                          process_count),
+      seeds, start_step, steps, local)
+  return _streaming_batches(settings, records, process_count, process_index,
+                            local)
+
+
+def _streaming_stream(settings: _Settings, start_step: int,
+                      global_batch_size: int, process_index: int,
+                      process_count: int) -> tf.data.Dataset:
+  """`_streaming_train` of every epoch from `start_step` on, one pipeline:
+  the epochs' record streams are chained (`_chain_epochs`) and decoded by
+  one parallel map."""
+  builder = _builder(settings)
+  num_train, _, _ = _sizes(settings, builder)
+  local = _local_batch_size(global_batch_size, process_index, process_count)
+  steps = _check_steps(num_train, global_batch_size, 0)
+  split = _streaming_split(settings, process_index, process_count)
+
+  def make_epoch(epoch, start):
+    # numpy's SeedSequence derives the seeds, as for train_batches.
+    seeds = tf.numpy_function(
+        lambda e: _streaming_epoch_seeds(settings.seed, int(e)), [epoch],
+        tf.int64, stateful=False)
+    seeds.set_shape([3])
+    return _streaming_epoch(settings, builder, split, tf.unstack(seeds),
+                            start, steps, local)
+
+  records = _chain_epochs(start_step // steps, start_step % steps,
+                          make_epoch)
+  return _streaming_batches(settings, records, process_count, process_index,
+                            local)
 
 
 def _streaming_eval(settings: _Settings, split: str, batch_size: int,
@@ -595,10 +837,21 @@ def _streaming_eval(settings: _Settings, split: str, batch_size: int,
       split=tfds_split, shuffle_files=False,
       read_config=tfds.ReadConfig(try_autocache=False),
       decoders={'image': tfds.decode.SkipDecoding()})
+  key = None if augment_key is None else tf.constant(augment_key[0], tf.int64)
+
+  def preprocess(position, example):
+    seed = None if key is None else tf.stack([key, position])
+    image = tf.ensure_shape(_imagenet_image(settings, example['image'], seed),
+                            settings.image_shape)
+    return {
+        'image': augment.to_float_normalized(image, settings.mean,
+                                             settings.std),
+        'label': tf.cast(example['label'], tf.int32),
+    }
+
   # A no-op on real data; bounds mocked splits that ignore slicing.
   ds = ds.take(count).enumerate()
-  ds = ds.map(_streaming_preprocess(settings, augment_key),
-              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(batch_size)
 
 
@@ -611,10 +864,14 @@ def train_batches(config, *, epoch: int, start_step: int = 0,
                   process_count: int = 1) -> Iterator[dict]:
   """Augmented training batches of epoch `epoch`, from batch `start_step` on.
 
-  Each batch is {'image': float32 (B, H, W, 3), 'label': int32 (B,)} with
-  B = config.train.batch_size // process_count; only full batches. The same
+  Each batch is {'image': uint8 (B, H, W, 3), 'label': int32 (B,)} with
+  B = config.train.batch_size // process_count; only full batches. The
+  images travel to the devices as bytes: the training step normalises them
+  there with `input_spec(config)`'s mean and std, as ToTensor + Normalize
+  (`augment.to_float_normalized`) would. The same
   (config, epoch) gives the same batches in any run; process p of P gets its
-  own part of every global batch (see the module docstring).
+  own part of every global batch (see the module docstring). A new pipeline
+  per call: a training loop reads `train_stream` instead.
   """
   settings = _settings(config)
   if epoch < 0:
@@ -627,6 +884,84 @@ def train_batches(config, *, epoch: int, start_step: int = 0,
             process_count)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(settings))
   return ds.as_numpy_iterator()
+
+
+class _Stream:
+  """An endless iterator over a tf.data pipeline that calls numpy.
+
+  Its pipeline runs numpy functions (each epoch's permutation and seeds) on
+  tf.data's threads. If the iterator were still alive when the interpreter
+  shuts down, a thread inside such a function would wait for the GIL
+  forever and the process would hang on exit (it did, about one run in four
+  with a live stream); `close()`, called for every open stream at exit,
+  stops the pipeline while Python still runs.
+  """
+
+  def __init__(self, ds: tf.data.Dataset):
+    self._iterator = ds.as_numpy_iterator()
+    _OPEN_STREAMS.add(self)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if self._iterator is None:
+      raise StopIteration
+    return next(self._iterator)
+
+  def close(self) -> None:
+    """Stops the pipeline; the stream yields nothing more."""
+    self._iterator = None  # the last reference: tf.data stops its threads
+    _OPEN_STREAMS.discard(self)
+
+
+_OPEN_STREAMS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_streams() -> None:
+  for stream in list(_OPEN_STREAMS):
+    stream.close()
+
+
+def train_stream(config, *, start_step: int = 0, process_index: int = 0,
+                 process_count: int = 1) -> _Stream:
+  """All training batches from global iteration `start_step` on, without end.
+
+  Batch for batch what `train_batches` gives for epoch e = start_step // S
+  from step start_step % S, then for epochs e + 1, e + 2, ... from step 0
+  (S = `steps_per_epoch`), so a resume at any iteration continues the same
+  sequence. Unlike calls of `train_batches`, one tf.data pipeline serves
+  every epoch: nothing is rebuilt at an epoch boundary, and the next epoch
+  is opened (for ImageNet, its shuffle buffer filled) and decoded ahead
+  while the current one is read.
+
+  Args:
+    config: the experiment config (config.dataset, config.seed,
+      config.train.batch_size).
+    start_step: the global iteration (counted from the start of training)
+      of the first batch.
+    process_index: this process.
+    process_count: processes reading their parts of every global batch.
+
+  Returns:
+    An iterator of {'image': uint8 (B, H, W, 3), 'label': int32 (B,)}
+    (see `train_batches`), B = config.train.batch_size // process_count;
+    `close()` stops it.
+  """
+  settings = _settings(config)
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}')
+  global_batch_size = int(config.train.batch_size)
+  if settings.kind.streaming:
+    make = _streaming_stream
+  else:
+    _builder(settings)  # DatasetNotFoundError before loading anything
+    make = _in_memory_stream
+  ds = make(settings, start_step, global_batch_size, process_index,
+            process_count)
+  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(settings))
+  return _Stream(ds)
 
 
 def _pad_batch(batch: dict, batch_size: int, image_shape: tuple) -> dict:
