@@ -13,7 +13,6 @@ iterations (two-phase methods split them by train.phase_split).
 """
 
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -23,6 +22,7 @@ import numpy as np
 
 from configs import common
 
+from l2w_jax import paths
 from l2w_jax.evaluation import comparison, plots
 from l2w_jax.training import methods
 from l2w_jax.training.train import finished_or_trained
@@ -58,7 +58,7 @@ def main(argv):
     runs, seconds = [], 0.0
     for seed in seeds:
       results, took = _run(config, name, seed,
-                           os.path.join(_WORKDIR.value, name, f'seed{seed}'))
+                           paths.join(_WORKDIR.value, name, f'seed{seed}'))
       runs.append(results)
       seconds += took
     summary = comparison.summarise_seeds(runs, name)

@@ -63,12 +63,14 @@ def _variables(config, model, info):
 def main(argv):
   cli.start_quietly(argv)
   from l2w_jax import data  # pylint: disable=g-import-not-at-top
+  from l2w_jax import paths  # pylint: disable=g-import-not-at-top
   from l2w_jax.evaluation import cascade_report, report  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.learner import method_model  # pylint: disable=g-import-not-at-top
   config = common.config_from_flag(_CONFIG)
   out = _OUT.value or _WORKDIR.value
   if not out:
     raise app.UsageError('give --out when evaluating a PyTorch checkpoint')
+  paths.check_writable(out, 'cannot write the results to')  # before any work
   info = data.data_info(config)
   model = method_model(config)
   variables, iteration = _variables(config, model, info)
@@ -84,10 +86,10 @@ def main(argv):
       budgets=[int(b) for b in _BUDGETS.value], batch_size=_BATCH.value,
       latency_images=_LATENCY_IMAGES.value)
   print(cascade_report.format_table(rows), flush=True)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'cascade.json'), 'w') as f:
-    json.dump(rows, f, indent=1)
-  print(f'cascade timings in {os.path.join(out, "cascade.json")}', flush=True)
+  paths.makedirs(out)
+  path = paths.join(out, 'cascade.json')
+  paths.write_atomic(path, json.dumps(rows, indent=1))
+  print(f'cascade timings in {path}', flush=True)
 
 
 def run():

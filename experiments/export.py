@@ -39,15 +39,16 @@ flags.mark_flags_as_required(['config', 'workdir', 'out'])
 
 
 def read_results(workdir: str) -> dict:
-  """The run's results.json; FileNotFoundError saying how to make it."""
+  """The run's results.json (`workdir` local or gs://); FileNotFoundError
+  saying how to make it."""
+  from l2w_jax import paths  # pylint: disable=g-import-not-at-top
   from l2w_jax.evaluation.report import RESULTS_FILE  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.isfile(path):
+  path = paths.join(workdir, RESULTS_FILE)
+  if not paths.is_file(path):
     raise FileNotFoundError(
         f'no {RESULTS_FILE} in {workdir}: evaluate first: python -m '
         f'experiments.evaluate --config=<config> --workdir={workdir}')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def main(argv):

@@ -8,11 +8,11 @@ experiments.evaluate).
 """
 
 import json
-import os
 
 from absl import app
 from absl import flags
 
+from l2w_jax import paths
 from l2w_jax.evaluation import plots
 from l2w_jax.evaluation.report import RESULTS_FILE
 
@@ -32,14 +32,17 @@ def main(argv):
   if len(labels) != len(_WORKDIRS.value):
     raise app.UsageError(f'{len(labels)} labels for '
                          f'{len(_WORKDIRS.value)} workdirs')
+  try:
+    paths.check_writable(_OUT.value, 'cannot write the figure to')
+  except paths.UnsupportedPath as e:
+    raise app.UsageError(str(e)) from None
   curves = []
   for workdir, label in zip(_WORKDIRS.value, labels):
-    path = os.path.join(workdir, RESULTS_FILE)
-    if not os.path.exists(path):
+    path = paths.join(workdir, RESULTS_FILE)
+    if not paths.exists(path):
       raise app.UsageError(f'no {RESULTS_FILE} in {workdir}: train it or run '
                            'experiments.evaluate first')
-    with open(path) as f:
-      results = json.load(f)
+    results = json.loads(paths.read_text(path))
     curves.append(plots.curve_from_results(
         results, label or results.get('method', workdir).upper()))
   plots.plot_budgeted(curves, _OUT.value, title=_TITLE.value)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
 from typing import Sequence
 
 import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from l2w_jax import paths  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @dataclasses.dataclass
@@ -62,13 +66,25 @@ def _frame(ax) -> None:
     ax.spines[side].set_visible(False)
 
 
+def _write(fig, path: str) -> None:
+  """Renders `fig` in memory in the format of `path`'s extension (PNG if
+  none) and writes it to `path`, a local path or a gs:// URL, in one
+  piece (`paths.write_atomic`); closes it."""
+  extension = os.path.splitext(path)[1][1:].lower()
+  buffer = io.BytesIO()
+  try:
+    fig.savefig(buffer, format=extension or None)
+  finally:
+    plt.close(fig)
+  paths.write_atomic(path, buffer.getvalue())
+
+
 def _save(fig, path: str, title: str) -> None:
   """A multi-panel figure's title (if any), layout, file and closing."""
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _write(fig, path)
 
 
 def _finish(fig, ax, path: str, ylabel: str, title: str,
@@ -82,8 +98,7 @@ def _finish(fig, ax, path: str, ylabel: str, title: str,
   ax.legend(fontsize=7, loc=legend_loc, frameon=False)
   _frame(ax)
   fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _write(fig, path)
 
 
 def plot_seed_summaries(summaries, path: str, title: str = '') -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -13,6 +12,7 @@ import numpy as np
 
 from l2w_jax import data
 from l2w_jax import parallel
+from l2w_jax import paths
 from l2w_jax.evaluation import anytime, budgeted, plots
 from l2w_jax.evaluation.fingerprint import params_sha256
 from l2w_jax.evaluation.flops import count_per_exit
@@ -85,12 +85,15 @@ def evaluate_model(config, model, variables, info, statistics=None) -> dict:
 
 def write_results(results: dict, directory: str, label: str,
                   title: str) -> None:
-  """results.json and budgeted.png in `directory`; prints a summary."""
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, RESULTS_FILE), 'w') as f:
-    json.dump(results, f, indent=1)
+  """results.json and budgeted.png in `directory` (a local path or a gs://
+  URL), each written whole (`paths.write_atomic`: a crash never leaves a
+  partial results.json, which would mark the run finished); prints a
+  summary."""
+  paths.makedirs(directory)
+  results_path = paths.join(directory, RESULTS_FILE)
+  paths.write_atomic(results_path, json.dumps(results, indent=1))
   plots.plot_budgeted([plots.curve_from_results(results, label)],
-                      os.path.join(directory, PLOT_FILE), title=title)
+                      paths.join(directory, PLOT_FILE), title=title)
   accs = ' '.join(f'{a:.2f}' for a in results['anytime']['top1'])
   print(f'test top-1 per exit: {accs}', flush=True)
-  print(f'results in {os.path.join(directory, RESULTS_FILE)}', flush=True)
+  print(f'results in {results_path}', flush=True)

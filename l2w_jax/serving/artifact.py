@@ -9,11 +9,13 @@
                      MFLOPs, held-out and test top-1, test exit counts)
 
 `write_artifact` writes it atomically (a temporary directory renamed into
-place) and only replaces an existing artifact when asked. `read_artifact`
+place) and only replaces an existing artifact when asked. The directory may
+be local or a gs:// URL (`l2w_jax.paths`). `read_artifact`
 checks it (files present, format version, msgpack readable, parameters
 matching params_sha256 and the config's model) and returns its parts.
-Reading never imports TensorFlow; writing reads the dataset's normalisation
-from `l2w_jax.data`, which does.
+Reading a local artifact never imports TensorFlow (a gs:// one is read
+through TensorFlow's GCS filesystem); writing reads the dataset's
+normalisation from `l2w_jax.data`, which imports it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 import flax
 import jax
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from l2w_jax import paths
 from l2w_jax.convert import torch_state
 from l2w_jax.evaluation.fingerprint import params_sha256
 from l2w_jax.evaluation.flops import count_per_exit
@@ -196,29 +197,24 @@ def serving_spec(config, model, variables, results: dict) -> dict:
   }
 
 
-def _write_file(path: str, content: bytes) -> None:
-  with open(path, 'wb') as f:
-    f.write(content)
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def is_artifact(path: str) -> bool:
   """Whether `path` is a directory holding a serving.json."""
-  return os.path.isfile(os.path.join(path, SERVING_FILE))
+  return paths.is_file(paths.join(path, SERVING_FILE))
 
 
 def check_replaceable(path: str, overwrite: bool) -> None:
   """FileExistsError unless `path` is free, or `overwrite` and it holds an
-  artifact (or nothing): other files are never replaced."""
-  if not os.path.lexists(path):
+  artifact (or nothing): other files are never replaced. ValueError for a
+  path on a filesystem this code cannot write (`paths.check_writable`)."""
+  paths.check_writable(path, 'cannot write the artifact to')
+  if not paths.lexists(path):
     return
   if not overwrite:
     raise FileExistsError(f'{path} already exists: pass overwrite=True '
                           '(--overwrite) to replace it, or choose another '
                           'output path')
-  if not (is_artifact(path) or (os.path.isdir(path) and
-                                not os.listdir(path))):
+  if not (is_artifact(path) or (paths.is_dir(path) and
+                                not paths.listdir(path))):
     raise FileExistsError(f'{path} exists and is not a serving artifact; '
                           'refusing to replace it: choose another output '
                           'path')
@@ -242,72 +238,80 @@ def write_artifact(path: str, config, variables, results: dict, *,
 
   Everything is written to a temporary directory next to `path` and renamed
   into place, so `path` is either absent, the old artifact or the complete
-  new one.
+  new one (on GCS, where a directory is renamed object by object, a reader
+  may see it partly moved: is_artifact holds only once serving.json, moved
+  last, is there).
   """
-  path = os.path.abspath(os.fspath(path))
+  path = paths.absolute(path)
   check_replaceable(path, overwrite)
   variables = numpy_variables(variables)
   model = method_model(config)
   spec = serving_spec(config, model, variables, results)
-  parent, name = os.path.split(path)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f'.{name}.', suffix='.tmp', dir=parent)
+  parent, name = paths.split(path)
+  staging = paths.make_temp_dir(parent, prefix=f'.{name}.', suffix='.tmp')
   try:
-    os.chmod(staging, 0o755)
-    _write_file(os.path.join(staging, VARIABLES_FILE),
-                flax.serialization.msgpack_serialize(
-                    flax.serialization.to_state_dict(variables)))
-    _write_file(os.path.join(staging, CONFIG_FILE), config.to_json().encode())
+    paths.write_bytes(paths.join(staging, VARIABLES_FILE),
+                      flax.serialization.msgpack_serialize(
+                          flax.serialization.to_state_dict(variables)))
+    paths.write_bytes(paths.join(staging, CONFIG_FILE),
+                      config.to_json().encode())
     if programs:
       from l2w_jax.serving import stablehlo  # pylint: disable=g-import-not-at-top
       spec['programs'] = stablehlo.write_programs(
           staging, model, variables, spec['image_shape'], platforms)
-    _write_file(os.path.join(staging, SERVING_FILE),
-                json.dumps(spec, indent=1).encode())
+    paths.write_bytes(paths.join(staging, SERVING_FILE),
+                      json.dumps(spec, indent=1).encode())
     _move_into_place(staging, path, overwrite)
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    _remove_quietly(staging)
     raise
   return path
+
+
+def _remove_quietly(path: str) -> None:
+  """Deletes the directory `path`, ignoring errors (a cleanup after another
+  error, or of a replaced artifact)."""
+  try:
+    paths.rmtree(path)
+  except OSError:
+    pass
 
 
 def _move_into_place(staging: str, path: str, overwrite: bool) -> None:
   """Renames `staging` to `path`; an old artifact there is moved aside first
   and deleted once the new one is in place (put back if the rename fails)."""
   check_replaceable(path, overwrite)  # again: something may have appeared
-  if not os.path.lexists(path):
-    os.rename(staging, path)
+  if not paths.lexists(path):
+    paths.rename(staging, path)
     return
   aside = staging + '.old'
-  os.rename(path, aside)
+  paths.rename(path, aside)
   try:
-    os.rename(staging, path)
+    paths.rename(staging, path)
   except BaseException:
-    os.rename(aside, path)
+    paths.rename(aside, path)
     raise
-  shutil.rmtree(aside, ignore_errors=True)
+  _remove_quietly(aside)
 
 
 def artifact_size(path: str) -> int:
   """Bytes of the artifact's files (the programs included)."""
-  return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+  return sum(paths.getsize(paths.join(path, f)) for f in paths.listdir(path))
 
 
 def _read_json(path: str, file: str):
   try:
-    with open(os.path.join(path, file)) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(paths.join(path, file)))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{os.path.join(path, file)} is not valid JSON ({e}): '
+    raise ValueError(f'{paths.join(path, file)} is not valid JSON ({e}): '
                      f'the artifact is damaged; re-export it with '
                      f'{EXPORT_HINT}') from e
 
 
 def _read_variables(path: str, digest: str) -> dict:
   """The numpy variables of variables.msgpack, checked against `digest`."""
-  file = os.path.join(path, VARIABLES_FILE)
-  with open(file, 'rb') as f:
-    content = f.read()
+  file = paths.join(path, VARIABLES_FILE)
+  content = paths.read_bytes(file)
   try:
     state = flax.serialization.msgpack_restore(content)
   except Exception as e:  # msgpack raises several unrelated types
@@ -330,11 +334,11 @@ def read_artifact(path: str) -> Artifact:
   nothing imports TensorFlow); FileNotFoundError or ValueError naming the
   problem and the fix."""
   path = os.fspath(path)
-  if not os.path.isdir(path):
+  if not paths.is_dir(path):
     raise FileNotFoundError(f'no serving artifact at {path}: export one with '
                             f'{EXPORT_HINT}')
   missing = [f for f in ARTIFACT_FILES
-             if not os.path.isfile(os.path.join(path, f))]
+             if not paths.is_file(paths.join(path, f))]
   if missing:
     raise FileNotFoundError(f'{path} is not a complete serving artifact '
                             f'(missing {", ".join(missing)}): re-export it '
@@ -345,12 +349,11 @@ def read_artifact(path: str) -> Artifact:
     raise ValueError(f'{path} has artifact format version {version}, this '
                      f'code reads version {FORMAT_VERSION}: re-export it with '
                      f'{EXPORT_HINT}')
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    text = f.read()
+  text = paths.read_text(paths.join(path, CONFIG_FILE))
   try:
     config = config_from_json(text)
   except (json.JSONDecodeError, TypeError, ValueError) as e:
-    raise ValueError(f'{os.path.join(path, CONFIG_FILE)} is not a config '
+    raise ValueError(f'{paths.join(path, CONFIG_FILE)} is not a config '
                      f'({e}): re-export the artifact with {EXPORT_HINT}') from e
   variables = _read_variables(path, serving['params_sha256'])
   return Artifact(config=config, variables=variables, serving=serving)

@@ -24,11 +24,11 @@ present when exporting.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
+from l2w_jax import paths
 from l2w_jax.evaluation import anytime, cascade
 
 BATCH_FILE = 'batch.jax_export'
@@ -87,15 +87,14 @@ def write_programs(directory: str, model, variables, image_shape,
   written = {}
   for name, exported in export_programs(model, variables, image_shape,
                                         platforms).items():
-    with open(os.path.join(directory, files[name]), 'wb') as f:
-      f.write(exported.serialize())
+    paths.write_bytes(paths.join(directory, files[name]),
+                      exported.serialize())
     written[name] = {'file': files[name],
                      'platforms': list(exported.platforms)}
   return written
 
 
 def load_program(path: str):
-  """The `jax.export.Exported` in file `path`."""
-  with open(path, 'rb') as f:
-    return jax.export.deserialize(bytearray(f.read()))
+  """The `jax.export.Exported` in file `path` (local or gs://)."""
+  return jax.export.deserialize(bytearray(paths.read_bytes(path)))
 

@@ -4,14 +4,26 @@ A checkpoint holds the `TrainState` (backbone parameters and batch
 statistics, both optimizer states, the weight net, the iteration count) and
 JSON metadata (data position, config). The data pipeline is a deterministic
 function of (seed, epoch, position in epoch), and the iteration count gives
-both, so nothing else is needed to resume mid-epoch. Orbax writes to a
-temporary directory and renames it when complete, so a crash while saving
-never replaces a good checkpoint.
+both, so nothing else is needed to resume mid-epoch.
+
+Saves are asynchronous: `save` returns once orbax has copied the arrays to
+host memory, and the files are written in a background thread while
+training goes on. A save in flight is waited for by the next `save`, by
+`wait_until_finished` and `latest_step` (so that they tell what is on
+disk), and by `close`; a background failure comes out of whichever of
+them waits as a one-line `CheckpointError` naming the checkpoint.
+
+A checkpoint counts only once completely written: orbax writes it to a
+temporary directory and renames it (locally), or writes its
+`commit_success.txt` last (on GCS), so a crash or a failed write while
+saving never replaces a good checkpoint. `directory` may be a local path or
+a `gs://` URL (`l2w_jax.paths`).
 """
 
 from __future__ import annotations
 
 import collections
+import logging as python_logging
 import os
 from typing import Any
 
@@ -19,6 +31,8 @@ from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from l2w_jax import paths
 
 
 class CheckpointError(RuntimeError):
@@ -35,23 +49,54 @@ def _one_line(error: Exception, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit] + '...'
 
 
-class Checkpointer:
-  """Saves and restores `TrainState`s under `directory` (keeps the last few)."""
+class _OrbaxSaveErrors(python_logging.Filter):
+  """Drops orbax's own tracebacks of a failed background save: the failure
+  comes out of the next wait as a one-line CheckpointError instead (a run
+  stops with one line on stderr, as a failed synchronous save does)."""
 
-  def __init__(self, directory: str, keep: int = 3):
-    self.directory = os.path.abspath(directory)
+  MESSAGES = ('background save thread', 'Save Finalize thread')
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    from_orbax = f'{os.sep}orbax{os.sep}' in (record.pathname or '')
+    return not (from_orbax and record.levelno >= python_logging.ERROR and
+                any(m in str(record.msg) for m in self.MESSAGES))
+
+
+_SAVE_ERRORS = _OrbaxSaveErrors()
+
+
+class Checkpointer:
+  """Saves and restores `TrainState`s under `directory` (keeps the last few).
+
+  Args:
+    directory: where the checkpoints go, a local path or a `gs://` URL.
+    keep: how many of the newest checkpoints are kept.
+    asynchronous: whether `save` returns before the files are written
+      (orbax's async checkpointing); False writes them before it returns.
+  """
+
+  def __init__(self, directory: str, keep: int = 3, *,
+               asynchronous: bool = True):
+    self.directory = paths.absolute(directory)
+    self._in_flight: int | None = None  # the step a background save writes
+    self._closed = False
+    if asynchronous:
+      logging.get_absl_logger().addFilter(_SAVE_ERRORS)
     self._manager = ocp.CheckpointManager(
-        self.directory,
+        paths.as_path(self.directory),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False),
+            max_to_keep=keep, create=True,
+            enable_async_checkpointing=asynchronous),
         item_names=('state', 'meta'))
 
   def latest_step(self) -> int | None:
+    """The newest checkpoint on disk (a save in flight is waited for)."""
+    self.wait_until_finished()
     return self._manager.latest_step()
 
   def path(self, step: int) -> str:
     """The directory of checkpoint `step`."""
-    return os.path.join(self.directory, str(step))
+    return paths.join(self.directory, str(step))
 
   def reload(self) -> None:
     """Re-reads which checkpoints exist (after one was moved away)."""
@@ -68,6 +113,9 @@ class Checkpointer:
                             f'read ({_one_line(e)})', _one_line(e)) from e
 
   def all_steps(self) -> list[int]:
+    """The checkpoints on disk, oldest first (a save in flight is waited
+    for)."""
+    self.wait_until_finished()
     return list(self._manager.all_steps())
 
   def arrays_fit(self, step: int, template) -> bool | None:
@@ -76,7 +124,7 @@ class Checkpointer:
     paths are spelled); None if its array metadata cannot be read."""
     try:
       stored = ocp.StandardCheckpointer().metadata(
-          os.path.join(self.path(step), 'state'))
+          paths.as_path(paths.join(self.path(step), 'state')))
       stored = getattr(stored, 'item_metadata', stored)
       got = collections.Counter(
           (tuple(leaf.shape), str(leaf.dtype))
@@ -91,21 +139,58 @@ class Checkpointer:
     return got == want
 
   def save(self, step: int, state, meta: dict[str, Any]) -> None:
-    """Writes `state` at `step` (no-op if that step is already saved)."""
-    if step in self._manager.all_steps():
+    """Starts writing `state` and `meta` as checkpoint `step` (no-op if that
+    step is already saved) and returns once orbax holds a copy of the
+    arrays in host memory: `state` may then be changed or donated.
+
+    Args:
+      step: the iteration, the checkpoint's name.
+      state: the TrainState.
+      meta: JSON-serialisable metadata (data position, config).
+
+    Raises:
+      CheckpointError: the previous save failed in the background, or this
+        one cannot be started (one line: the checkpoint, the reason, that
+        the earlier checkpoints are untouched, the way out).
+    """
+    if step in self.all_steps():  # waits for the previous save
       return
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(step, e) from e
+    self._in_flight = step
+
+  def wait_until_finished(self) -> None:
+    """Returns once the save in flight (if any) is on disk.
+
+    Raises:
+      CheckpointError: it failed (one line, naming the checkpoint).
+    """
+    step, self._in_flight = self._in_flight, None
+    if step is None:
+      return
+    try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      kept = self.all_steps()
-      raise CheckpointError(
-          f'cannot write checkpoint {step} to {self.path(step)} '
-          f'({_one_line(e)}). Orbax writes to a temporary directory first, so '
-          f'the earlier checkpoints ({kept or "none"}) are untouched; make '
-          f'{self.directory} writable or free space, then rerun the same '
-          'command to resume', _one_line(e)) from e
+      raise self._write_error(step, e) from e
+
+  def _write_error(self, step: int, error: Exception) -> CheckpointError:
+    """The CheckpointError of a save of `step` that failed with `error`."""
+    try:
+      self._manager.reload()  # forget the step that was not written
+      kept = list(self._manager.all_steps())
+    except Exception:  # pylint: disable=broad-except
+      kept = 'unknown'
+    reason = _one_line(error)
+    return CheckpointError(
+        f'cannot write checkpoint {step} to {self.path(step)} ({reason}). A '
+        'checkpoint counts only once completely written (orbax renames a '
+        'temporary directory, or on GCS writes commit_success.txt last), so '
+        f'the earlier checkpoints ({kept or "none"}) are untouched; make '
+        f'{self.directory} writable or free space, then rerun the same '
+        'command to resume', reason)
 
   def restore(self, template, step: int | None = None):
     """(state, meta) of `step` (default: latest) shaped like `template`.
@@ -131,4 +216,16 @@ class Checkpointer:
     return restored['state'], restored['meta']
 
   def close(self) -> None:
-    self._manager.close()
+    """Waits for the save in flight, then releases orbax's threads (a
+    second call does nothing).
+
+    Raises:
+      CheckpointError: the save in flight failed.
+    """
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self.wait_until_finished()
+    finally:
+      self._manager.close()

@@ -22,13 +22,13 @@ from __future__ import annotations
 import datetime
 import fnmatch
 import json
-import os
 from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
+from l2w_jax import paths
 from l2w_jax.training.checkpoint import CheckpointError
 
 # Fields that may differ on resume: how long the run goes on, how often it
@@ -97,28 +97,41 @@ def barrier(name: str) -> None:
 
 
 def move_checkpoint_aside(checkpoint_dir: str, workdir: str) -> str:
-  """Renames a checkpoint directory (`<workdir>/checkpoints/<step>`) to
-  `<workdir>/bad_checkpoints/<step>-<UTC time>` on process 0, whose return
-  value is the new path, and waits until it is done."""
-  target = os.path.join(workdir, BAD_CHECKPOINTS,
-                        f'{os.path.basename(checkpoint_dir)}-{_timestamp()}')
+  """Moves a checkpoint directory (`<workdir>/checkpoints/<step>`) to
+  `<workdir>/bad_checkpoints/<step>-<UTC time>` on process 0, and waits
+  until it is done.
+
+  Args:
+    checkpoint_dir: the checkpoint, a local path or a gs:// URL.
+    workdir: the run's workdir.
+
+  Returns:
+    The new path (on every process).
+  """
+  name = f'{paths.split(checkpoint_dir)[1]}-{_timestamp()}'
+  bad = paths.join(workdir, BAD_CHECKPOINTS)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.rename(checkpoint_dir, target)
+    paths.move_into(checkpoint_dir, bad, name)
   barrier('l2w_jax: bad checkpoint moved aside')
-  return target
+  return paths.join(bad, name)
 
 
 def move_run_aside(workdir: str) -> str | None:
-  """Renames a non-empty `workdir` to `<workdir>.replaced-<UTC time>` on
-  process 0 (whose return value is the new path) so that a new run starts
-  there; None if there was nothing to move."""
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(workdir) or not os.listdir(workdir):
+  """Moves a non-empty `workdir` to `<workdir>.replaced-<UTC time>` on
+  process 0 so that a new run starts there.
+
+  Args:
+    workdir: a local path or a gs:// URL.
+
+  Returns:
+    The new path, or None if there was nothing to move.
+  """
+  workdir = paths.absolute(workdir)
+  if not paths.is_dir(workdir) or not paths.listdir(workdir):
     return None
   target = f'{workdir}.replaced-{_timestamp()}'
   if jax.process_index() == 0:
-    os.rename(workdir, target)
+    paths.rename(workdir, target)
   barrier('l2w_jax: old run moved aside')
   return target
 
