@@ -3,11 +3,18 @@
 
   python3 quickstart.py demo   # L2W and uniform weighting, trained + compared
   python3 quickstart.py test   # run the test suite
+  python3 quickstart.py run MODULE [ARGS]   # python -m MODULE ARGS in the venv
 
 Creates `.venv/` next to this file on first use and installs the project
-into it (again whenever requirements.txt or pyproject.toml change), then
-runs the command inside it. Extra arguments are passed on (e.g.
-`python3 quickstart.py test -k msdnet`).
+into it (again whenever requirements.txt, pyproject.toml or the accelerator
+change), then runs the command inside it. Extra arguments are passed on
+(e.g. `python3 quickstart.py test -k msdnet`).
+
+On a TPU VM or a GPU node, put `--accelerator=tpu` or `--accelerator=cuda`
+first: the environment then also gets JAX for that accelerator (the
+project's `[tpu]` / `[cuda]` extras), e.g.
+`python3 quickstart.py --accelerator=tpu run experiments.main
+--config=configs/imagenet.py --workdir=gs://BUCKET/run`.
 """
 
 import hashlib
@@ -22,24 +29,28 @@ VENV = pathlib.Path(os.environ.get('L2W_VENV', ROOT / '.venv'))
 COMMANDS = {
     'demo': ['-m', 'experiments.demo', '--workdir=workdir/demo'],
     'test': ['-m', 'pytest', '-q', '--numprocesses=auto', '--maxprocesses=4'],
+    'run': ['-m'],
 }
+# --accelerator=NAME -> the extra of pyproject.toml installed with it.
+ACCELERATORS = {'cpu': None, 'tpu': 'tpu', 'cuda': 'cuda', 'cuda13': 'cuda13'}
 
 
 def _python() -> pathlib.Path:
   return VENV / ('Scripts' if os.name == 'nt' else 'bin') / 'python'
 
 
-def _fingerprint() -> str:
-  digest = hashlib.sha256()
+def _fingerprint(accelerator: str) -> str:
+  digest = hashlib.sha256(accelerator.encode())
   for name in ('requirements.txt', 'pyproject.toml'):
     digest.update((ROOT / name).read_bytes())
   return digest.hexdigest()
 
 
-def ensure_environment() -> pathlib.Path:
-  """Creates / refreshes the virtual environment; returns its python."""
+def ensure_environment(accelerator: str = 'cpu') -> pathlib.Path:
+  """Creates / refreshes the virtual environment (with JAX for
+  `accelerator`, a key of ACCELERATORS); returns its python."""
   stamp = VENV / '.l2w_installed'
-  if stamp.exists() and stamp.read_text() == _fingerprint():
+  if stamp.exists() and stamp.read_text() == _fingerprint(accelerator):
     return _python()
   if not _python().exists():
     print(f'creating virtual environment in {VENV}', flush=True)
@@ -48,15 +59,27 @@ def ensure_environment() -> pathlib.Path:
   subprocess.run(pip + ['--upgrade', 'pip'], check=True, cwd=ROOT)
   subprocess.run(pip + ['-r', 'requirements.txt'], check=True, cwd=ROOT)
   subprocess.run(pip + ['--no-deps', '-e', '.'], check=True, cwd=ROOT)
-  stamp.write_text(_fingerprint())
+  extra = ACCELERATORS[accelerator]
+  if extra:  # the accelerator's jax plugin and its dependencies
+    subprocess.run(pip + ['-e', f'.[{extra}]'], check=True, cwd=ROOT)
+  stamp.write_text(_fingerprint(accelerator))
   return _python()
 
 
 def main(argv) -> int:
-  if not argv or argv[0] not in COMMANDS:
+  accelerator = 'cpu'
+  if argv and argv[0].startswith('--accelerator='):
+    accelerator = argv[0].split('=', 1)[1]
+    argv = argv[1:]
+    if accelerator not in ACCELERATORS:
+      print(f'--accelerator: one of {sorted(ACCELERATORS)}, got '
+            f'{accelerator!r}')
+      return 2
+  if not argv or argv[0] not in COMMANDS or (argv[0] == 'run' and
+                                             len(argv) < 2):
     print(__doc__)
     return 2
-  python = ensure_environment()
+  python = ensure_environment(accelerator)
   command = [str(python)] + COMMANDS[argv[0]] + list(argv[1:])
   return subprocess.run(command, cwd=ROOT).returncode
 

@@ -57,8 +57,10 @@ def main(argv):
   info = data.data_info(config)
   mesh = parallel.make_mesh(config.distributed.num_devices)
   learner = build_learner(config)
+  spec = data.input_spec(config)
   iteration = step_lib.make_iteration(config.method, learner, mesh,
-                                      config.train.bn_stats)
+                                      config.train.bn_stats,
+                                      input_norm=(spec.mean, spec.std))
   initial = init_train_state(learner, jax.random.PRNGKey(config.seed),
                              info.image_shape)
   runs = [initial, initial.replace(params=scaled(

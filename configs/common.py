@@ -213,6 +213,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.distributed.num_processes = 1
   config.distributed.process_id = 0
   config.distributed.num_devices = 0  # 0: every device; n: the first n
+  # A host with a TPU or GPU but JAX only on its CPU stops the run (the
+  # install command is in the message); True trains on the CPU anyway.
+  config.distributed.allow_cpu = False
 
   # BoostNet (method 'boostnet'): the ensemble reweight r as a tuple of one
   # value for every exit, two (linspace over the exits) or one per exit,

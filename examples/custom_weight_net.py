@@ -31,6 +31,7 @@ from l2w_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from l2w_jax.meta import api, weighting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from l2w_jax.models import build_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 from l2w_jax.optim import apply_optimizer, torch_adam, torch_sgd  # pylint: disable=g-import-not-at-top,wrong-import-position
+from l2w_jax.training.step import model_input  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _STEPS = flags.DEFINE_integer('steps', 150, 'Training iterations.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data_dir (default: '
@@ -105,6 +106,7 @@ def train(steps: int, data_dir: str | None = None) -> dict:
                  config.train.weight_decay)
   meta_tx = torch_adam(config.meta.lr, config.meta.weight_decay)
   info = data.data_info(config)
+  spec = data.input_spec(config)
   variables = model.init(jax.random.PRNGKey(0),
                          jnp.zeros((1,) + info.image_shape))
   meta_params = weight_net.init(jax.random.PRNGKey(1), jnp.zeros(
@@ -119,9 +121,11 @@ def train(steps: int, data_dir: str | None = None) -> dict:
     for batch in data.train_batches(config, epoch=step // per_epoch,
                                     start_step=step % per_epoch):
       lr = 0.5 * config.train.lr * (1 + np.cos(np.pi * step / steps))
-      half = batch['image'].shape[0] // 2
-      p1 = (batch['image'][:half], batch['label'][:half])
-      p2 = (batch['image'][half:], batch['label'][half:])
+      # Training batches arrive as uint8; the network takes them normalised.
+      images = model_input(batch['image'], spec.mean, spec.std)
+      half = images.shape[0] // 2
+      p1 = (images[:half], batch['label'][:half])
+      p2 = (images[half:], batch['label'][half:])
       for train_half, meta_half in ((p1, p2), (p2, p1)):
         state, meta_loss, mean_weights = half_step(
             state, train_half, meta_half, lr, config.meta.lr)

@@ -1,4 +1,5 @@
-"""What the entry points share: how they stop on an error."""
+"""What the entry points share: how they start (quietly, with the
+persistent compilation cache) and how they stop on an error."""
 
 import os
 import sys
@@ -6,6 +7,22 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+
+from l2w_jax import compilation
+
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', None,
+    'Directory of the persistent compilation cache, shared by all runs '
+    '(a second run, a resume or an evaluation of the same config loads its '
+    'programs instead of compiling them); "none" turns it off. Default: '
+    '$L2W_JAX_COMPILATION_CACHE, else $JAX_COMPILATION_CACHE_DIR, else '
+    '~/.cache/l2w_jax/xla.')
+
+
+def enable_compilation_cache() -> str | None:
+  """Turns on the persistent compilation cache of --compilation_cache (see
+  `compilation.enable_cache`); returns its directory (None: off)."""
+  return compilation.enable_cache(_COMPILATION_CACHE.value)
 
 
 def exit_with_message(message: str, status: int) -> None:
@@ -24,6 +41,7 @@ def start_quietly(argv) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.ERROR)
+  enable_compilation_cache()
 
 
 def run_with_one_line_errors(main, errors=(FileNotFoundError, ValueError,

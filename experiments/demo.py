@@ -23,7 +23,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -87,19 +86,18 @@ def exit_summary(label: str, results: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.ERROR)
+  cli.start_quietly(argv)
   budgets = [int(b) for b in _TABLE.value] + [_BUDGET.value]
   if any(not 1 <= b <= 39 for b in budgets):
     cli.exit_with_message(f'error: budgets must be in 1..39, got {budgets}',
                           1)
   from l2w_jax.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
+  from l2w_jax import paths  # pylint: disable=g-import-not-at-top
   from l2w_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
   from l2w_jax.training import methods  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.train import TrainingDiverged, WorkdirError  # pylint: disable=g-import-not-at-top
+  from l2w_jax.accelerators import PlatformError  # pylint: disable=g-import-not-at-top
 
   config = common.config_from_flag(_CONFIG)
   start = time.perf_counter()
@@ -107,23 +105,26 @@ def main(argv):
   try:
     for method in _METHODS.value:
       methods.get(method)  # an unknown name stops before any training
+    if _FIGURE.value:  # before any training, like the workdir's scheme
+      paths.check_writable(_FIGURE.value, 'cannot write the figure to')
     for i, method in enumerate(_METHODS.value):
       print(f'== {i + 1}/{len(_METHODS.value)}: {method} ==', flush=True)
       results, seconds[method] = run_method(
-          config, method, os.path.join(_WORKDIR.value, method))
+          config, method, paths.join(_WORKDIR.value, method))
       if 'interrupted_at' in results:  # SIGTERM / Ctrl-C: saved, stop here
         cli.exit_with_message(
             f'{method}: interrupted at iteration {results["interrupted_at"]}'
             ' (checkpoint saved); rerun the same command to resume', 0)
       runs.append((method, results))
-  except (DatasetNotFoundError, CheckpointError, TrainingDiverged,
-          WorkdirError, KeyError, ValueError) as e:
+  except (DatasetNotFoundError, CheckpointError, PlatformError,
+          TrainingDiverged, WorkdirError, KeyError, ValueError) as e:
     cli.exit_with_message(f'error: {e}', 1)
   except KeyboardInterrupt:
     cli.exit_with_message('interrupted; rerun the same command to resume',
                           130)
-  figure = _FIGURE.value or os.path.join(_WORKDIR.value, 'demo.png')
-  os.makedirs(os.path.dirname(os.path.abspath(figure)), exist_ok=True)
+  figure = paths.absolute(_FIGURE.value or
+                          paths.join(_WORKDIR.value, 'demo.png'))
+  paths.makedirs(paths.split(figure)[0])
   plots.plot_method_comparison(
       runs, figure, _BUDGET.value,
       title=f'{" vs ".join(_METHODS.value)} on {config.dataset.name}: '
@@ -135,7 +136,7 @@ def main(argv):
   print('\nbudgeted top-1 (%) on the test split against average MFLOPs:')
   print(budget_table(runs, [int(b) for b in _TABLE.value]))
   trained = ', '.join(f'{m} {s:.0f} s' for m, s in seconds.items() if s)
-  print(f'\nfigure: {os.path.abspath(figure)}')
+  print(f'\nfigure: {figure}')
   print(f'total {time.perf_counter() - start:.0f} s'
         + (f' (training and evaluation: {trained})' if trained else ''),
         flush=True)

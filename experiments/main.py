@@ -15,12 +15,12 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags
 
 from configs import common
 from experiments import cli
 
+from l2w_jax.accelerators import PlatformError
 from l2w_jax.data import DatasetNotFoundError
 from l2w_jax.training.checkpoint import CheckpointError
 from l2w_jax.training.train import (TrainingDiverged, WorkdirError,
@@ -37,17 +37,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    # Library INFO/WARNING logs (orbax, tfds) drown the progress lines; pass
-    # --verbosity=0 to see them.
-    logging.set_verbosity(logging.ERROR)
+  # Library INFO/WARNING logs (orbax, tfds) drown the progress lines; pass
+  # --verbosity=0 to see them.
+  cli.start_quietly(argv)
   try:
     train_and_evaluate(common.config_from_flag(_CONFIG), _WORKDIR.value,
                        overwrite=_OVERWRITE.value)
-  except (DatasetNotFoundError, CheckpointError, TrainingDiverged,
-          WorkdirError, ValueError) as e:
+  except (DatasetNotFoundError, CheckpointError, PlatformError,
+          TrainingDiverged, WorkdirError, ValueError) as e:
     cli.exit_with_message(f'error: {e}', 1)
   except KeyboardInterrupt:
     cli.exit_with_message('interrupted before a checkpoint could be saved; '

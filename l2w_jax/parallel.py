@@ -22,9 +22,11 @@ process reads its own part of every global batch, and
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 from jax.sharding import NamedSharding
@@ -175,33 +177,31 @@ def batch_layout(config, mesh) -> BatchLayout:
   return BatchLayout(global_batch, num_devices, jax.process_count())
 
 
-def device_halves(images: np.ndarray, labels: np.ndarray,
-                  num_local_devices: int):
-  """Splits each local device's part of a process-local batch into halves.
-
-  (B_local, ...) -> ((x1, y1), (x2, y2)), where device j's rows of x1 are
-  the first ceil(b/2) of its b rows of the input (`torch.chunk(2)` on each
-  device's own shard), so that sharding x1 and x2 along 'data' hands every
-  device its own halves. One device: `l2w.split_halves`.
-  """
-  b = images.shape[0] // num_local_devices
-  if b * num_local_devices != images.shape[0]:
-    raise ValueError(f'a local batch of {images.shape[0]} does not divide '
-                     f'into {num_local_devices} devices')
-  first = -(-b // 2)
-
-  def split(x):
-    x = x.reshape((num_local_devices, b) + x.shape[1:])
-    return (x[:, :first].reshape((-1,) + x.shape[2:]),
-            x[:, first:].reshape((-1,) + x.shape[2:]))
-
-  (x1, x2), (y1, y2) = split(images), split(labels)
-  return (x1, y1), (x2, y2)
-
-
 def global_array(local: np.ndarray, mesh) -> jax.Array:
   """This process's rows -> the global array sharded along 'data'."""
   return jax.make_array_from_process_local_data(batch_sharded(mesh), local)
+
+
+def prefetch_to_mesh(batches: Iterator[dict], mesh,
+                     size: int = 2) -> Iterator[dict]:
+  """Yields the batches of `batches` (dicts of this process's numpy rows) as
+  global arrays sharded along 'data', keeping `size` batches ahead already
+  on their way to the devices (transfers are asynchronous), so that the
+  step never waits for the host-to-device copy of its own batch.
+
+  Each device receives only its own rows; nothing is copied on the host.
+  """
+  queue = collections.deque()
+
+  def enqueue(n):
+    for batch in itertools.islice(batches, n):
+      queue.append({k: global_array(np.asarray(v), mesh)
+                    for k, v in batch.items()})
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
 
 
 def global_from_full(full: np.ndarray, mesh) -> jax.Array:

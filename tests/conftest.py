@@ -91,3 +91,38 @@ def subprocess_env() -> dict:
   env.setdefault('JAX_PLATFORMS', 'cpu')
   env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'
   return env
+
+
+# Source for the head of a child interpreter's script (`python -c`) in which
+# importing TensorFlow or tensorflow_datasets raises (as on a bare serving
+# or accelerator host) and every attempt is appended to `attempts`. Finding
+# the module still works: JAX's compilation cache (through etils.epath) asks
+# `importlib.util.find_spec('tensorflow')` whether it is installed, without
+# importing it.
+NO_TENSORFLOW = r'''
+import importlib.abc
+import importlib.machinery
+import json
+import sys
+
+attempts = []
+BLOCKED = ('tensorflow', 'tensorflow_datasets')
+
+
+class NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in BLOCKED:
+      return importlib.machinery.ModuleSpec(name, self)
+    return None
+
+  def create_module(self, spec):
+    attempts.append(spec.name)
+    raise ImportError(f'{spec.name} is not installed on this host')
+
+  def exec_module(self, module):
+    raise AssertionError('unreachable')
+
+
+sys.meta_path.insert(0, NoTensorFlow())
+'''

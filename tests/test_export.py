@@ -14,7 +14,7 @@ import pytest
 
 from l2w_jax.serving import Predictor, artifact, normalize, write_artifact
 from l2w_jax.training import train
-from tests.conftest import PROJECT_ROOT, subprocess_env
+from tests.conftest import NO_TENSORFLOW, PROJECT_ROOT, subprocess_env
 from tests.tiny import tiny_train_config
 
 pytestmark = pytest.mark.long
@@ -27,37 +27,9 @@ NUM_STEPS = 8
 # short one of 40.
 MAX_BATCH = 64
 
-# Run in a fresh interpreter: `import tensorflow` (or tensorflow_datasets)
-# raises, and every attempt is recorded; prints one JSON line. Finding the
-# module still works: JAX's compilation cache (through etils.epath) asks
-# `importlib.util.find_spec('tensorflow')` whether it is installed, without
-# importing it.
-_CHILD = r'''
-import importlib.abc
-import importlib.machinery
-import json
-import sys
-
-attempts = []
-BLOCKED = ('tensorflow', 'tensorflow_datasets')
-
-
-class NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-
-  def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] in BLOCKED:
-      return importlib.machinery.ModuleSpec(name, self)
-    return None
-
-  def create_module(self, spec):
-    attempts.append(spec.name)
-    raise ImportError(f'{spec.name} must not be imported when serving')
-
-  def exec_module(self, module):
-    raise AssertionError('unreachable')
-
-
-sys.meta_path.insert(0, NoTensorFlow())
+# Run in a fresh interpreter without TensorFlow (`conftest.NO_TENSORFLOW`);
+# prints one JSON line.
+_CHILD = NO_TENSORFLOW + r'''
 import numpy as np
 from l2w_jax.serving import Predictor
 

@@ -204,16 +204,19 @@ def test_validate_stops_the_command_before_compiling(tmp_path, override,
 def test_nan_names_the_iteration_the_quantity_and_the_disk(tmp_path,
                                                            monkeypatch):
   """NaN images from iteration 2 on: the run stops at iteration 2, naming
-  exit 1's loss; checkpoint 1 stays the newest, and it is finite."""
-  original = data.train_batches
+  exit 1's loss; checkpoint 1 stays the newest, and it is finite. (The
+  stream's uint8 images cannot be NaN: the poisoned ones are float32, which
+  the step takes as already normalised.)"""
+  original = data.train_stream
 
   def poisoned(*args, **kwargs):
     for i, batch in enumerate(original(*args, **kwargs)):
       if i >= 1:
-        batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+        batch = {**batch, 'image': np.full(batch['image'].shape, np.nan,
+                                           np.float32)}
       yield batch
 
-  monkeypatch.setattr(data, 'train_batches', poisoned)
+  monkeypatch.setattr(data, 'train_stream', poisoned)
   config = _config(tmp_path)
   with pytest.raises(train.TrainingDiverged) as error:
     train.train_and_evaluate(config, str(tmp_path / 'run'))

@@ -84,16 +84,30 @@ def _rows(workdir):
 
 
 def _recording(monkeypatch):
-  """Records the (epoch, start_step) of every train_batches call."""
+  """Records the start_step of every train_stream call."""
   calls = []
-  original = data.train_batches
+  original = data.train_stream
 
-  def train_batches(config, epoch, start_step=0, **kwargs):
-    calls.append((epoch, start_step))
-    return original(config, epoch=epoch, start_step=start_step, **kwargs)
+  def train_stream(config, start_step=0, **kwargs):
+    calls.append(start_step)
+    return original(config, start_step=start_step, **kwargs)
 
-  monkeypatch.setattr(data, 'train_batches', train_batches)
+  monkeypatch.setattr(data, 'train_stream', train_stream)
   return calls
+
+
+def _saving_synchronously(monkeypatch):
+  """Makes every save wait until it is written. While tfds.testing.mock_data
+  builds a dataset (each epoch start and evaluation here) it swaps
+  etils.epath and tf.io.gfile for a temporary directory, process-wide: a
+  background save running then would write part of a checkpoint there."""
+  save = Checkpointer.save
+
+  def save_and_wait(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    self.wait_until_finished()
+
+  monkeypatch.setattr(Checkpointer, 'save', save_and_wait)
 
 
 @pytest.fixture(scope='session')
@@ -103,6 +117,7 @@ def runs(tmp_path_factory):
   config = _config()
   with pytest.MonkeyPatch.context() as monkeypatch, \
       tfds.testing.mock_data(num_examples=48):
+    _saving_synchronously(monkeypatch)
     calls = _recording(monkeypatch)
     whole = train.train_and_evaluate(config, str(base / 'whole'))
     whole_calls = list(calls)
@@ -118,12 +133,12 @@ def runs(tmp_path_factory):
                                       resumed_calls))
 
 
-def test_epochs_are_read_from_their_start_and_reshuffled(runs):
+def test_one_stream_per_run_started_where_the_checkpoint_is(runs):
   whole_calls, stopped_calls, resumed_calls = runs['calls']
-  assert whole_calls == [(0, 0), (1, 0)]
-  assert stopped_calls == [(0, 0)]
-  # The checkpoint sits exactly at an epoch end: resume at the next epoch.
-  assert resumed_calls == [(1, 0)]
+  assert whole_calls == [0]  # one pipeline across both epochs
+  assert stopped_calls == [0]
+  # The checkpoint sits exactly at an epoch end: the stream resumes there.
+  assert resumed_calls == [STEPS_PER_EPOCH]
 
 
 def test_logs_at_the_interval_at_epoch_ends_and_at_the_end(runs):

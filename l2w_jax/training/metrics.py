@@ -10,21 +10,26 @@ from typing import Any, Mapping
 from clu import metric_writers
 import numpy as np
 
+from l2w_jax import paths
+
 METRICS_FILE = 'metrics.jsonl'
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Appends one JSON object per `write_scalars` call: {"step": s, ...}."""
+  """Appends one JSON object per `write_scalars` call: {"step": s, ...}.
+
+  Args:
+    path: the file, a local path or a gs:// URL (`paths.append_text`).
+  """
 
   def __init__(self, path: str):
     self._path = path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    paths.makedirs(paths.split(path)[0])
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {'step': int(step)}
     row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    with open(self._path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    paths.append_text(self._path, json.dumps(row) + '\n')
 
   def write_summaries(self, step, values, metadata=None):
     del step, values, metadata
@@ -45,8 +50,8 @@ class JsonlWriter(metric_writers.MetricWriter):
     del step, arrays, num_buckets
 
   def write_hparams(self, hparams):
-    with open(self._path, 'a') as f:
-      f.write(json.dumps({'hparams': _jsonable(hparams)}) + '\n')
+    paths.append_text(self._path,
+                      json.dumps({'hparams': _jsonable(hparams)}) + '\n')
 
   def flush(self):
     pass
@@ -67,13 +72,33 @@ def _jsonable(value):
 
 def create_writer(workdir: str, *, write_to_disk: bool = True
                   ) -> metric_writers.MetricWriter:
-  """TensorBoard events + metrics.jsonl in `workdir` (only on process 0)."""
+  """TensorBoard events + metrics.jsonl in `workdir` (only on process 0);
+  `workdir` may be a gs:// URL (tf.summary writes those natively)."""
   if not write_to_disk:
     return metric_writers.LoggingWriter()
   return metric_writers.MultiWriter([
-      metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard')),
-      JsonlWriter(os.path.join(workdir, METRICS_FILE)),
+      metric_writers.SummaryWriter(paths.join(workdir, 'tensorboard')),
+      JsonlWriter(paths.join(workdir, METRICS_FILE)),
   ])
+
+
+_IMPORTED = time.time()
+
+
+def process_seconds() -> float:
+  """Seconds since this process started: from /proc on Linux (to 0.01 s),
+  elsewhere since this module was imported (which misses the interpreter's
+  start-up and the imports before it)."""
+  try:
+    with open('/proc/self/stat') as f:
+      # Field 22, after the command name in parentheses: start time in
+      # clock ticks since boot.
+      start_ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+    with open('/proc/uptime') as f:
+      uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf('SC_CLK_TCK')
+  except (OSError, ValueError, IndexError):
+    return time.time() - _IMPORTED
 
 
 def format_duration(seconds: float) -> str:

@@ -1,26 +1,37 @@
 """The data-parallel training iteration of any registered method.
 
 `make_iteration` returns f(state, images, labels, lr, meta_lr, with_meta,
-phase=None) -> (state, per-step metrics) that takes this process's part of
-a global batch (numpy); `phase` names the phase of a phased method. For a
-method trained in halves (L2W and its uniform baseline) it hands every
-device its own two halves and runs the method's half step twice
-(train p1 / meta p2, then train p2 / meta p1), giving two metrics dicts; for
-a whole-batch method (BoostNet, IMTA, ...) it runs one step on every device's
-whole shard, giving one. Each step is one jitted `shard_map` over the mesh
-(compiled once per `with_meta` value and phase); the state is replicated, and the
-metrics it returns are reduced over devices.
+phase=None) -> (state, per-step metrics). `images` and `labels` are this
+process's part of a global batch, either as numpy arrays or already placed
+on the devices (`parallel.prefetch_to_mesh`); `phase` names the phase of a
+phased method. Every call runs ONE compiled program (per `with_meta` value
+and phase) that does the whole iteration on every device's own rows:
+
+* uint8 images are normalised there ((x / 255 - mean) / std, the pipeline's
+  float32 arithmetic), so the batch crosses the host-device link as bytes;
+* a method trained in halves (L2W and its uniform baseline) splits each
+  device's shard as `torch.chunk(2)` does (the first half gets ceil(b/2)
+  rows) and runs the half step twice, (train p1 / meta p2) then (train p2 /
+  meta p1), giving two metrics dicts; with equal halves the two calls are
+  one `lax.scan` body, so the half step compiles once;
+* a whole-batch method (BoostNet, IMTA, ...) runs one step on the shard,
+  giving one metrics dict;
+* the iteration counter moves on the device.
+
+The state is replicated and donated; the metrics are reduced over devices.
+Nothing is reordered or copied on the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from l2w_jax import parallel
 from l2w_jax.meta import l2w
@@ -54,11 +65,44 @@ def data_parallel_learner(learner: l2w.Learner,
       reduce_batch_stats=parallel.batch_stats_reduction(bn_stats))
 
 
+def model_input(images: jax.Array, mean: Sequence[float] | None,
+                std: Sequence[float] | None) -> jax.Array:
+  """The network's input from a batch as it crossed the link.
+
+  Args:
+    images: (B, H, W, C) uint8 pixels, or floats already normalised.
+    mean: (C,) per-channel mean of x / 255 (needed for uint8 input).
+    std: (C,) per-channel standard deviation of x / 255.
+
+  Returns:
+    (B, H, W, C) float32 (x / 255 - mean) / std for uint8 input, computed
+    in that order in float32 as the input pipeline (torchvision's ToTensor
+    + Normalize) does, so the values are the pipeline's to the bit; other
+    dtypes unchanged.
+  """
+  if images.dtype != jnp.uint8:
+    return images
+  if mean is None or std is None:
+    raise ValueError('uint8 images need the dataset\'s mean and std '
+                     '(make_iteration(..., input_norm=(mean, std)))')
+  x = images.astype(jnp.float32)
+  # XLA turns a division by a broadcast value into a multiplication by its
+  # reciprocal (1 ulp off the pipeline's division for half of the bytes);
+  # an elementwise divisor keeps the division. x * 0 cannot be folded away
+  # (inf * 0 is NaN), so the divisors stay elementwise.
+  zero = x * 0
+  x = x / (jnp.float32(255.0) + zero)
+  return ((x - jnp.asarray(mean, jnp.float32)) /
+          (jnp.asarray(std, jnp.float32) + zero))
+
+
 def sharded_half_step(half_step: Callable, learner: l2w.Learner,
                       mesh) -> Callable:
-  """`half_step` (the methods' signature) per device under `shard_map`,
-  jitted with `with_meta` static (and remat's compiler options, see
-  `parallel.compiler_options`); the input state is donated."""
+  """One `half_step` (the methods' signature) per device under `shard_map`,
+  on halves the caller has already placed, jitted with `with_meta` static
+  (and remat's compiler options, see `parallel.compiler_options`); the input
+  state is donated. The training loop runs whole iterations instead
+  (`make_iteration`); this is for inspecting one half step."""
 
   def per_device(state, xt, yt, xm, ym, lr, meta_lr, *, with_meta):
     state, metrics = half_step(learner, state, xt, yt, xm, ym, lr, meta_lr,
@@ -78,79 +122,100 @@ def sharded_half_step(half_step: Callable, learner: l2w.Learner,
                      learner.model, mesh))
 
 
-def sharded_batch_step(batch_step: Callable, learner: l2w.Learner,
-                       mesh) -> Callable:
-  """A whole-batch step `batch_step(learner, state, images, labels, lr)` per
-  device under `shard_map`, jitted; the input state is donated."""
+def _both_halves(half_step: Callable, learner: l2w.Learner, state, images,
+                 labels, lr, meta_lr, with_meta: bool, to_input: Callable):
+  """(train p1, meta p2) then (train p2, meta p1) on one device's shard,
+  halved as `torch.chunk(2)`; `to_input` makes each half the network's
+  input. Returns (state, (metrics1, metrics2))."""
+  n = images.shape[0]
+  first = -(-n // 2)
 
-  def per_device(state, images, labels, lr):
-    state, metrics = batch_step(learner, state, images, labels, lr)
-    return state, reduce_metrics(metrics, images.shape[0])
+  def half(state, xt, yt, xm, ym):
+    state, metrics = half_step(learner, state, to_input(xt), yt,
+                               to_input(xm), ym, lr, meta_lr, with_meta)
+    return state, reduce_metrics(metrics, xt.shape[0])
 
-  def step(state, images, labels, lr):
+  if 2 * first != n:  # unequal halves: two shapes, two traced calls
+    (x1, y1), (x2, y2) = l2w.split_halves(images, labels)
+    state, m1 = half(state, x1, y1, x2, y2)
+    state, m2 = half(state, x2, y2, x1, y1)
+    return state, (m1, m2)
+
+  def body(state, index):
+    def rows(a, which):
+      return jax.lax.dynamic_slice_in_dim(a, which * first, first)
+    return half(state, rows(images, index), rows(labels, index),
+                rows(images, 1 - index), rows(labels, 1 - index))
+
+  state, stacked = jax.lax.scan(body, state, jnp.arange(2))
+  return state, tuple(jax.tree_util.tree_map(lambda m, i=i: m[i], stacked)
+                      for i in range(2))
+
+
+def iteration_program(phase_step: methods.PhaseStep, learner: l2w.Learner,
+                      mesh, uses_meta_step: bool,
+                      input_norm: tuple | None = None) -> Callable:
+  """The whole iteration of one phase as one jitted `shard_map`:
+  program(state, images, labels, lr, meta_lr, with_meta) -> (state with
+  step + 1, tuple of metrics dicts); `with_meta` is static, the state is
+  donated. `input_norm` = (mean, std) normalises uint8 images on the
+  device (see `model_input`)."""
+  mean, std = input_norm if input_norm is not None else (None, None)
+
+  def to_input(images):
+    return model_input(images, mean, std)
+
+  def per_device(state, images, labels, lr, meta_lr, *, with_meta):
+    if phase_step.batch_step is not None:
+      state, metrics = phase_step.batch_step(learner, state,
+                                             to_input(images), labels, lr)
+      metrics = (reduce_metrics(metrics, images.shape[0]),)
+    else:
+      # Halved as bytes; each half is normalised where it is used.
+      state, metrics = _both_halves(phase_step.half_step, learner, state,
+                                    images, labels, lr, meta_lr,
+                                    with_meta and uses_meta_step, to_input)
+    return state.replace(step=state.step + 1), metrics
+
+  def program(state, images, labels, lr, meta_lr, with_meta):
     batch = P(AXIS)
-    return jax.shard_map(per_device, mesh=mesh,
-                         in_specs=(P(), batch, batch, P()),
-                         out_specs=(P(), P()), check_vma=False)(
-                             state, images, labels, lr)
+    return jax.shard_map(
+        functools.partial(per_device, with_meta=with_meta), mesh=mesh,
+        in_specs=(P(), batch, batch, P(), P()), out_specs=(P(), P()),
+        check_vma=False)(state, images, labels, lr, meta_lr)
 
-  return jax.jit(step, donate_argnums=0,
+  return jax.jit(program, static_argnames='with_meta', donate_argnums=0,
                  compiler_options=parallel.step_compiler_options(
                      learner.model, mesh))
 
 
-def _batch_iteration(batch_step: Callable, learner: l2w.Learner, mesh):
-  """The iteration of a whole-batch step: one step on every device's shard."""
-  step = sharded_batch_step(batch_step, learner, mesh)
-
-  def iteration(state, images, labels, lr, meta_lr, with_meta):
-    del meta_lr, with_meta
-    state, metrics = step(state, parallel.global_array(images, mesh),
-                          parallel.global_array(labels, mesh), lr)
-    return state.replace(step=state.step + 1), (metrics,)
-
-  return iteration
-
-
-def _halves_iteration(half_step: Callable, learner: l2w.Learner, mesh,
-                      uses_meta_step: bool):
-  """The iteration of a half step: (train p1, meta p2), (train p2, meta p1)
-  on every device's own halves."""
-  step = sharded_half_step(half_step, learner, mesh)
-  num_local = parallel.local_device_count(mesh)
-
-  def iteration(state, images, labels, lr, meta_lr, with_meta):
-    halves = parallel.device_halves(images, labels, num_local)
-    (x1, y1), (x2, y2) = [[parallel.global_array(a, mesh) for a in half]
-                          for half in halves]
-    with_meta = with_meta and uses_meta_step
-    state, first = step(state, x1, y1, x2, y2, lr, meta_lr, with_meta)
-    state, second = step(state, x2, y2, x1, y1, lr, meta_lr, with_meta)
-    return state.replace(step=state.step + 1), (first, second)
-
-  return iteration
-
-
 def make_iteration(method_name: str, learner: l2w.Learner, mesh,
-                   bn_stats: str = 'device0') -> Callable:
+                   bn_stats: str = 'device0',
+                   input_norm: tuple | None = None) -> Callable:
   """The whole iteration of `method_name` on `mesh` (see module doc); a
   phased method's iteration takes the phase's name as `phase` (each phase
-  compiles when first reached)."""
+  compiles when first reached). `input_norm` = (mean, std) of the dataset,
+  needed when the images arrive as uint8."""
   method = methods.get(method_name)
   learner = data_parallel_learner(learner, bn_stats)
-  iterations = {
-      step.name: (_batch_iteration(step.batch_step, learner, mesh)
-                  if step.batch_step is not None else
-                  _halves_iteration(step.half_step, learner, mesh,
-                                    method.uses_meta_step))
-      for step in method.steps}
+  programs = {step.name: iteration_program(step, learner, mesh,
+                                           method.uses_meta_step, input_norm)
+              for step in method.steps}
+  # Whether `with_meta` changes a phase's program (else one program, False).
+  meta_matters = {step.name: method.uses_meta_step and
+                  step.half_step is not None for step in method.steps}
 
   def iteration(state, images, labels, lr, meta_lr, with_meta, phase=None):
-    if phase is None and len(iterations) == 1:
+    if phase is None and len(programs) == 1:
       phase = method.phases[0]
-    if phase not in iterations:
+    if phase not in programs:
       raise ValueError(f'{method_name}: phase must be one of '
                        f'{method.phases}, got {phase!r}')
-    return iterations[phase](state, images, labels, lr, meta_lr, with_meta)
+    images, labels = (a if isinstance(a, jax.Array) else
+                      parallel.global_array(np.asarray(a), mesh)
+                      for a in (images, labels))
+    return programs[phase](state, images, labels, lr, meta_lr,
+                           bool(with_meta) and meta_matters[phase])
 
+  iteration.programs = programs  # for inspection (lowering, HLO)
   return iteration

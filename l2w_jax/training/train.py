@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
+import sys
 import time
 
-import chex
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from l2w_jax import accelerators
+from l2w_jax import compilation
 from l2w_jax import data
 from l2w_jax import parallel
+from l2w_jax import paths
 from l2w_jax.evaluation import anytime, report
 from l2w_jax.meta import l2w
 from l2w_jax.training import methods
@@ -29,7 +32,7 @@ from l2w_jax.training import metrics as metrics_lib
 from l2w_jax.training import resume
 from l2w_jax.training import schedules
 from l2w_jax.training import step as step_lib
-from l2w_jax.training.checkpoint import Checkpointer
+from l2w_jax.training.checkpoint import CheckpointError, Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
 from l2w_jax.training.schedules import cosine_learning_rate
 
@@ -255,30 +258,47 @@ def _check_finite(fetched: list, first_step: int,
     raise _diverged(f'{name} became {value}', step, checkpointer)
 
 
+def _is_float(leaf) -> bool:
+  """Whether `leaf` can hold a NaN or Inf (integers and keys cannot)."""
+  dtype = leaf.dtype if hasattr(leaf, 'dtype') else np.result_type(leaf)
+  return jnp.issubdtype(dtype, jnp.inexact)
+
+
 def _non_finite_leaf(tree) -> str | None:
   """The path of the first leaf of `tree` holding a NaN or Inf, or None."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if not np.all(np.isfinite(np.asarray(leaf))):
+    if _is_float(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
       return jax.tree_util.keystr(path)
   return None
 
 
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+  """One boolean on the device: whether every float leaf is finite (the
+  state is reduced where it lives; only this scalar is fetched)."""
+  flags = [jnp.all(jnp.isfinite(leaf)) for leaf in leaves]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def _check_state_finite(state: l2w.TrainState, step: int,
                         checkpointer: Checkpointer) -> None:
-  """Raises TrainingDiverged instead of letting a NaN/Inf state be saved."""
-  try:
-    chex.assert_tree_all_finite(state)
-  except AssertionError:
-    leaf = _non_finite_leaf(jax.device_get(state))
-    raise _diverged(f'the training state became non-finite (first: {leaf})',
-                    step, checkpointer) from None
+  """Raises TrainingDiverged instead of letting a NaN/Inf state be saved.
+
+  Checks on the device and fetches one scalar; only a non-finite state is
+  copied to the host, to name its first bad leaf."""
+  leaves = [x for x in jax.tree_util.tree_leaves(state) if _is_float(x)]
+  if bool(_all_finite(leaves)):
+    return
+  leaf = _non_finite_leaf(jax.device_get(state))
+  raise _diverged(f'the training state became non-finite (first: {leaf})',
+                  step, checkpointer)
 
 
 def _network_from(workdir: str, state: l2w.TrainState) -> l2w.TrainState:
   """`state` with the parameters and batch statistics of the latest
   checkpoint of the run in `workdir` (`train.init_from`); optimizer states,
   weight net and iteration stay as in `state`."""
-  source = Checkpointer(os.path.join(workdir, 'checkpoints'))
+  source = Checkpointer(paths.join(workdir, 'checkpoints'))
   try:
     if source.latest_step() is None:
       raise FileNotFoundError(
@@ -293,23 +313,35 @@ def _network_from(workdir: str, state: l2w.TrainState) -> l2w.TrainState:
 
 
 class WorkdirError(RuntimeError):
-  """The workdir cannot be created or written."""
+  """The workdir cannot be created or written, or is on a filesystem this
+  code cannot write."""
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises WorkdirError (one line: the path, the scheme, what to do) for a
+  workdir on a filesystem this code cannot write (`s3://`, `foo://`, or
+  `gs://` without GCS support); cheap, so `train_and_evaluate` runs it
+  before building anything."""
+  try:
+    paths.check_writable(workdir, 'cannot use the workdir')
+  except paths.UnsupportedPath as e:
+    raise WorkdirError(str(e)) from None
 
 
 def _open_workdir(workdir: str, keep: int) -> Checkpointer:
-  """The Checkpointer of `workdir`, created if needed; WorkdirError naming
-  the path if it cannot be written."""
+  """The Checkpointer of `workdir` (a local path or a gs:// URL), created if
+  needed; WorkdirError naming the path if it cannot be written."""
+  check_workdir(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-    checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
+    paths.makedirs(workdir)
+    probe = paths.join(workdir, f'.write_test_{jax.process_index()}')
+    paths.write_bytes(probe, b'ok')
+    paths.as_path(probe).unlink()
+    checkpointer = Checkpointer(paths.join(workdir, 'checkpoints'),
                                 keep=keep)
   except OSError as e:
     raise WorkdirError(
-        f'cannot write to the workdir {os.path.abspath(workdir)} '
+        f'cannot write to the workdir {paths.absolute(workdir)} '
         f'({type(e).__name__}: {e.strerror or e}): give a writable '
         '--workdir (nothing in it was changed)') from e
   return checkpointer
@@ -322,10 +354,9 @@ def finished_or_trained(config: ml_collections.ConfigDict,
   `train_and_evaluate(config, workdir)` (which resumes an interrupted run)
   and the seconds it took. Lets a script that runs several experiments be
   rerun to redraw without retraining."""
-  path = os.path.join(workdir, RESULTS_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f), None
+  path = paths.join(workdir, RESULTS_FILE)
+  if paths.exists(path):
+    return json.loads(paths.read_text(path)), None
   start = time.perf_counter()
   results = train_and_evaluate(config, workdir)
   return results, time.perf_counter() - start
@@ -344,8 +375,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   iterations are done (save, stop, return {'interrupted_at': step}); tests
   use it to check that resuming continues the same run.
   """
+  allow_cpu = bool(config.distributed.get('allow_cpu', False))
+  accelerators.check_before_start(allow_cpu)
   parallel.initialize_distributed(config)
+  accelerators.check_after_start(allow_cpu)
   validate_config(config)
+  check_workdir(workdir)  # an unwritable scheme stops before anything is built
   info = data.data_info(config)  # fails here, before compiling anything
   if config.eval.threshold_source == 'holdout' and info.num_holdout == 0:
     raise ValueError(
@@ -366,6 +401,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   is_main = jax.process_index() == 0
   log = functools.partial(print, flush=True) if is_main else (
       lambda *args, **kwargs: None)
+  log(accelerators.describe_devices())
+  log(f'compilation cache: {compilation.active_directory() or "off"}')
   if overwrite:
     moved = resume.move_run_aside(workdir)
     if moved:
@@ -378,22 +415,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     resume.check_resumable(checkpointer, config, workdir, log)
     writer = metrics_lib.create_writer(workdir, write_to_disk=is_main)
     try:
-      return _train(config, workdir, info, mesh, layout, learner, plan,
-                    writer, checkpointer, log, interrupt_at_step)
+      with compilation.CompileLog() as compile_log:
+        return _train(config, workdir, info, mesh, layout, learner, plan,
+                      writer, checkpointer, log, interrupt_at_step,
+                      compile_log)
     finally:
       writer.flush()
+  except BaseException:
+    _close_after_error(checkpointer)
+    raise
   finally:
+    checkpointer.close()  # waits for a save in flight; raises if it failed
+
+
+def _close_after_error(checkpointer: Checkpointer) -> None:
+  """Closes `checkpointer` while the run's own error propagates: a save in
+  flight is waited for (so that it lands); if it failed as well, that is
+  said on one line of stderr, and the run's error stays the one raised."""
+  try:
     checkpointer.close()
+  except CheckpointError as e:
+    print(f'also: {e}', file=sys.stderr, flush=True)
 
 
 def _train(config, workdir, info, mesh, layout, learner, plan, writer,
-           checkpointer, log, interrupt_at_step) -> dict:
+           checkpointer, log, interrupt_at_step,
+           compile_log: compilation.CompileLog) -> dict:
   """The body of `train_and_evaluate` once the workdir is open: the run of
   `plan` (its phases, `plan[-1]` ending at the last iteration)."""
   num_exits = learner.model.num_exits
   batch_size = layout.global_batch
   steps_per_epoch = data.steps_per_epoch(info, batch_size)
   total = plan[-1].start + plan[-1].length
+  startup = {}
 
   state = jax.device_put(
       init_train_state(learner, jax.random.PRNGKey(config.seed),
@@ -415,8 +469,10 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
       f'{steps_per_epoch} iterations/epoch, {total} iterations, {num_exits} '
       f'exits; {layout.describe()}')
 
+  spec = data.input_spec(config)
   iteration = step_lib.make_iteration(config.method, learner, mesh,
-                                      config.train.bn_stats)
+                                      config.train.bn_stats,
+                                      input_norm=(spec.mean, spec.std))
   fresh_opt_state = jax.jit(learner.tx.init,
                             out_shardings=parallel.replicated(mesh))
   statistics = report.jitted_statistics(learner.model, mesh)
@@ -429,20 +485,26 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
   preemption.install()
   progress = metrics_lib.Progress(step, total)
 
-  def save(step):
+  def save(step, wait=False):
+    """Checks the state on the device, then starts checkpoint `step`, which
+    is written while training goes on; `wait`: returns once it is on disk
+    (a failed write raises CheckpointError here or at the next save)."""
     _check_state_finite(state, step, checkpointer)
     checkpointer.save(step, state, {
         'step': step, 'epoch': step // steps_per_epoch,
         'batch_in_epoch': step % steps_per_epoch,
         'config': config.to_json()})
+    if wait:
+      checkpointer.wait_until_finished()
 
   window, window_start = [], time.perf_counter()
+  # One pipeline for the whole run; two batches in flight to the devices.
+  stream = data.train_stream(config, start_step=step,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
   try:
-    while step < total:
-      epoch, start = divmod(step, steps_per_epoch)
-      for batch in data.train_batches(config, epoch=epoch, start_step=start,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count()):
+    if step < total:
+      for batch in parallel.prefetch_to_mesh(stream, mesh):
         in_epoch = step % steps_per_epoch
         phase = methods.phase_at(plan, step)
         if step == phase.start and phase.index > 0:
@@ -458,6 +520,8 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
         state, halves = iteration(state, batch['image'], batch['label'], lr,
                                   meta_lr, with_meta, phase=phase.name)
         step += 1
+        if not startup:
+          startup.update(_startup(state, compile_log, log))
         stop = preemption.should_stop(step)
         window.append({'halves': halves, 'lr': lr, 'meta_lr': meta_lr,
                        'phase': phase.index})
@@ -482,21 +546,35 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
             and step < total):
           _write_eval(writer, step, statistics_for(state), config, info)
         if stop:
-          save(step)
+          save(step, wait=True)  # "saved" is printed once it is on disk
           print(f'interrupted: checkpoint saved at iteration {step}; rerun '
                 'the same command to resume', flush=True)
           return {'interrupted_at': step}
         if step >= total:
           break
-    save(step)
+    # results.json marks a finished run: only once its last checkpoint is
+    # on disk (the export reads that checkpoint).
+    save(step, wait=True)
     results = final_evaluation(config, workdir, learner, state, info,
-                               statistics, layout, plan)
+                               statistics, layout, plan, startup)
     writer.write_scalars(step, {
         f'test/top1_exit{k + 1}': v
         for k, v in enumerate(results['anytime']['top1'])})
     return results
   finally:
+    stream.close()
     preemption.uninstall()
+
+
+def _startup(state, compile_log: compilation.CompileLog, log) -> dict:
+  """Once the first iteration of this process is done: how long the start
+  took and what compiling cost (logged; stored in results.json)."""
+  jax.block_until_ready(state)
+  seconds = metrics_lib.process_seconds()
+  log(f'first iteration done {seconds:.1f} s after the process started; '
+      f'compiled {compile_log.describe()}')
+  return {'startup_s': round(seconds, 3),
+          'compilation': compile_log.summary()}
 
 
 def _write_eval(writer, step, statistics_fn, config, info) -> None:
@@ -517,13 +595,15 @@ def _write_eval(writer, step, statistics_fn, config, info) -> None:
 
 def final_evaluation(config, workdir, learner, state, info, statistics=None,
                      layout: parallel.BatchLayout | None = None,
-                     plan: tuple[methods.Phase, ...] = ()) -> dict:
+                     plan: tuple[methods.Phase, ...] = (),
+                     startup: dict | None = None) -> dict:
   """Anytime and 39-budget evaluation; writes results.json and the plot
   (process 0 only)."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   results = report.evaluate_model(config, learner.model, variables, info,
                                   statistics)
   results['iterations'] = int(state.step)
+  results.update(startup or {})
   if plan:
     results['phases'] = [{'name': p.name, 'start': p.start,
                           'length': p.length} for p in plan]
@@ -542,7 +622,7 @@ def restore_variables(config, workdir: str) -> tuple[dict, int]:
   """({'params', 'batch_stats'}, iteration) of the latest checkpoint of a run."""
   info = data.data_info(config)
   learner = build_learner(config)
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'))
+  checkpointer = Checkpointer(paths.join(workdir, 'checkpoints'))
   try:
     if checkpointer.latest_step() is None:
       raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}: '
