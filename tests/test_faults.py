@@ -21,15 +21,11 @@ from l2w_jax.convert import torch_state
 from l2w_jax.training import resume, train
 from l2w_jax.training.checkpoint import CheckpointError
 from tests.conftest import PROJECT_ROOT, subprocess_env
-from tests.tiny import restore_state, tiny_train_config
+from tests.tiny import checkpointing_digits_config, restore_state, tiny_train_config
 
 
 def _config(tmp_path, num_steps=4):
-  config = tiny_train_config('sklearn_digits', num_steps=num_steps)
-  config.dataset.data_dir = str(tmp_path / 'data')
-  config.train.checkpoint_every_steps = 1
-  config.train.keep_checkpoints = 5
-  return config
+  return checkpointing_digits_config(tmp_path, num_steps)
 
 
 def _main(*args, timeout=300):

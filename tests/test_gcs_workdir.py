@@ -28,7 +28,7 @@ import pytest
 from l2w_jax.training import resume, train
 from tests.conftest import PROJECT_ROOT, subprocess_env
 from tests.fake_gcs import FakeGcs
-from tests.tiny import tiny_train_config
+from tests.tiny import checkpointing_digits_config
 
 pytestmark = pytest.mark.long
 
@@ -54,11 +54,7 @@ def gcs(tmp_path_factory):
 
 
 def _config(tmp_path, num_steps=4):
-  config = tiny_train_config('sklearn_digits', num_steps=num_steps)
-  config.dataset.data_dir = str(tmp_path / 'data')
-  config.train.checkpoint_every_steps = 1
-  config.train.keep_checkpoints = 5
-  return config
+  return checkpointing_digits_config(tmp_path, num_steps)
 
 
 def _names(gcs, prefix):

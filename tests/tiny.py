@@ -212,3 +212,13 @@ def check_cascade_against_simulated(model) -> np.ndarray:
   return assert_cascade_is_simulated_exiting(
       model, variables, held_out, test, images[30:], budget_index=20,
       batch=15, single_stride=4)
+
+
+def checkpointing_digits_config(tmp_path, num_steps: int = 4):
+  """`tiny_train_config` on digits prepared under `tmp_path`/data, saving a
+  checkpoint every iteration and keeping the last five (the fault tests)."""
+  config = tiny_train_config('sklearn_digits', num_steps=num_steps)
+  config.dataset.data_dir = str(tmp_path / 'data')
+  config.train.checkpoint_every_steps = 1
+  config.train.keep_checkpoints = 5
+  return config
