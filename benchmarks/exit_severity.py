@@ -9,7 +9,6 @@ newest checkpoints), evaluates them on the held-out and test splits and
 prints one JSON line.
 """
 
-import functools
 import json
 
 from absl import app
@@ -19,8 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from configs import graded_digits as graded_config
-from l2w_jax import data
-from l2w_jax.evaluation import anytime, budgeted, report
+from l2w_jax.evaluation import budgeted, report
 from l2w_jax.training.learner import build_learner
 from l2w_jax.training.train import restore_variables
 
@@ -41,11 +39,9 @@ def summarise(config, workdir: str, budget_index: int) -> dict:
   """Exit counts and mean severity per exit at the budget, and first / last
   exit top-1 (%) per severity third, of the run in `workdir`."""
   variables, _ = restore_variables(config, workdir)
-  stats = functools.partial(report.jitted_statistics(
-      build_learner(config).model), variables)
-  test = anytime.collect(stats, data.eval_batches(config, 'test',
-                                                  config.eval.batch_size))
-  held_out = report.threshold_outputs(config, stats)
+  statistics = report.jitted_statistics(build_learner(config).model)
+  test = statistics.outputs(config, variables, 'test')
+  held_out = report.threshold_outputs(config, statistics, variables)
   severity = test_severities(config)
   num_exits = test.confidence.shape[0]
   thresholds = budgeted.find_thresholds(

@@ -216,6 +216,12 @@ def base_config() -> ml_collections.ConfigDict:
   # A host with a TPU or GPU but JAX only on its CPU stops the run (the
   # install command is in the message); True trains on the CPU anyway.
   config.distributed.allow_cpu = False
+  # How gradients, moved statistics and metrics are averaged over devices:
+  # 'all_reduce' (fast; its summation order depends on the process layout)
+  # or 'ordered' (all-gather, then a sum in device order: the same bits on
+  # 1 process x 8 devices as on 2 x 4, for N times the memory of one
+  # gradient; for reproducibility checks, not for large models).
+  config.distributed.reduction = 'all_reduce'
 
   # BoostNet (method 'boostnet'): the ensemble reweight r as a tuple of one
   # value for every exit, two (linspace over the exits) or one per exit,

@@ -35,6 +35,12 @@ import numpy as np
 
 from l2w_jax.models import DATA_AXIS
 BN_STATS_RULES = ('device0', 'mean')
+# How gradients and other per-device values are averaged over devices:
+# 'all_reduce' (XLA's, whose summation order depends on the device layout
+# and the collective library) or 'ordered' (every device gathers all
+# values and sums them in device order: the same bits on any layout of the
+# same mesh, at the cost of holding N copies of each reduced tree).
+REDUCTIONS = ('all_reduce', 'ordered')
 
 
 def _on_multi_host_tpu() -> bool:
@@ -68,21 +74,32 @@ def initialize_distributed(config) -> None:
 
 
 def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
-  """A 1-D ('data',) mesh over all devices of all processes (or the first
-  `num_devices` of them, for single-process debugging)."""
+  """A 1-D ('data',) mesh over all devices of all processes, or over
+  `num_devices` of them: the first `num_devices` on one process, the first
+  `num_devices / process_count` local devices of every process on several
+  (every process must feed its share of each batch)."""
   devices = jax.devices()
-  if num_devices > 0:
-    if num_devices > len(devices):
-      raise ValueError(f'distributed.num_devices={num_devices} but only '
-                       f'{len(devices)} devices are available')
-    if jax.process_count() > 1 and num_devices != len(devices):
-      raise ValueError('distributed.num_devices must be 0 (all devices) in a '
-                       'multi-process run')
+  if num_devices <= 0:
+    return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+  if num_devices > len(devices):
+    raise ValueError(f'distributed.num_devices={num_devices} but only '
+                     f'{len(devices)} devices are available')
+  processes = jax.process_count()
+  if processes > 1:
+    per_process, remainder = divmod(num_devices, processes)
+    if remainder or per_process > jax.local_device_count():
+      raise ValueError(
+          f'distributed.num_devices={num_devices} cannot be spread evenly '
+          f'over {processes} processes of {jax.local_device_count()} '
+          'devices each: use a multiple of the process count, or 0 (all)')
+    devices = [d for p in range(processes)
+               for d in [d for d in devices if d.process_index == p
+                         ][:per_process]]
+  else:
     devices = devices[:num_devices]
-    return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,),
-                             axis_types=(jax.sharding.AxisType.Auto,))
-  return jax.make_mesh((len(devices),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
 
 
 # XLA's CPU pipeline runs this pass before CSE: it deletes the optimization
@@ -211,9 +228,31 @@ def global_from_full(full: np.ndarray, mesh) -> jax.Array:
                                       lambda index: full[index])
 
 
-def pmean(axis_name: str = DATA_AXIS) -> Callable:
-  """Tree -> its mean over the devices of `axis_name` (inside shard_map)."""
-  return lambda tree: jax.lax.pmean(tree, axis_name)
+def pmean(axis_name: str = DATA_AXIS, reduction: str = 'all_reduce'
+          ) -> Callable:
+  """Tree -> its mean over the devices of `axis_name` (inside shard_map).
+
+  Args:
+    axis_name: the mesh axis to average over.
+    reduction: 'all_reduce' (`lax.pmean`) or 'ordered' (`lax.all_gather`,
+      then a sum over the gathered axis in device order divided by the
+      device count: no collective arithmetic, so 1 process x 8 devices and
+      2 processes x 4 devices give the same bits; see `REDUCTIONS`).
+
+  Returns:
+    f(tree) -> tree of the same shapes, equal on every device.
+  """
+  if reduction not in REDUCTIONS:
+    raise ValueError(f'distributed.reduction: unknown reduction '
+                     f'{reduction!r}; use one of {REDUCTIONS}')
+  if reduction == 'all_reduce':
+    return lambda tree: jax.lax.pmean(tree, axis_name)
+
+  def ordered_mean(x):
+    gathered = jax.lax.all_gather(x, axis_name)  # (N, ...) in device order
+    return jax.numpy.sum(gathered, axis=0) / gathered.shape[0]
+
+  return lambda tree: jax.tree_util.tree_map(ordered_mean, tree)
 
 
 def from_device0(axis_name: str = DATA_AXIS) -> Callable:
@@ -229,11 +268,13 @@ def from_device0(axis_name: str = DATA_AXIS) -> Callable:
   return broadcast
 
 
-def batch_stats_reduction(rule: str) -> Callable:
+def batch_stats_reduction(rule: str, reduction: str = 'all_reduce'
+                          ) -> Callable:
   """How per-device running statistics become the replicated state:
-  'device0' (DDP's buffer broadcast) or 'mean' over devices. With
+  'device0' (DDP's buffer broadcast, exact in any summation order: the
+  other devices add zeros) or 'mean' over devices (by `reduction`). With
   `train.sync_bn` every device moves them identically, and both rules agree."""
   if rule not in BN_STATS_RULES:
     raise ValueError(f'train.bn_stats: unknown rule {rule!r}; use one of '
                      f'{BN_STATS_RULES}')
-  return from_device0() if rule == 'device0' else pmean()
+  return from_device0() if rule == 'device0' else pmean(reduction=reduction)

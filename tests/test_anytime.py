@@ -27,10 +27,10 @@ VARIABLES = {'params': {'scale': jnp.float32(SCALE)}}
 
 
 def _statistics_fn():
-  """A jitted (images, labels) -> statistics, as the evaluation builds it."""
+  """A jitted batch -> statistics, as the evaluation builds it."""
   stats = jax.jit(functools.partial(anytime.exit_statistics,
                                     _ExitLogitsModel()))
-  return functools.partial(stats, VARIABLES)
+  return lambda batch: stats(VARIABLES, batch['image'], batch['label'])
 
 
 def numpy_statistics(logits, labels):
@@ -89,7 +89,7 @@ def test_seven_classes_top5_is_rank_below_5():
                     [5, 4, 6, 0, 5, 4, 3, 1, 2]])
   logits, labels = _ranked_logits(rng, ranks, 7)
   images = jnp.asarray(logits.transpose(1, 0, 2) / SCALE)  # (B, K, C)
-  out = _statistics_fn()(images, jnp.asarray(labels))
+  out = _statistics_fn()({'image': images, 'label': jnp.asarray(labels)})
   chex.assert_shape(list(out.values()), ranks.shape)
   chex.assert_type([out['prediction'], out['top1'], out['top5']],
                    [jnp.int32, bool, bool])
@@ -105,8 +105,9 @@ def test_fewer_than_5_classes_top5_is_always_a_hit():
   rng = np.random.default_rng(1)
   logits = rng.normal(0, 3, size=(4, 16, 3)).astype(np.float32)
   labels = rng.integers(0, 3, size=16)
-  out = _statistics_fn()(jnp.asarray(logits.transpose(1, 0, 2) / SCALE),
-                         jnp.asarray(labels))
+  out = _statistics_fn()({
+      'image': jnp.asarray(logits.transpose(1, 0, 2) / SCALE),
+      'label': jnp.asarray(labels)})
   chex.assert_shape(list(out.values()), (4, 16))
   np.testing.assert_array_equal(out['top5'], np.ones((4, 16), bool))
   expected = numpy_statistics(logits, labels)
@@ -120,8 +121,9 @@ def test_random_logits_match_numpy():
   logits = (rng.normal(size=(3, 32, 10))
             * rng.uniform(0.1, 8, size=(3, 32, 1))).astype(np.float32)
   labels = rng.integers(0, 10, size=32)
-  out = _statistics_fn()(jnp.asarray(logits.transpose(1, 0, 2) / SCALE),
-                         jnp.asarray(labels))
+  out = _statistics_fn()({
+      'image': jnp.asarray(logits.transpose(1, 0, 2) / SCALE),
+      'label': jnp.asarray(labels)})
   expected = numpy_statistics(logits, labels)
   assert 0 < expected['top1'].sum() < expected['top5'].sum() < labels.size * 3
   _assert_matches_numpy(out, expected)

@@ -432,6 +432,58 @@ def test_augmented_eval_is_fixed_and_crops_every_example(cifar10):
   assert (got != want).any(axis=(1, 2, 3)).mean() > 0.8
 
 
+def _joined(per_process):
+  """Local eval batches of P processes -> the global batches (the rows of
+  process p are [p * b, (p + 1) * b) of each)."""
+  assert len({len(batches) for batches in per_process}) == 1
+  return [{key: np.concatenate([batches[i][key] for batches in per_process])
+           for key in per_process[0][i]}
+          for i in range(len(per_process[0]))]
+
+
+def _normalized(batches, mean, std):
+  """uint8 eval batches -> float32 as the pipeline normalises them."""
+  x = np.stack([b['image'] for b in batches]).astype(np.float32) / 255.0
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+@pytest.mark.parametrize('augment', [False, True])
+@pytest.mark.parametrize('source', ['cifar10', 'imagenet'])
+def test_eval_batches_split_over_processes_make_the_global_batches(
+    request, source, augment):
+  """Each process decodes only its rows; joined, they are one process's
+  batches bit for bit (in memory and streaming, plain and augmented), a
+  process past the end gets all-padding batches, and uint8 batches are the
+  float32 ones before normalisation."""
+  request.getfixturevalue(source)  # the fake dataset
+  if source == 'cifar10':
+    config, count, batch = make_config('cifar10', holdout=20), 100, 32
+    mean, std = pipeline.CIFAR10_MEAN, pipeline.CIFAR10_STD
+  else:
+    config, count, batch = imagenet_config(), 50, 16
+    mean, std = pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD
+  whole = all_batches(data.eval_batches(config, 'train', batch,
+                                        augment=augment))
+  assert stack(whole, 'mask').sum() == count
+  for processes in (2, 4):
+    shares = [all_batches(data.eval_batches(
+        config, 'train', batch, augment=augment, process_index=p,
+        process_count=processes)) for p in range(processes)]
+    assert shares[0][0]['image'].shape[0] == batch // processes
+    chex.assert_trees_all_equal(_joined(shares), whole)
+    # The last global batch ends inside it: the last process pads only.
+    assert not shares[-1][-1]['mask'].any()
+  as_bytes = all_batches(data.eval_batches(config, 'train', batch,
+                                           augment=augment, as_bytes=True))
+  assert as_bytes[0]['image'].dtype == np.uint8
+  mask = np.stack([b['mask'] for b in whole])
+  np.testing.assert_array_equal(_normalized(as_bytes, mean, std)[mask],
+                                np.stack([b['image'] for b in whole])[mask])
+  assert not np.stack([b['image'] for b in as_bytes])[~mask].any()
+  with pytest.raises(ValueError, match='multiple of the 3 processes'):
+    data.eval_batches(config, 'train', batch, process_count=3)
+
+
 # ----------------------------------------------------------------------------
 # Augmentation.
 

@@ -175,6 +175,24 @@ def test_validate_names_the_field_value_and_range(field, value, allowed):
   assert str(error.value) == f'{field}: must be {allowed}, got {value!r}'
 
 
+@pytest.mark.parametrize('changes,message', [
+    ({'distributed.reduction': 'tree'},
+     "distributed.reduction: unknown reduction 'tree'; use one of "
+     "('all_reduce', 'ordered')"),
+    ({'distributed.reduction': 'ordered', 'train.sync_bn': True},
+     'distributed.reduction=ordered does not cover train.sync_bn (its '
+     'statistics are all-reduced): set one of them back to its default'),
+])
+def test_impossible_reductions_are_named(changes, message):
+  config = tiny_train_config('sklearn_digits')
+  for field, value in changes.items():
+    section, name = field.split('.')
+    config[section][name] = value
+  with pytest.raises(ValueError) as error:
+    train.validate_config(config)
+  assert str(error.value) == message
+
+
 @pytest.mark.parametrize('override,message', [
     ('--config.meta.epsilon=-1', 'error: meta.epsilon: must be >= 0, got -1.0'),
     ('--config.train.lr=nan', 'error: train.lr: must be finite and > 0, got '

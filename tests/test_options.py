@@ -363,16 +363,18 @@ def _digits_config(data_dir, threshold_source):
 
 
 def _fake_statistics(seen):
-  """A `statistics(images, labels)` that records its images; one exit."""
+  """`ExitStatistics` whose function records its images; one exit."""
 
-  def statistics(images, labels):
-    seen.append(np.asarray(images))
+  def statistics(variables, batch):
+    del variables
+    seen.append(np.asarray(batch['image']))
+    labels = batch['label']
     n = len(labels)
     return {'confidence': np.ones((1, n)), 'prediction': labels[None],
             'top1': np.ones((1, n), bool), 'top5': np.ones((1, n), bool),
             'loss': np.zeros((1, n))}
 
-  return statistics
+  return report.ExitStatistics(statistics)
 
 
 def _masked(batches, key):
@@ -386,7 +388,7 @@ def test_threshold_outputs_come_from_the_augmented_training_split(digits_dir):
   batch = config.eval.batch_size
 
   seen = []
-  outputs = report.threshold_outputs(config, _fake_statistics(seen))
+  outputs = report.threshold_outputs(config, _fake_statistics(seen), None)
   assert outputs.num_samples == info.num_train
   plain = list(data.eval_batches(config, 'train', batch))
   np.testing.assert_array_equal(outputs.labels, _masked(plain, 'label'))
@@ -395,7 +397,7 @@ def test_threshold_outputs_come_from_the_augmented_training_split(digits_dir):
       [b['image'] for b in plain]))
 
   config.eval.threshold_source = 'holdout'
-  outputs = report.threshold_outputs(config, _fake_statistics([]))
+  outputs = report.threshold_outputs(config, _fake_statistics([]), None)
   assert outputs.num_samples == info.num_holdout
   np.testing.assert_array_equal(
       outputs.labels,

@@ -16,6 +16,7 @@ import sys
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
@@ -27,7 +28,6 @@ from l2w_jax.optim import apply_optimizer
 from l2w_jax.training import step as step_lib
 from l2w_jax.training import train
 from l2w_jax.training.learner import build_learner, init_train_state
-from l2w_jax.training.schedules import cosine_learning_rate
 from tests.conftest import PROJECT_ROOT, subprocess_env
 from tests.tiny import (TINY_IMAGE, restore_state, tiny_config,
                         tiny_train_config)
@@ -324,10 +324,13 @@ def test_sharded_budgeted_evaluation_equals_one_device(tmp_path):
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   one = report.evaluate_model(config, learner.model, variables, info)
   mesh = parallel.make_mesh(NUM_DEVICES)
-  statistics = report.jitted_statistics(learner.model, mesh)
-  sharded = report.evaluate_model(config, learner.model, jax.device_put(
-      variables, parallel.replicated(mesh)), info, statistics)
-  assert sharded == one
+  spec = data.input_spec(config)
+  for input_norm in (None, (spec.mean, spec.std)):  # float32, then uint8
+    statistics = report.jitted_statistics(learner.model, mesh, input_norm)
+    assert statistics.as_bytes == (input_norm is not None)
+    sharded = report.evaluate_model(config, learner.model, jax.device_put(
+        variables, parallel.replicated(mesh)), info, statistics)
+    assert sharded == one
   assert one['num_test'] == 360 and len(one['budgeted']) == 39
 
 
@@ -355,21 +358,25 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _command(workdir, overrides) -> list[str]:
+  return [sys.executable, '-m', 'experiments.main',
+          '--config=tests/tiny_digits_config.py', f'--workdir={workdir}',
+          *[f'--config.{k}={v}' for k, v in overrides.items()]]
+
+
 def _two_processes(workdir, overrides, terminate_after: str | None = None):
-  """Runs experiments.main as 2 local processes x 4 CPU devices; with
+  """Runs experiments.main as 2 local processes x 8 CPU devices (4 of each
+  in the mesh, see below) with a localhost coordinator; with
   `terminate_after`, SIGTERMs both once process 0 prints it. Returns
   (processes, [output of each])."""
   env = subprocess_env()
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
-  env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={NUM_DEVICES}'
   port = _free_port()
   processes = [subprocess.Popen(
-      [sys.executable, '-m', 'experiments.main',
-       '--config=tests/tiny_digits_config.py', f'--workdir={workdir}',
-       f'--config.distributed.coordinator_address=localhost:{port}',
-       '--config.distributed.num_processes=2',
-       f'--config.distributed.process_id={i}',
-       *[f'--config.{k}={v}' for k, v in overrides.items()]],
+      _command(workdir, {
+          **overrides,
+          'distributed.coordinator_address': f'localhost:{port}',
+          'distributed.num_processes': 2, 'distributed.process_id': i}),
       cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:
@@ -388,59 +395,33 @@ def _two_processes(workdir, overrides, terminate_after: str | None = None):
       p.kill()
 
 
-_STATE_FIELDS = ('params', 'batch_stats', 'opt_state', 'meta_params',
-                 'meta_opt_state')
-
-
-def _scaled(state, factor):
-  """`state` with the backbone's parameters multiplied by `factor`."""
-  return state.replace(params=jax.tree_util.tree_map(lambda p: p * factor,
-                                                     state.params))
-
-
-def _max_abs_difference(a, b) -> float:
-  """Largest |a - b| over two trees of the same structure (host arrays)."""
-  chex.assert_trees_all_equal_structs(a, b)
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-             for x, y in zip(jax.tree_util.tree_leaves(a),
-                             jax.tree_util.tree_leaves(b), strict=True))
+def _training_rows(workdir) -> list[dict]:
+  """The training rows of a run's metrics.jsonl, without wall-clock rates."""
+  rows = [json.loads(line) for line in
+          (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [{k: v for k, v in r.items() if k != 'train/images_per_second'}
+          for r in rows if 'train/loss' in r]
 
 
 @pytest.mark.long
-@pytest.mark.xfail(
-    strict=False,
-    reason='open (issue 25): since the iteration became one program, '
-    'iteration 4 of this run lands on a near-tie of the meta allocation that '
-    'rounding flips (2 processes vs 1: params 8.6e-5, momentum 1.7e-3, meta '
-    'Adam state 4.8e-5 apart; the state scaled by 1 + 3e-7 reproduces the '
-    'same jump), beyond the rounding probes; iterations 1-3, 5, 6 agree '
-    'within 2e-6')
 def test_two_processes_train_like_one_process_on_the_same_mesh(tmp_path):
-  """2 local processes x 4 CPU devices with a localhost coordinator train 6
-  L2W iterations of digits at the digits config's learning rates; only
-  process 0 writes results; every iteration agrees with the same iteration
-  of 1 process x 8 devices from the same state; a SIGTERM stops both
-  processes after the same iteration, and the rerun resumes.
+  """2 local processes with a localhost coordinator train 6 L2W iterations
+  of digits on a mesh of 8 devices (4 of each process); only process 0
+  writes results; a SIGTERM stops both processes after the same iteration
+  and the rerun resumes; and the run is the same run, bit for bit, as 1
+  process x 8 devices: every iteration's logged metrics, the final
+  parameters and the evaluation (which each process does on its own rows).
 
-  "Agrees" means: within 1e-5, or within what rounding alone does to that
-  iteration (the replay from the state scaled by 1 +- 1e-7 and 1 +- 3e-7,
-  a few float32 ulps), whichever is larger. Several probes: rounding can
-  flip a near-tie of the meta step's confidence ranking, which moves the
-  iteration by a step, and one probe may miss it. Measured (AMD EPYC, Zen 5): at iteration 4 of
-  this run the layouts were 8.6e-5 (parameters) and 1.7e-3 (momentum)
-  apart; 1 + 1e-7 moved the replay by 2.4e-7, 1 - 1e-7 by 1.9e-4 and
-  3.9e-3, and 1 + 3e-7 by exactly the layouts' 8.6e-5 and 1.7e-3.
-
-  The two layouts sum their all-reduces in different orders, i.e. they
-  differ by rounding; how much an iteration
-  amplifies rounding depends on the state and the CPU. Measured on an AMD
-  EPYC (Zen 5): from the initial state, parameters scaled by 1 + 1e-7 move
-  one iteration's SGD momentum by 9e-4, and the two layouts are 4e-5 apart
-  there; from the later states both are below 1e-5. A layout bug (a process
-  reading the wrong columns, a missing cross-process reduction) changes the
-  iteration by far more than rounding. Whole runs are not compared:
-  rounding differences grow to 1e-4..1e-2 within a few iterations
-  (benchmarks/perturbation_growth.py).
+  Bit for bit needs two things that only change rounding:
+  * distributed.reduction=ordered: XLA's all-reduce sums in an order that
+    depends on the process layout and the collective library (gloo across
+    processes), and the meta step's confidence ranking turns such rounding
+    into different allocations within a few iterations (with the default
+    all-reduce the two layouts' momentum was 4e-5 apart after iteration 1
+    and 0.13 after iteration 2, measured on an AMD EPYC);
+  * the same number of local CPU devices (8) in both layouts: XLA:CPU
+    partitions some loops into as many parallel tasks as the process has
+    devices, and the partitions round differently.
   """
   num_steps = 6
   overrides = {'dataset.data_dir': tmp_path / 'data',
@@ -450,12 +431,10 @@ def test_two_processes_train_like_one_process_on_the_same_mesh(tmp_path):
                'eval.batch_size': 250,  # rounded up to 256 for 8 devices
                'train.checkpoint_every_steps': 1,
                'train.keep_checkpoints': num_steps,
-               'distributed.num_devices': 0}
+               'distributed.num_devices': NUM_DEVICES,
+               'distributed.reduction': 'ordered'}
   config = tiny_train_config('sklearn_digits')
-  for name, value in overrides.items():
-    section, _, field = name.rpartition('.')
-    setattr(config[section] if section else config, field,
-            str(value) if isinstance(value, type(tmp_path)) else value)
+  config.dataset.data_dir = str(tmp_path / 'data')
   data.data_info(config)  # prepared once, before the processes share it
   workdir = tmp_path / 'two'
   # SIGTERM reaches both processes after iteration 1: they agree on an
@@ -477,61 +456,65 @@ def test_two_processes_train_like_one_process_on_the_same_mesh(tmp_path):
   assert 'test top-1 per exit' not in outputs[1]  # only process 0 reports
   results = json.loads((workdir / train.RESULTS_FILE).read_text())
   assert results['num_test'] == 360 and len(results['budgeted']) == 39
-  rows = [json.loads(l) for l in
-          (workdir / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['step'] for r in rows if 'train/loss' in r] == list(
-      range(1, num_steps + 1))
   assert (results['num_processes'], results['num_devices'],
           results['per_device_batch'], results['global_batch'],
           results['iterations']) == (2, 8, 4, 32, num_steps)
   assert len(list(tmp_path.rglob(train.RESULTS_FILE))) == 1
+  rows = _training_rows(workdir)
+  assert [r['step'] for r in rows] == list(range(1, num_steps + 1))
 
-  # The same iterations on 1 process x 8 devices, each from the state the
-  # two processes had before it; where they differ by more than 1e-5, once
-  # more from that state scaled by 1 + 1e-7: how far rounding alone moves
-  # this iteration's result.
-  config.distributed.num_devices = NUM_DEVICES
-  config.train.batch_size = 32
-  learner = build_learner(config)
-  mesh = parallel.make_mesh(NUM_DEVICES)
-  spec = data.input_spec(config)
-  iteration = step_lib.make_iteration('l2w', learner, mesh,
-                                      input_norm=(spec.mean, spec.std))
-  batches = data.train_batches(config, epoch=0)
-  state = init_train_state(learner, jax.random.PRNGKey(config.seed),
-                           (32, 32, 3))
-
-  def replay(state, batch, step):
-    new, (first, _) = iteration(
-        jax.device_put(_copy(state), parallel.replicated(mesh)),
-        batch['image'], batch['label'],
-        cosine_learning_rate(config.train.lr, step, num_steps),
-        cosine_learning_rate(config.meta.lr, step, num_steps), True)
-    assert float(first['meta_loss']) > 0
-    return jax.device_get(new)
-
-  for step, batch in zip(range(num_steps), batches):
-    ours = replay(state, batch, step)
-    before, state = state, restore_state(config, workdir / 'checkpoints',
-                                         step + 1)
-    theirs = jax.device_get(state)
-    bound = {f: 1e-5 for f in _STATE_FIELDS}
-    difference = {f: _max_abs_difference(getattr(ours, f), getattr(theirs, f))
-                  for f in _STATE_FIELDS}
-    if any(difference[f] > bound[f] for f in _STATE_FIELDS):
-      for factor in (1 + 1e-7, 1 - 1e-7, 1 + 3e-7, 1 - 3e-7):
-        rounded = replay(_scaled(before, factor), batch, step)
-        for f in _STATE_FIELDS:
-          bound[f] = max(bound[f], _max_abs_difference(getattr(ours, f),
-                                                       getattr(rounded, f)))
-    for f in _STATE_FIELDS:
-      assert difference[f] <= bound[f], (step + 1, f, difference[f], bound[f])
-    # The bound stays far below what the iteration changes.
-    moved = _max_abs_difference(jax.device_get(before.params), theirs.params)
-    assert 100 * bound['params'] < moved, (step + 1, bound['params'], moved)
-  # The parameters moved much more than the tolerance.
-  initial = init_train_state(learner, jax.random.PRNGKey(config.seed),
-                             (32, 32, 3))
+  one = tmp_path / 'one'
+  env = subprocess_env()
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={NUM_DEVICES}'
+  run = subprocess.run(_command(one, overrides), cwd=PROJECT_ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stdout + run.stderr
+  assert '8 devices on 1 process(es): per-device batch 4' in run.stdout
+  alone = json.loads((one / train.RESULTS_FILE).read_text())
+  assert _training_rows(one) == rows
+  for key in ('params_sha256', 'anytime', 'budgeted', 'num_test',
+              'num_threshold_samples'):
+    assert alone[key] == results[key], key
+  # The parameters moved: the comparison is not between two initial states.
+  initial = init_train_state(build_learner(config),
+                             jax.random.PRNGKey(config.seed), (32, 32, 3))
+  final = restore_state(config, workdir / 'checkpoints')
   moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
-                                 state.params, initial.params)
+                                 final.params, initial.params)
   assert max(jax.tree_util.tree_leaves(moved)) > 1e-2
+
+
+def test_ordered_reduction_is_the_mean_in_device_order():
+  """distributed.reduction=ordered: every device gets the device-order sum
+  of the 8 values divided by 8 (numpy's float32 sequential sum), and it
+  agrees with XLA's all-reduce to rounding."""
+  mesh = parallel.make_mesh(NUM_DEVICES)
+  values = np.array(jax.random.normal(jax.random.PRNGKey(0),
+                                       (NUM_DEVICES, 3, 5)), np.float32)
+  values[:, 0, 0] = [1e8, 1, -1e8, 1, 1, 1, 1, 1]  # order-sensitive
+
+  def program(reduction):
+    mean = parallel.pmean(reduction=reduction)
+    return jax.jit(jax.shard_map(lambda x: mean({'v': x[0]})['v'][None],
+                                 mesh=mesh, in_specs=P(parallel.DATA_AXIS),
+                                 out_specs=P(parallel.DATA_AXIS)))
+
+  def run(reduction):
+    return np.asarray(program(reduction)(values))
+
+  # No collective arithmetic: whatever order a layout's all-reduce sums in.
+  found = _collectives(program('ordered').lower(values).compile().as_text())
+  assert set(found) == {'all-gather'}, found
+  ordered = run('ordered')
+  expected = values[0].copy()
+  for v in values[1:]:
+    expected = expected + v
+  expected = expected / np.float32(NUM_DEVICES)
+  for device in range(NUM_DEVICES):
+    np.testing.assert_array_equal(ordered[device], expected)
+  # In float32 (1e8 + 1) - 1e8 = 0 (the 1 is below 1e8's ulp), + 5 ones.
+  assert ordered[0, 0, 0] == np.float32(5 / 8)
+  np.testing.assert_allclose(run('all_reduce')[:, 1:], ordered[:, 1:],
+                             rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match='distributed.reduction: unknown'):
+    parallel.pmean(reduction='tree')

@@ -28,7 +28,9 @@ Batches are numpy: {'image', 'label': int32 (B,)}, plus 'mask': bool (B,)
 from `eval_batches`. Training images are uint8 (B, H, W, 3), normalised on
 the devices by the training step (a quarter of float32's bytes over the
 host-device link, and less work here); evaluation images are float32,
-normalised as ToTensor + Normalize. H = W =
+normalised as ToTensor + Normalize, or uint8 with `as_bytes` (the training
+loop's sharded evaluation, where each process also decodes only its rows
+of every global batch). H = W =
 config.dataset.image_size; the 32x32 datasets are resized (bilinear) to it
 after the augmentation when it is not 32, which only small test models ask.
 
@@ -524,9 +526,10 @@ def _in_memory_batch_fn(settings: _Settings, images: np.ndarray,
 def _in_memory_batches(settings: _Settings, images: np.ndarray,
                        labels: np.ndarray, indices: np.ndarray,
                        params: tf.Tensor | None, batch_size: int,
-                       drop_remainder: bool) -> tf.data.Dataset:
+                       drop_remainder: bool,
+                       normalize: bool = True) -> tf.data.Dataset:
   """Batches of images[indices] (augmented by `params` rows when given)."""
-  make_batch = _in_memory_batch_fn(settings, images, labels)
+  make_batch = _in_memory_batch_fn(settings, images, labels, normalize)
   indices = indices.astype(np.int64)
   if params is None:
     ds = tf.data.Dataset.from_tensor_slices(indices)
@@ -824,8 +827,9 @@ def _streaming_stream(settings: _Settings, start_step: int,
                             local)
 
 
-def _streaming_eval(settings: _Settings, split: str, batch_size: int,
-                    augment_key: np.ndarray | None) -> tf.data.Dataset:
+def _streaming_eval(settings: _Settings, split: str, rows: _EvalRows,
+                    augment_key: np.ndarray | None,
+                    normalize: bool) -> tf.data.Dataset:
   builder = _builder(settings)
   num_train, num_holdout, num_test = _sizes(settings, builder)
   tfds_split, count = {
@@ -843,16 +847,17 @@ def _streaming_eval(settings: _Settings, split: str, batch_size: int,
     seed = None if key is None else tf.stack([key, position])
     image = tf.ensure_shape(_imagenet_image(settings, example['image'], seed),
                             settings.image_shape)
-    return {
-        'image': augment.to_float_normalized(image, settings.mean,
-                                             settings.std),
-        'label': tf.cast(example['label'], tf.int32),
-    }
+    if normalize:
+      image = augment.to_float_normalized(image, settings.mean, settings.std)
+    return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
 
-  # A no-op on real data; bounds mocked splits that ignore slicing.
-  ds = ds.take(count).enumerate()
+  # take: a no-op on real data; bounds mocked splits that ignore slicing.
+  # Every process reads the records but decodes only its own rows.
+  ds = ds.take(count).enumerate().filter(
+      lambda position, _: rows.owns(position))
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.batch(batch_size)
+  return rows.padded(ds.batch(rows.local), count, settings.image_shape,
+                     tf.float32 if normalize else tf.uint8)
 
 
 # ----------------------------------------------------------------------------
@@ -977,28 +982,78 @@ def _pad_batch(batch: dict, batch_size: int, image_shape: tuple) -> dict:
   }
 
 
+@dataclasses.dataclass(frozen=True)
+class _EvalRows:
+  """Which rows of an evaluation split one process serves: the split in
+  global batches of `global_batch` examples, process p holding rows
+  [p * local, (p + 1) * local) of each (the rows its devices take)."""
+  global_batch: int
+  process_index: int
+  process_count: int
+
+  @property
+  def local(self) -> int:
+    return self.global_batch // self.process_count
+
+  def owns(self, position):
+    """Whether split position(s) `position` (int, numpy or tf) are ours."""
+    return (position % self.global_batch) // self.local == self.process_index
+
+  def positions(self, count: int) -> np.ndarray:
+    """Our positions among `count` examples, in order."""
+    positions = np.arange(count)
+    return positions[self.owns(positions)]
+
+  def padded(self, batches: tf.data.Dataset, count: int, image_shape: tuple,
+             image_dtype) -> tf.data.Dataset:
+    """Our examples of a split of `count`, batched by `local` -> exactly one
+    padded local batch per global batch of the split (a process past the
+    split's end gets all-padding batches, so every process runs the same
+    number of steps)."""
+    num_batches = -(-count // self.global_batch)
+    empty = tf.data.Dataset.from_tensors({
+        'image': tf.zeros((0,) + tuple(image_shape), image_dtype),
+        'label': tf.zeros((0,), tf.int32)}).repeat()
+    batches = batches.concatenate(empty).take(num_batches)
+    return batches.map(lambda b: _pad_batch(b, self.local, image_shape))
+
+
 def eval_batches(config, split: str, batch_size: int, *,
-                 augment: bool = False) -> Iterator[dict]:
+                 augment: bool = False, process_index: int = 0,
+                 process_count: int = 1,
+                 as_bytes: bool = False) -> Iterator[dict]:
   """Every example of `split` exactly once, in a fixed order.
 
   Args:
     config: the experiment config.
     split: 'holdout' (the threshold split), 'test' or 'train' (the training
       images, without the holdout).
-    batch_size: examples per batch; the last batch is padded with zeros.
+    batch_size: examples per (global) batch; the last one is padded.
     augment: the training augmentation with a fixed seed (derived from
       config.seed, the same in every call), for thresholds searched on the
       training set as the original does; otherwise none.
+    process_index, process_count: this process's share: rows
+      [p * b, (p + 1) * b) of every global batch, b = batch_size /
+      process_count (only those are decoded); the P local batches of a step
+      together are the global batch of one process.
+    as_bytes: uint8 images, for normalising on the devices (as training
+      batches); otherwise float32 normalised as ToTensor + Normalize.
 
   Returns:
-    Batches {'image': float32 (batch_size, H, W, 3), 'label': int32
-    (batch_size,), 'mask': bool (batch_size,)}, False on padding rows.
+    Batches {'image': float32 or uint8 (b, H, W, 3), 'label': int32 (b,),
+    'mask': bool (b,)}, False on padding rows; ceil(N / batch_size) of them
+    on every process.
   """
   settings = _settings(config)
   if split not in EVAL_SPLITS:
     raise ValueError(f'split must be one of {EVAL_SPLITS}, got {split!r}')
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+  if batch_size % process_count or not 0 <= process_index < process_count:
+    raise ValueError(f'eval.batch_size {batch_size} must be a multiple of the '
+                     f'{process_count} processes (process_index '
+                     f'{process_index})')
+  rows = _EvalRows(batch_size, process_index, process_count)
   builder = _builder(settings)
   if split == 'holdout' and _sizes(settings, builder)[1] == 0:
     raise ValueError(f'{settings.name} has no holdout split '
@@ -1006,14 +1061,20 @@ def eval_batches(config, split: str, batch_size: int, *,
   augment_key = (splits.seed_words(settings.seed, splits.EVAL_AUGMENT_TAG)
                  if augment else None)
   if settings.kind.streaming:
-    ds = _streaming_eval(settings, split, batch_size, augment_key)
+    ds = _streaming_eval(settings, split, rows, augment_key,
+                         normalize=not as_bytes)
   else:
     images, labels, indices = _in_memory_source(settings, split)
+    ours = rows.positions(len(indices))
     params = None
     if augment_key is not None and settings.augment != 'none':
-      params = _crop_params(settings, augment_key, len(indices))
-    ds = _in_memory_batches(settings, images, labels, indices, params,
-                            batch_size, drop_remainder=False)
-  ds = ds.map(lambda b: _pad_batch(b, batch_size, settings.image_shape))
+      # Row i of the table belongs to position i of the split.
+      params = tf.gather(_crop_params(settings, augment_key, len(indices)),
+                         ours)
+    ds = _in_memory_batches(settings, images, labels, indices[ours], params,
+                            rows.local, drop_remainder=False,
+                            normalize=not as_bytes)
+    ds = rows.padded(ds, len(indices), settings.image_shape,
+                     tf.uint8 if as_bytes else tf.float32)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(settings))
   return ds.as_numpy_iterator()

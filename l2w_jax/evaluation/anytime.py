@@ -1,13 +1,14 @@
 """Anytime evaluation: every exit's outputs on a whole split.
 
 `exit_statistics` is the per-batch function to jit; `collect` runs it over
-padded batches and keeps, per exit and sample, what both evaluations need:
-the confidence (max softmax) and prediction for the budgeted curve, top-1 /
-top-5 hits and the loss for the anytime accuracies.
+padded batches (a few in flight) and keeps, per exit and sample, what both
+evaluations need: the confidence (max softmax) and prediction for the
+budgeted curve, top-1 / top-5 hits and the loss for the anytime accuracies.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Callable, Iterable
 
@@ -64,18 +65,44 @@ class ExitOutputs:
     return self.loss.mean(axis=1)
 
 
-def collect(statistics_fn: Callable, batches: Iterable[dict]) -> ExitOutputs:
-  """Runs `statistics_fn(images, labels)` over batches with a 'mask' and
-  keeps the unmasked samples, in order."""
-  parts = {key: [] for key in ('confidence', 'prediction', 'top1', 'top5',
-                               'loss')}
+def collect(statistics_fn: Callable, batches: Iterable[dict],
+            in_flight: int = 2) -> ExitOutputs:
+  """Runs `statistics_fn` over batches and keeps the unmasked samples, in
+  order.
+
+  Args:
+    statistics_fn: f(batch) -> dict of (K, B) arrays (`exit_statistics`'
+      keys); it may also return the batch's 'label' and 'mask' (B,), e.g.
+      the global ones when each process passes only its rows.
+    batches: dicts with 'image', 'label' (B,) and optionally 'mask' (B,),
+      False on padding rows.
+    in_flight: batches dispatched before the oldest one is read back, so
+      the devices work while the host fetches and prepares.
+
+  Returns:
+    ExitOutputs over the real samples.
+  """
+  keys = ('confidence', 'prediction', 'top1', 'top5', 'loss')
+  parts = {key: [] for key in keys}
   labels = []
-  for batch in batches:
-    out = statistics_fn(batch['image'], batch['label'])
-    keep = np.asarray(batch.get('mask', np.ones(len(batch['label']), bool)))
-    for key in parts:
+  pending = collections.deque()
+
+  def read_oldest():
+    batch, out = pending.popleft()
+    out = jax.device_get(out)
+    label = np.asarray(out.get('label', batch['label']))
+    keep = np.asarray(out.get('mask', batch.get('mask',
+                                                np.ones(len(label), bool))))
+    for key in keys:
       parts[key].append(np.asarray(out[key])[:, keep])
-    labels.append(np.asarray(batch['label'])[keep])
+    labels.append(label[keep])
+
+  for batch in batches:
+    pending.append((batch, statistics_fn(batch)))
+    if len(pending) > in_flight:
+      read_oldest()
+  while pending:
+    read_oldest()
   if not labels:
     raise ValueError('the evaluation split yielded no batches')
   return ExitOutputs(labels=np.concatenate(labels),

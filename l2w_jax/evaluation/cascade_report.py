@@ -9,13 +9,12 @@ predicts (full-network FLOPs / expected FLOPs).
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import numpy as np
 
 from l2w_jax import data
-from l2w_jax.evaluation import anytime, budgeted, report
+from l2w_jax.evaluation import budgeted, report
 from l2w_jax.evaluation.cascade import (Cascade, SingleImageCascade,
                                         compare_with_full_network,
                                         simulated_exits)
@@ -36,10 +35,9 @@ def _test_images(config, batch_size: int) -> tuple[list[np.ndarray],
 def measure(config, model, variables, info, budgets, batch_size: int,
             latency_images: int) -> list[dict]:
   """One dict of measurements per budget index."""
-  statistics = functools.partial(report.jitted_statistics(model), variables)
-  held_out = report.threshold_outputs(config, statistics)
-  test = anytime.collect(statistics, data.eval_batches(
-      config, 'test', config.eval.batch_size))
+  statistics = report.jitted_statistics(model)
+  held_out = report.threshold_outputs(config, statistics, variables)
+  test = statistics.outputs(config, variables, 'test')
   flops = np.asarray(count_per_exit(model, info.image_shape)[0])
   batches, labels = _test_images(config, batch_size)
   singles = [img[None] for b in batches for img in b][:latency_images]

@@ -3,8 +3,10 @@ writing the results (results.json, budgeted.png) of a run."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+from typing import Callable
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -17,53 +19,100 @@ from l2w_jax.evaluation import anytime, budgeted, plots
 from l2w_jax.evaluation.fingerprint import params_sha256
 from l2w_jax.evaluation.flops import count_per_exit
 from l2w_jax.models import DATA_AXIS
+from l2w_jax.training import step as step_lib
 
 RESULTS_FILE = 'results.json'
 PLOT_FILE = 'budgeted.png'
 
 
-def jitted_statistics(model, mesh=None):
-  """f(variables, images, labels) -> per-batch exit statistics, jitted once.
+@dataclasses.dataclass(frozen=True)
+class ExitStatistics:
+  """A model's jitted per-batch exit statistics and the evaluation batches
+  they take.
 
-  With a mesh, every process passes the whole batch (numpy, a multiple of the
-  device count); each device evaluates its rows and the (K, B) statistics
-  come back replicated, so every process can read them.
+  `fn(variables, batch) -> dict` of (K, B) arrays (`anytime.exit_statistics`)
+  readable on this host, plus the global 'label' and 'mask' (B,) when each
+  process passes only its rows. `process_index` / `process_count` /
+  `as_bytes` say which batches `data.eval_batches` must serve it.
+  """
+  fn: Callable
+  process_index: int = 0
+  process_count: int = 1
+  as_bytes: bool = False
+
+  def batches(self, config, split: str, *, augment: bool = False):
+    """`split` in batches of config.eval.batch_size, as `fn` takes them."""
+    return data.eval_batches(config, split, config.eval.batch_size,
+                             augment=augment,
+                             process_index=self.process_index,
+                             process_count=self.process_count,
+                             as_bytes=self.as_bytes)
+
+  def outputs(self, config, variables, split: str, *,
+              augment: bool = False) -> anytime.ExitOutputs:
+    """Every exit's outputs on `split` (see `anytime.collect`)."""
+    return anytime.collect(functools.partial(self.fn, variables),
+                           self.batches(config, split, augment=augment))
+
+
+def jitted_statistics(model, mesh=None,
+                      input_norm: tuple | None = None) -> ExitStatistics:
+  """The exit statistics of `model`, jitted once.
+
+  Without a mesh: one device, whole float32 batches. With a mesh: every
+  process passes only its rows of each global batch (a multiple of the
+  device count), as uint8 when `input_norm` = (mean, std) is given (then
+  normalised on the devices as the training step does); each device
+  evaluates its rows and the (K, B) statistics, labels and mask come back
+  whole on every process.
   """
   stats = functools.partial(anytime.exit_statistics, model)
   if mesh is None:
-    return jax.jit(stats)
+    jitted = jax.jit(stats)
+    return ExitStatistics(
+        lambda variables, batch: jitted(variables, batch['image'],
+                                        batch['label']))
+  mean, std = input_norm if input_norm is not None else (None, None)
+
+  def per_device(variables, images, labels, mask):
+    out = stats(variables, step_lib.model_input(images, mean, std), labels)
+    return out, labels, mask
+
   sharded = jax.jit(
-      jax.shard_map(stats, mesh=mesh, in_specs=(P(), P(DATA_AXIS),
-                                                P(DATA_AXIS)),
-                    out_specs=P(None, DATA_AXIS), check_vma=False),
+      jax.shard_map(per_device, mesh=mesh,
+                    in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
+                    out_specs=(P(None, DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
+                    check_vma=False),
       out_shardings=parallel.replicated(mesh))
 
-  def on_mesh(variables, images, labels):
-    return sharded(variables, parallel.global_from_full(images, mesh),
-                   parallel.global_from_full(labels, mesh))
+  def on_mesh(variables, batch):
+    out, labels, mask = sharded(
+        variables, *(parallel.global_array(np.asarray(batch[key]), mesh)
+                     for key in ('image', 'label', 'mask')))
+    return {**out, 'label': labels, 'mask': mask}
 
-  return on_mesh
+  return ExitStatistics(on_mesh, jax.process_index(), jax.process_count(),
+                        as_bytes=input_norm is not None)
 
 
-def threshold_outputs(config, stats) -> anytime.ExitOutputs:
+def threshold_outputs(config, statistics: ExitStatistics,
+                      variables) -> anytime.ExitOutputs:
   """Outputs on the split thresholds are searched on (eval.threshold_source):
   the held-out part, or the augmented training set as the original L2W-DEN."""
-  batch = config.eval.batch_size
   if config.eval.threshold_source == 'holdout':
-    return anytime.collect(stats, data.eval_batches(config, 'holdout', batch))
-  return anytime.collect(stats, data.eval_batches(config, 'train', batch,
-                                                  augment=True))
+    return statistics.outputs(config, variables, 'holdout')
+  return statistics.outputs(config, variables, 'train', augment=True)
 
 
 def evaluate_model(config, model, variables, info, statistics=None) -> dict:
   """Anytime top-1/top-5 on test and the 39-budget curve: a results dict.
 
-  `statistics` is `jitted_statistics(model)` if the caller already has it.
+  `statistics`: `jitted_statistics(model)` (the default) or the caller's
+  (e.g. on a mesh).
   """
-  stats = functools.partial(statistics or jitted_statistics(model), variables)
-  test = anytime.collect(stats, data.eval_batches(config, 'test',
-                                                  config.eval.batch_size))
-  held_out = threshold_outputs(config, stats)
+  statistics = statistics or jitted_statistics(model)
+  test = statistics.outputs(config, variables, 'test')
+  held_out = threshold_outputs(config, statistics, variables)
   flops, _ = count_per_exit(model, info.image_shape)
   curve = budgeted.budgeted_evaluation(
       held_out.confidence, held_out.prediction, held_out.labels,

@@ -40,29 +40,29 @@ from l2w_jax.training import methods
 AXIS = parallel.DATA_AXIS
 
 
-def reduce_metrics(metrics: dict, num_local: int) -> dict:
+def reduce_metrics(metrics: dict, num_local: int,
+                   mean: Callable = parallel.pmean()) -> dict:
   """Per-device half-step metrics -> the loop's replicated summaries: means
-  of losses and weights, summed hits and image counts. Per-sample arrays
-  are dropped (they never leave the device)."""
-  out = {
-      'train_loss': jax.lax.pmean(metrics['train_loss'], AXIS),
-      'loss_per_exit': jax.lax.pmean(metrics['loss_per_exit'], AXIS),
-      'weight_per_exit': jax.lax.pmean(metrics['weight_per_exit'], AXIS),
-      'correct': jax.lax.psum(metrics['correct'], AXIS),
-      'num_images': jax.lax.psum(jnp.asarray(num_local, jnp.int32), AXIS),
-  }
-  if 'meta_loss' in metrics:
-    out['meta_loss'] = jax.lax.pmean(metrics['meta_loss'], AXIS)
+  (by `mean`, see `parallel.pmean`) of losses and weights, summed hits and
+  image counts (integers: exact in any order). Per-sample arrays are
+  dropped (they never leave the device)."""
+  means = {name: metrics[name] for name in ('train_loss', 'loss_per_exit',
+                                            'weight_per_exit', 'meta_loss')
+           if name in metrics}
+  out = mean(means)
+  out.update(correct=jax.lax.psum(metrics['correct'], AXIS),
+             num_images=jax.lax.psum(jnp.asarray(num_local, jnp.int32), AXIS))
   return out
 
 
-def data_parallel_learner(learner: l2w.Learner,
-                          bn_stats: str = 'device0') -> l2w.Learner:
-  """`learner` with gradients averaged over 'data' and running statistics
-  reduced by `bn_stats` (see `parallel.batch_stats_reduction`)."""
+def data_parallel_learner(learner: l2w.Learner, bn_stats: str = 'device0',
+                          reduction: str = 'all_reduce') -> l2w.Learner:
+  """`learner` with gradients averaged over 'data' by `reduction` and
+  running statistics reduced by `bn_stats` (see `parallel.pmean`,
+  `parallel.batch_stats_reduction`)."""
   return dataclasses.replace(
-      learner, reduce_grads=parallel.pmean(),
-      reduce_batch_stats=parallel.batch_stats_reduction(bn_stats))
+      learner, reduce_grads=parallel.pmean(reduction=reduction),
+      reduce_batch_stats=parallel.batch_stats_reduction(bn_stats, reduction))
 
 
 def model_input(images: jax.Array, mean: Sequence[float] | None,
@@ -123,17 +123,19 @@ def sharded_half_step(half_step: Callable, learner: l2w.Learner,
 
 
 def _both_halves(half_step: Callable, learner: l2w.Learner, state, images,
-                 labels, lr, meta_lr, with_meta: bool, to_input: Callable):
+                 labels, lr, meta_lr, with_meta: bool, to_input: Callable,
+                 mean: Callable):
   """(train p1, meta p2) then (train p2, meta p1) on one device's shard,
   halved as `torch.chunk(2)`; `to_input` makes each half the network's
-  input. Returns (state, (metrics1, metrics2))."""
+  input, `mean` averages the metrics over devices. Returns (state,
+  (metrics1, metrics2))."""
   n = images.shape[0]
   first = -(-n // 2)
 
   def half(state, xt, yt, xm, ym):
     state, metrics = half_step(learner, state, to_input(xt), yt,
                                to_input(xm), ym, lr, meta_lr, with_meta)
-    return state, reduce_metrics(metrics, xt.shape[0])
+    return state, reduce_metrics(metrics, xt.shape[0], mean)
 
   if 2 * first != n:  # unequal halves: two shapes, two traced calls
     (x1, y1), (x2, y2) = l2w.split_halves(images, labels)
@@ -154,13 +156,17 @@ def _both_halves(half_step: Callable, learner: l2w.Learner, state, images,
 
 def iteration_program(phase_step: methods.PhaseStep, learner: l2w.Learner,
                       mesh, uses_meta_step: bool,
-                      input_norm: tuple | None = None) -> Callable:
+                      input_norm: tuple | None = None,
+                      reduction: str = 'all_reduce') -> Callable:
   """The whole iteration of one phase as one jitted `shard_map`:
   program(state, images, labels, lr, meta_lr, with_meta) -> (state with
   step + 1, tuple of metrics dicts); `with_meta` is static, the state is
-  donated. `input_norm` = (mean, std) normalises uint8 images on the
-  device (see `model_input`)."""
+  donated. `learner` reduces its gradients over the mesh
+  (`data_parallel_learner`); the metrics are averaged by `reduction` (see
+  `parallel.pmean`). `input_norm` = (mean, std) normalises uint8 images on
+  the device (see `model_input`)."""
   mean, std = input_norm if input_norm is not None else (None, None)
+  metrics_mean = parallel.pmean(reduction=reduction)
 
   def to_input(images):
     return model_input(images, mean, std)
@@ -169,12 +175,13 @@ def iteration_program(phase_step: methods.PhaseStep, learner: l2w.Learner,
     if phase_step.batch_step is not None:
       state, metrics = phase_step.batch_step(learner, state,
                                              to_input(images), labels, lr)
-      metrics = (reduce_metrics(metrics, images.shape[0]),)
+      metrics = (reduce_metrics(metrics, images.shape[0], metrics_mean),)
     else:
       # Halved as bytes; each half is normalised where it is used.
       state, metrics = _both_halves(phase_step.half_step, learner, state,
                                     images, labels, lr, meta_lr,
-                                    with_meta and uses_meta_step, to_input)
+                                    with_meta and uses_meta_step, to_input,
+                                    metrics_mean)
     return state.replace(step=state.step + 1), metrics
 
   def program(state, images, labels, lr, meta_lr, with_meta):
@@ -191,15 +198,19 @@ def iteration_program(phase_step: methods.PhaseStep, learner: l2w.Learner,
 
 def make_iteration(method_name: str, learner: l2w.Learner, mesh,
                    bn_stats: str = 'device0',
-                   input_norm: tuple | None = None) -> Callable:
+                   input_norm: tuple | None = None,
+                   reduction: str = 'all_reduce') -> Callable:
   """The whole iteration of `method_name` on `mesh` (see module doc); a
   phased method's iteration takes the phase's name as `phase` (each phase
   compiles when first reached). `input_norm` = (mean, std) of the dataset,
-  needed when the images arrive as uint8."""
+  needed when the images arrive as uint8; `reduction` says how values are
+  averaged over devices (`parallel.REDUCTIONS`, config
+  `distributed.reduction`)."""
   method = methods.get(method_name)
-  learner = data_parallel_learner(learner, bn_stats)
+  learner = data_parallel_learner(learner, bn_stats, reduction)
   programs = {step.name: iteration_program(step, learner, mesh,
-                                           method.uses_meta_step, input_norm)
+                                           method.uses_meta_step, input_norm,
+                                           reduction)
               for step in method.steps}
   # Whether `with_meta` changes a phase's program (else one program, False).
   meta_matters = {step.name: method.uses_meta_step and

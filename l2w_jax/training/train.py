@@ -25,7 +25,7 @@ from l2w_jax import compilation
 from l2w_jax import data
 from l2w_jax import parallel
 from l2w_jax import paths
-from l2w_jax.evaluation import anytime, report
+from l2w_jax.evaluation import report
 from l2w_jax.meta import l2w
 from l2w_jax.training import methods
 from l2w_jax.training import metrics as metrics_lib
@@ -119,7 +119,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f'one of {THRESHOLD_SOURCES}')
   if config.train.num_steps <= 0 and config.train.epochs <= 0:
     raise ValueError('train.epochs or train.num_steps must be positive')
+  reduction = _reduction(config)
+  if reduction not in parallel.REDUCTIONS:
+    raise ValueError(f'distributed.reduction: unknown reduction '
+                     f'{reduction!r}; use one of {parallel.REDUCTIONS}')
+  if reduction == 'ordered' and config.train.sync_bn:
+    raise ValueError('distributed.reduction=ordered does not cover '
+                     'train.sync_bn (its statistics are all-reduced): set '
+                     'one of them back to its default')
   schedules.check_schedule(config.train)
+
+
+def _reduction(config) -> str:
+  return config.distributed.get('reduction', 'all_reduce')
 
 
 class Preemption:
@@ -472,14 +484,13 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
   spec = data.input_spec(config)
   iteration = step_lib.make_iteration(config.method, learner, mesh,
                                       config.train.bn_stats,
-                                      input_norm=(spec.mean, spec.std))
+                                      input_norm=(spec.mean, spec.std),
+                                      reduction=_reduction(config))
   fresh_opt_state = jax.jit(learner.tx.init,
                             out_shardings=parallel.replicated(mesh))
-  statistics = report.jitted_statistics(learner.model, mesh)
-
-  def statistics_for(state):
-    return functools.partial(statistics, {'params': state.params,
-                                          'batch_stats': state.batch_stats})
+  # Evaluation on the mesh: each process decodes its rows, as uint8.
+  statistics = report.jitted_statistics(learner.model, mesh,
+                                        input_norm=(spec.mean, spec.std))
 
   preemption = Preemption(interrupt_at_step)
   preemption.install()
@@ -544,7 +555,7 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
         if (last_of_epoch and config.train.eval_every_epochs > 0 and
             (step // steps_per_epoch) % config.train.eval_every_epochs == 0
             and step < total):
-          _write_eval(writer, step, statistics_for(state), config, info)
+          _write_eval(writer, step, statistics, state, config, info)
         if stop:
           save(step, wait=True)  # "saved" is printed once it is on disk
           print(f'interrupted: checkpoint saved at iteration {step}; rerun '
@@ -577,10 +588,11 @@ def _startup(state, compile_log: compilation.CompileLog, log) -> dict:
           'compilation': compile_log.summary()}
 
 
-def _write_eval(writer, step, statistics_fn, config, info) -> None:
+def _write_eval(writer, step, statistics, state, config, info) -> None:
   split = 'holdout' if info.num_holdout else 'test'
-  outputs = anytime.collect(statistics_fn, data.eval_batches(
-      config, split, config.eval.batch_size))
+  outputs = statistics.outputs(config, {'params': state.params,
+                                        'batch_stats': state.batch_stats},
+                               split)
   scalars = {}
   for k, (top1, top5, loss) in enumerate(zip(
       outputs.top1_accuracy(), outputs.top5_accuracy(),
