@@ -1,15 +1,17 @@
-r"""ImageNet preprocessing per image: cropped JPEG decoding against full.
+r"""ImageNet preprocessing per image, now and before issue 25.
 
   python -m benchmarks.input_pipeline --threads=1 [--images_dir=DIR]
 
-Times the training input's preprocessing (decode, RandomResizedCrop(224),
-flip, ToTensor + Normalize to float32: what `data.train_batches` and
-`data.train_stream` compute for each ImageNet image) two ways on the same
-images in the same run: decoding only the crop window (`jpeg_decode='crop'`,
-the default: `augment.decode_random_resized_crop`) and decoding the whole
-JPEG before cropping (`jpeg_decode='full'`); and the evaluation transform
-(decode, Resize(256), CenterCrop(224), normalise). Each also without the
-normalisation (uint8 out), to show what emitting uint8 would save.
+Times, on the same images in the same run, the training input's
+preprocessing as the loop runs it now (`train`: the RandomResizedCrop
+window alone decoded, PIL's bilinear resize to 224, flip, uint8 out: what
+`data.train_stream` computes for each ImageNet image) against the path it
+replaced (`train_before`: the whole JPEG decoded, TensorFlow's antialiased
+resize, flip, ToTensor + Normalize to float32), with the steps in between
+(`train_full_decode`: now but decoding whole images; `train_before_uint8`:
+before without the normalisation; `train_tf_resize`: the window decoded
+but TensorFlow's resize), and the evaluation transform (decode, Resize(256),
+CenterCrop(224)) now (PIL, uint8) and before (TensorFlow, float32).
 
 The images are the JPEG (or PNG) files in --images_dir (the first
 --num_images in name order), or --num_images synthetic photos written to a
@@ -26,11 +28,13 @@ figure: at --threads=1 the cost per image of one thread; with more threads,
 wall time per image (throughput). The machine is shared: compare figures
 within one run.
 
-Prints one JSON line: `train_ms_per_image` (cropped decode),
-`train_full_decode_ms_per_image`, `train_speedup` (their ratio),
-`train_uint8_ms_per_image`, `eval_ms_per_image`, `eval_uint8_ms_per_image`,
-`train_pixels_equal` (whether both decodes gave the same uint8 images),
-`threads`, `num_images`, `mean_kb` (encoded size) and the settings.
+Prints one JSON line: `train_ms_per_image`, `train_before_ms_per_image`,
+`train_speedup` (before / now), the intermediate variants' times,
+`eval_ms_per_image`, `eval_before_ms_per_image`, `train_pixels_equal`
+(whether the window decode and the full decode gave the same images),
+`tf_resize_max_difference` and `tf_resize_pixels_differing` (TensorFlow's
+resize against PIL's on the same windows), `threads`, `num_images`,
+`mean_kb` (encoded size) and the settings.
 """
 
 import json
@@ -142,28 +146,70 @@ def main(argv):
   resize = int(round(size * pipeline.IMAGENET_EVAL_RATIO))
   mean, std = pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD
 
-  def train(jpeg_decode, normalise):
+  def train(jpeg_decode):
     def fn(image, index):
       # The pipeline's seed layout: (epoch key, position).
       seed = tf.stack([tf.constant(7, tf.int64), index])
-      out = augment.imagenet_train_encoded(image, seed, size, jpeg_decode)
+      return augment.imagenet_train_encoded(image, seed, size, jpeg_decode)
+    return fn
+
+  def train_before(decode_window, normalise):
+    """The training transform before this project's issue 25, or with only
+    its decode changed: TensorFlow's antialiased resize of the window of
+    the whole decoded image (`decode_window=False`) or of the window alone;
+    float32 normalised (as batches then crossed the link) or uint8."""
+    def fn(image, index):
+      seed = tf.stack([tf.constant(7, tf.int64), index])
+      crop_seed, flip_seed = tf.unstack(
+          tf.random.experimental.stateless_split(seed, 2))
+
+      def window_of_jpeg():
+        shape = tf.io.extract_jpeg_shape(image, output_type=tf.int32)
+        window = augment.random_resized_crop_window(crop_seed, shape[0],
+                                                    shape[1])
+        return augment.decode_crop_jpeg(image, window, shape[1])
+
+      def window_of_decoded():
+        decoded = augment.decode_image(image)
+        shape = tf.shape(decoded)
+        top, left, h, w = tf.unstack(augment.random_resized_crop_window(
+            crop_seed, shape[0], shape[1]))
+        return tf.slice(decoded, tf.stack([top, left, 0]),
+                        tf.stack([h, w, 3]))
+
+      crop = (tf.cond(tf.io.is_jpeg(image), window_of_jpeg,
+                      window_of_decoded) if decode_window else
+              window_of_decoded())
+      out = augment.random_flip(augment.resize_bilinear(crop, size, size),
+                                flip_seed)
       return augment.to_float_normalized(out, mean, std) if normalise else out
     return fn
 
-  def evaluate(normalise):
+  def evaluate(resize_fn, normalise):
     def fn(image, index):
       del index
-      out = augment.imagenet_eval(augment.decode_image(image), size, resize)
+      decoded = augment.decode_image(image)
+      shape = tf.shape(decoded)
+      short = tf.minimum(shape[0], shape[1])
+      long = tf.maximum(shape[0], shape[1])
+      new_long = tf.cast(tf.floor(resize * tf.cast(long, tf.float64) /
+                                  tf.cast(short, tf.float64)), tf.int32)
+      new_h = tf.where(shape[0] <= shape[1], resize, new_long)
+      new_w = tf.where(shape[0] <= shape[1], new_long, resize)
+      out = augment.center_crop(resize_fn(decoded, new_h, new_w), size)
       return augment.to_float_normalized(out, mean, std) if normalise else out
     return fn
 
   variants = {
-      'train': train('crop', True),
-      'train_full_decode': train('full', True),
-      'train_uint8': train('crop', False),
-      'train_full_decode_uint8': train('full', False),
-      'eval': evaluate(True),
-      'eval_uint8': evaluate(False),
+      # What data.train_stream / eval_batches(as_bytes=True) compute now.
+      'train': train('crop'),
+      'train_full_decode': train('full'),
+      'train_before': train_before(decode_window=False, normalise=True),
+      'train_before_uint8': train_before(decode_window=False,
+                                         normalise=False),
+      'train_tf_resize': train_before(decode_window=True, normalise=False),
+      'eval': evaluate(augment.resize_like_pil, normalise=False),
+      'eval_before': evaluate(augment.resize_bilinear, normalise=True),
   }
   options = tf.data.Options()
   options.deterministic = True
@@ -180,12 +226,16 @@ def main(argv):
     ds = ds.map(fn, num_parallel_calls=threads).batch(_BATCH.value)
     return ds.with_options(options)
 
-  # Both decodes must give the same images (one pass each, not timed).
-  pixels_equal = all(
-      np.array_equal(a, b) for a, b in zip(
-          pipeline_of(variants['train_uint8'], False).as_numpy_iterator(),
-          pipeline_of(variants['train_full_decode_uint8'],
-                      False).as_numpy_iterator(), strict=True))
+  def images(name):
+    return np.concatenate(list(pipeline_of(variants[name],
+                                           False).as_numpy_iterator()))
+
+  # Both decodes must give the same images (one pass each, not timed); how
+  # far TensorFlow's resize is from PIL's.
+  now = images('train')
+  pixels_equal = bool(np.array_equal(now, images('train_full_decode')))
+  tf_resized = images('train_tf_resize').astype(np.int16)
+  resize_difference = np.abs(tf_resized - now)
   # Steady state: one iterator per variant for the whole run (creating one
   # instantiates and optimises its functions, which would cost more than
   # the images on a small set).
@@ -208,14 +258,17 @@ def main(argv):
         for name, t in times.items()}
   print(json.dumps({
       'train_ms_per_image': round(ms['train'], 3),
+      'train_before_ms_per_image': round(ms['train_before'], 3),
+      'train_speedup': round(ms['train_before'] / ms['train'], 3),
       'train_full_decode_ms_per_image': round(ms['train_full_decode'], 3),
-      'train_speedup': round(ms['train_full_decode'] / ms['train'], 3),
-      'train_uint8_ms_per_image': round(ms['train_uint8'], 3),
-      'train_full_decode_uint8_ms_per_image': round(
-          ms['train_full_decode_uint8'], 3),
+      'train_before_uint8_ms_per_image': round(ms['train_before_uint8'], 3),
+      'train_tf_resize_ms_per_image': round(ms['train_tf_resize'], 3),
       'eval_ms_per_image': round(ms['eval'], 3),
-      'eval_uint8_ms_per_image': round(ms['eval_uint8'], 3),
-      'train_pixels_equal': bool(pixels_equal),
+      'eval_before_ms_per_image': round(ms['eval_before'], 3),
+      'train_pixels_equal': pixels_equal,
+      'tf_resize_max_difference': int(resize_difference.max()),
+      'tf_resize_pixels_differing': round(
+          float((resize_difference > 0).mean()), 4),
       'threads': threads,
       'num_images': len(encoded),
       'images_per_pass': per_pass,

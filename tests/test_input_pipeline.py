@@ -196,6 +196,38 @@ def test_train_transform_is_the_same_with_either_decode():
                                    tf.constant([0, 0], tf.int64), 24, 'fast')
 
 
+def test_imagenet_transforms_are_the_originals_pil_transforms():
+  """The training and evaluation transforms give, pixel for pixel, what
+  torchvision's RandomResizedCrop + RandomHorizontalFlip and Resize(256) +
+  CenterCrop(224) give on the PIL image of the original's loader
+  (`Image.open(...).convert('RGB')`), for the same window and flip."""
+  image = photo(123, 171, 5)
+  for name, encoded in [('4:2:0', pil_bytes(image, quality=90)),
+                        ('progressive', pil_bytes(image, quality=85,
+                                                  progressive=True)),
+                        ('png', pil_bytes(image, 'PNG'))]:
+    loaded = Image.open(io.BytesIO(encoded)).convert('RGB')
+    for k in range(8):
+      seed = tf.constant([k, 11], tf.int64)
+      crop_seed, flip_seed = tf.unstack(
+          tf.random.experimental.stateless_split(seed, 2))
+      top, left, h, w = (int(v) for v in augment.random_resized_crop_window(
+          crop_seed, 123, 171))
+      want = loaded.crop((left, top, left + w, top + h)).resize(
+          (24, 24), Image.Resampling.BILINEAR)
+      if float(tf.random.stateless_uniform([], seed=flip_seed)) < 0.5:
+        want = want.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+      got = augment.imagenet_train_encoded(tf.constant(encoded), seed, 24)
+      np.testing.assert_array_equal(got.numpy(), np.asarray(want),
+                                    f'{name} {k}')
+    # Resize(40): the shorter side 40, the longer int(40 * 171 / 123) = 55;
+    # CenterCrop(32): top round(4) = 4, left round(11.5) = 12.
+    want = np.asarray(loaded.resize((55, 40), Image.Resampling.BILINEAR))
+    got = augment.imagenet_eval(augment.decode_image(tf.constant(encoded)),
+                                32, 40)
+    np.testing.assert_array_equal(got.numpy(), want[4:36, 12:44], name)
+
+
 # ----------------------------------------------------------------------------
 # A real tfds imagenet2012, prepared from fake archives.
 
@@ -506,14 +538,19 @@ def _benchmark(*flags_):
 
 def test_benchmark_runs_on_a_few_tiny_images(tmp_path):
   figures = _benchmark('--num_images=4', '--width=40', '--height=30')
-  for key in ('train_ms_per_image', 'train_full_decode_ms_per_image',
-              'train_uint8_ms_per_image', 'eval_ms_per_image',
-              'eval_uint8_ms_per_image'):
+  for key in ('train_ms_per_image', 'train_before_ms_per_image',
+              'train_full_decode_ms_per_image',
+              'train_before_uint8_ms_per_image',
+              'train_tf_resize_ms_per_image', 'eval_ms_per_image',
+              'eval_before_ms_per_image'):
     assert figures[key] > 0, key
   assert figures['train_speedup'] == pytest.approx(
-      figures['train_full_decode_ms_per_image'] /
+      figures['train_before_ms_per_image'] /
       figures['train_ms_per_image'], rel=0.01)
   assert figures['train_pixels_equal'] is True
+  # TensorFlow's resize is within a grey level of PIL's, and not equal.
+  assert figures['tf_resize_max_difference'] == 1
+  assert 0 < figures['tf_resize_pixels_differing'] < 0.5
   assert figures['threads'] == 1 and figures['num_images'] == 4
   # A directory of files, a PNG among them.
   image = photo(30, 41, 0)
