@@ -5,6 +5,7 @@ its own shard into halves, uses its own BatchNorm statistics and its own
 exit allocation, and the two networks' gradients are averaged over devices.
 """
 
+import dataclasses
 import json
 import math
 import re
@@ -25,6 +26,7 @@ from l2w_jax import parallel
 from l2w_jax.evaluation import report
 from l2w_jax.meta import l2w
 from l2w_jax.optim import apply_optimizer
+from l2w_jax.training import methods
 from l2w_jax.training import step as step_lib
 from l2w_jax.training import train
 from l2w_jax.training.learner import build_learner, init_train_state
@@ -202,10 +204,24 @@ def test_the_iteration_takes_bytes_and_is_one_program(monkeypatch):
                     batch['image'], batch['label'], LR, META_LR, True)
   assert not placed and program._cache_size() == 2
   chex.assert_trees_all_equal(again, results[0])
-  # The two halves share one traced half step (a scan of two).
-  text = program.lower(state, batch['image'], batch['label'], LR, META_LR,
-                       True).as_text()
-  assert text.count('stablehlo.while') == 1, text.count('stablehlo.while')
+  # The program itself counts the iteration (no second dispatch for it).
+  counted, _ = program(jax.device_put(_copy(state), parallel.replicated(mesh)),
+                       batch['image'], batch['label'], LR, META_LR, True)
+  assert int(counted.step) == int(state.step) + 1
+  # The two halves share one traced half step (a scan of two), unrolled on
+  # CPU, where XLA runs a while loop's body several times slower.
+  assert step_lib.unroll_halves(mesh)
+  traced = []
+  half_step = methods.get('l2w').steps[0].half_step
+  counting = step_lib.iteration_program(
+      dataclasses.replace(methods.get('l2w').steps[0],
+                          half_step=lambda *a: traced.append(1) or half_step(
+                              *a)),
+      step_lib.data_parallel_learner(learner), mesh, True, (mean, std))
+  text = counting.lower(state, batch['image'], batch['label'], LR, META_LR,
+                        True).as_text()
+  assert len(traced) == 1
+  assert 'stablehlo.while' not in text
 
 
 @pytest.mark.parametrize('rule', ['device0', 'mean'])

@@ -13,7 +13,8 @@ and phase) that does the whole iteration on every device's own rows:
   device's shard as `torch.chunk(2)` does (the first half gets ceil(b/2)
   rows) and runs the half step twice, (train p1 / meta p2) then (train p2 /
   meta p1), giving two metrics dicts; with equal halves the two calls are
-  one `lax.scan` body, so the half step compiles once;
+  one `lax.scan` body, so the half step is traced once (and compiled once
+  off CPU; see `unroll_halves`);
 * a whole-batch method (BoostNet, IMTA, ...) runs one step on the shard,
   giving one metrics dict;
 * the iteration counter moves on the device.
@@ -124,11 +125,12 @@ def sharded_half_step(half_step: Callable, learner: l2w.Learner,
 
 def _both_halves(half_step: Callable, learner: l2w.Learner, state, images,
                  labels, lr, meta_lr, with_meta: bool, to_input: Callable,
-                 mean: Callable):
+                 mean: Callable, unroll: bool):
   """(train p1, meta p2) then (train p2, meta p1) on one device's shard,
   halved as `torch.chunk(2)`; `to_input` makes each half the network's
-  input, `mean` averages the metrics over devices. Returns (state,
-  (metrics1, metrics2))."""
+  input, `mean` averages the metrics over devices; `unroll` unrolls the
+  scan of equal halves (see `unroll_halves`). Returns (state, (metrics1,
+  metrics2))."""
   n = images.shape[0]
   first = -(-n // 2)
 
@@ -149,9 +151,19 @@ def _both_halves(half_step: Callable, learner: l2w.Learner, state, images,
     return half(state, rows(images, index), rows(labels, index),
                 rows(images, 1 - index), rows(labels, 1 - index))
 
-  state, stacked = jax.lax.scan(body, state, jnp.arange(2))
+  state, stacked = jax.lax.scan(body, state, jnp.arange(2), unroll=unroll)
   return state, tuple(jax.tree_util.tree_map(lambda m, i=i: m[i], stacked)
                       for i in range(2))
+
+
+def unroll_halves(mesh) -> bool:
+  """Whether the scan over the two halves is unrolled: on CPU, where
+  XLA runs a while loop's body far slower than the same ops outside one
+  (the CIFAR-100 MSDNet's uniform iteration, batch 64, one device: 7.1 s
+  in the loop against 0.78 s unrolled, benchmarks/step_time.py); elsewhere
+  the loop stays, so the half step is compiled once. Traced once either
+  way; the values are the same computation."""
+  return mesh.devices.flat[0].platform == 'cpu'
 
 
 def iteration_program(phase_step: methods.PhaseStep, learner: l2w.Learner,
@@ -181,7 +193,7 @@ def iteration_program(phase_step: methods.PhaseStep, learner: l2w.Learner,
       state, metrics = _both_halves(phase_step.half_step, learner, state,
                                     images, labels, lr, meta_lr,
                                     with_meta and uses_meta_step, to_input,
-                                    metrics_mean)
+                                    metrics_mean, unroll_halves(mesh))
     return state.replace(step=state.step + 1), metrics
 
   def program(state, images, labels, lr, meta_lr, with_meta):
