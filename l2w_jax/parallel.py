@@ -221,13 +221,6 @@ def prefetch_to_mesh(batches: Iterator[dict], mesh,
     enqueue(1)
 
 
-def global_from_full(full: np.ndarray, mesh) -> jax.Array:
-  """A batch every process holds whole -> a global array sharded along
-  'data' (each process places only its own devices' rows)."""
-  return jax.make_array_from_callback(full.shape, batch_sharded(mesh),
-                                      lambda index: full[index])
-
-
 def pmean(axis_name: str = DATA_AXIS, reduction: str = 'all_reduce'
           ) -> Callable:
   """Tree -> its mean over the devices of `axis_name` (inside shard_map).
