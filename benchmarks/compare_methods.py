@@ -24,7 +24,7 @@ from configs import common
 
 from l2w_jax import paths
 from l2w_jax.evaluation import comparison, plots
-from l2w_jax.training import methods
+from l2w_jax.training import registry
 from l2w_jax.training.train import finished_or_trained
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py')
@@ -48,9 +48,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.ERROR)
-  names = _METHODS.value or list(methods.available())
+  names = _METHODS.value or list(registry.available())
   for name in names:
-    methods.get(name)  # an unknown name stops before any training
+    registry.get(name)  # an unknown name stops before any training
   seeds = [int(s) for s in _SEEDS.value]
   config = common.config_from_flag(_CONFIG)
   summaries, out = [], {'seeds': seeds}

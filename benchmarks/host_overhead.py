@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2w_jax import parallel
-from l2w_jax.meta import l2w
-from l2w_jax.training import methods
+from l2w_jax.training import registry
 from l2w_jax.training import step as step_lib
+from l2w_jax.training.state import Learner, TrainState
 
 _BATCH = flags.DEFINE_integer('global_batch', 512, 'Images per iteration.')
 _SIZE = flags.DEFINE_integer('image_size', 224, 'Image side.')
@@ -59,15 +59,13 @@ def _trivial_half_step(learner, state, train_images, train_labels,
                  'correct': jnp.zeros((_NUM_EXITS,), jnp.int32)}
 
 
-methods.register('host_overhead_trivial', _trivial_half_step,
-                 uses_meta_step=False)
+registry.register('host_overhead_trivial', _trivial_half_step)
 
 
 def _state():
   zero = jnp.zeros((), jnp.float32)
-  return l2w.TrainState(step=jnp.zeros((), jnp.int32), params={'w': zero},
-                        batch_stats={}, opt_state=(), meta_params={},
-                        meta_opt_state=())
+  return TrainState(step=jnp.zeros((), jnp.int32), params={'w': zero},
+                    batch_stats={}, opt_state=())
 
 
 class _NoRemat:
@@ -78,8 +76,7 @@ class _NoRemat:
 
 
 def _learner():
-  return l2w.Learner(model=_NoRemat(), weight_net=None, tx=None,
-                     meta_tx=None, settings=l2w.L2WSettings())
+  return Learner(model=_NoRemat(), tx=None)
 
 
 def _batches(pool, count):

@@ -27,7 +27,8 @@ import numpy as np
 from configs import common
 
 from l2w_jax import parallel
-from l2w_jax.meta import l2w
+from l2w_jax.methods import l2w
+from l2w_jax.training.forward import split_halves
 from l2w_jax.training.learner import build_learner, init_train_state
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar100.py')
@@ -51,7 +52,7 @@ def measure(config, remat: bool, inner_steps: int, batch_size: int,
   images = rng.normal(size=(batch_size, size, size, 3)).astype(np.float32)
   labels = rng.integers(0, config.dataset.num_classes, batch_size,
                         dtype=np.int32)
-  (xt, yt), (xm, ym) = l2w.split_halves(images, labels)
+  (xt, yt), (xm, ym) = split_halves(images, labels)
   step = jax.jit(lambda s, a, b, c, d: l2w.l2w_half_step(
       learner, s, a, b, c, d, 0.1, 1e-4, with_meta=True))
   start = time.perf_counter()

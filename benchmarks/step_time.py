@@ -26,7 +26,8 @@ import numpy as np
 from configs import common
 
 from l2w_jax import parallel
-from l2w_jax.meta import l2w
+from l2w_jax.methods import l2w, uniform
+from l2w_jax.training.forward import split_halves
 from l2w_jax.training import step as step_lib
 from l2w_jax.training.learner import build_learner, init_train_state
 
@@ -52,11 +53,11 @@ def main(argv):
   images = jax.random.normal(key_x, (_BATCH.value, size, size, 3))
   labels = jax.random.randint(key_y, (_BATCH.value,), 0,
                               config.dataset.num_classes)
-  (x1, y1), (x2, y2) = l2w.split_halves(images, labels)
+  (x1, y1), (x2, y2) = split_halves(images, labels)
   lr, meta_lr = jnp.float32(0.1), jnp.float32(1e-4)
 
   plain_jit = jax.jit(
-      lambda s, x, y: l2w.uniform_half_step(learner, s, x, y, lr))
+      lambda s, x, y: uniform.uniform_half_step(learner, s, x, y, lr))
   meta_jit = jax.jit(lambda s, xt, yt, xm, ym: l2w.l2w_half_step(
       learner, s, xt, yt, xm, ym, lr, meta_lr, with_meta=True))
 

@@ -94,7 +94,7 @@ def main(argv):
   from l2w_jax.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
   from l2w_jax import paths  # pylint: disable=g-import-not-at-top
   from l2w_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
-  from l2w_jax.training import methods  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training import registry  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.train import TrainingDiverged, WorkdirError  # pylint: disable=g-import-not-at-top
   from l2w_jax.accelerators import PlatformError  # pylint: disable=g-import-not-at-top
@@ -104,7 +104,7 @@ def main(argv):
   runs, seconds = [], {}
   try:
     for method in _METHODS.value:
-      methods.get(method)  # an unknown name stops before any training
+      registry.get(method)  # an unknown name stops before any training
     if _FIGURE.value:  # before any training, like the workdir's scheme
       paths.check_writable(_FIGURE.value, 'cannot write the figure to')
     for i, method in enumerate(_METHODS.value):

@@ -8,7 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2w_jax.meta import l2w, weighting
+from l2w_jax.meta import weighting
+from l2w_jax.methods import l2w
+from l2w_jax.training.state import TrainState
+from l2w_jax.methods import uniform
+from l2w_jax.optim import apply_optimizer
+from l2w_jax.training import forward
 from l2w_jax.training.learner import build_learner, init_train_state
 from tests.tiny import TINY_IMAGE, tiny_config
 
@@ -35,15 +40,15 @@ def _half_step(learner, **kwargs):
 
 def test_epsilon_zero_gives_the_uniform_update():
   learner, state, images, labels = _setup(epsilon=0.0)
-  (xt, yt), (xm, ym) = l2w.split_halves(images, labels)
+  (xt, yt), (xm, ym) = forward.split_halves(images, labels)
   weighted, metrics = jax.jit(functools.partial(
       l2w.l2w_half_step, learner, with_meta=True))(state, xt, yt, xm, ym,
                                                    0.1, 1e-2)
-  uniform, _ = jax.jit(functools.partial(l2w.uniform_half_step, learner))(
+  plain, _ = jax.jit(functools.partial(uniform.uniform_half_step, learner))(
       state, xt, yt, 0.1)
   np.testing.assert_allclose(metrics['weights'], 1.0)
-  chex.assert_trees_all_close(weighted.params, uniform.params, atol=1e-6)
-  chex.assert_trees_all_close(weighted.batch_stats, uniform.batch_stats,
+  chex.assert_trees_all_close(weighted.params, plain.params, atol=1e-6)
+  chex.assert_trees_all_close(weighted.batch_stats, plain.batch_stats,
                               atol=1e-6)
   # The weight net still learned something from the meta step.
   assert _max_diff(weighted.meta_params, state.meta_params) > 0
@@ -79,7 +84,7 @@ def test_iteration_with_meta_step_reports_everything():
 
 
 def test_halves_split_like_torch_chunk():
-  (a, _), (b, _) = l2w.split_halves(jnp.arange(7), jnp.arange(7))
+  (a, _), (b, _) = forward.split_halves(jnp.arange(7), jnp.arange(7))
   assert a.tolist() == [0, 1, 2, 3] and b.tolist() == [4, 5, 6]
 
 
@@ -87,10 +92,10 @@ def test_real_step_weights_come_from_the_updated_weight_net():
   """Order inside a half: meta update first, then the real step's weights
   are predicted by the *updated* weight net (as constants)."""
   learner, state, images, labels = _setup()
-  (xt, yt), (xm, ym) = l2w.split_halves(images, labels)
+  (xt, yt), (xm, ym) = forward.split_halves(images, labels)
   new, metrics = _half_step(learner)(state, xt, yt, xm, ym, 0.1, 1e-2,
                                      with_meta=True)
-  losses, _ = jax.jit(functools.partial(l2w.backbone_losses, learner.model))(
+  losses, _ = jax.jit(functools.partial(forward.backbone_losses, learner.model))(
       state.params, state.batch_stats, xt, yt)
   np.testing.assert_allclose(metrics['losses'], losses, rtol=1e-6)
   updated = l2w.predict_weights(learner, new.meta_params, losses)
@@ -105,9 +110,9 @@ def test_real_step_weights_come_from_the_updated_weight_net():
 
   @jax.jit
   def sgd_step(params):
-    grads = jax.grad(lambda p: l2w.weighted_loss(updated, l2w.backbone_losses(
+    grads = jax.grad(lambda p: forward.weighted_loss(updated, forward.backbone_losses(
         learner.model, p, state.batch_stats, xt, yt)[0]))(params)
-    return l2w.apply_optimizer(learner.tx, grads, state.opt_state, params,
+    return apply_optimizer(learner.tx, grads, state.opt_state, params,
                                0.1)[0]
 
   params = sgd_step(state.params)
@@ -123,7 +128,7 @@ def test_iteration_trains_on_each_half_with_the_other_as_meta_data():
                   np.asarray(ym), lr, meta_lr, with_meta))
     return state, {}
 
-  state = l2w.TrainState(step=jnp.zeros((), jnp.int32), params={},
+  state = TrainState(step=jnp.zeros((), jnp.int32), params={},
                          batch_stats={}, opt_state=(), meta_params={},
                          meta_opt_state=())
   images = jnp.arange(7, dtype=jnp.float32)[:, None] * jnp.ones((7, 2))
@@ -142,7 +147,7 @@ def test_iteration_trains_on_each_half_with_the_other_as_meta_data():
 def test_iteration_equals_two_explicit_half_steps():
   learner, state, images, labels = _setup()
   step = _half_step(learner)
-  (x1, y1), (x2, y2) = l2w.split_halves(images, labels)
+  (x1, y1), (x2, y2) = forward.split_halves(images, labels)
   expected, _ = step(state, x1, y1, x2, y2, 0.1, 1e-2, with_meta=True)
   expected, _ = step(expected, x2, y2, x1, y1, 0.1, 1e-2, with_meta=True)
   # The same first half with half 2 using its own train half as meta data.

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from l2w_jax import parallel
-from l2w_jax.meta import api, l2w
+from l2w_jax.meta import api
+from l2w_jax.methods import l2w
+from l2w_jax.training import forward
 from l2w_jax.training import step as step_lib
 from l2w_jax.training.learner import build_learner, init_train_state
 from tests.tiny import (TINY_IMAGE, float64_meta_problem, tiny_config,
@@ -144,7 +146,7 @@ def test_bad_meta_options_are_named():
     api.MetaOptions(virtual_params='blocks')
   config = tiny_config()
   config.meta.virtual_params = 'heads'
-  assert build_learner(config).settings.meta_options == dataclasses.replace(
+  assert build_learner(config).option(l2w.OPTION).meta_options == dataclasses.replace(
       api.MetaOptions(), virtual_params='heads')
 
 
@@ -156,7 +158,7 @@ def _half_step_with_remat(config, remat: bool):
   state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE)
   images = jax.random.normal(jax.random.PRNGKey(1), (8,) + TINY_IMAGE)
   labels = jnp.arange(8) % 5
-  (xt, yt), (xm, ym) = l2w.split_halves(images, labels)
+  (xt, yt), (xm, ym) = forward.split_halves(images, labels)
   # Compiled as the training step is (remat's barriers kept on CPU).
   step = jax.jit(functools.partial(l2w.l2w_half_step, learner),
                  static_argnames='with_meta',

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2w_jax.meta import api, l2w
+from l2w_jax.meta import api
+from l2w_jax.methods import l2w
+from l2w_jax.training import forward
 from l2w_jax.training.learner import build_learner, init_train_state
 from tests.tiny import TINY_IMAGE, float64_meta_problem, tiny_config
 
@@ -66,7 +68,7 @@ def test_meta_gradient_is_not_zero_and_flows_only_through_the_virtual_step(
   labels = jnp.arange(8) % 5
   step = jax.jit(functools.partial(l2w.l2w_half_step, learner),
                  static_argnames='with_meta')
-  (xt, yt), (xm, ym) = l2w.split_halves(images, labels)
+  (xt, yt), (xm, ym) = forward.split_halves(images, labels)
   _, metrics = step(state, xt, yt, xm, ym, 0.0, 1e-3, with_meta=True)
   assert all(float(jnp.max(jnp.abs(g))) == 0.0
              for g in jax.tree_util.tree_leaves(metrics['meta_grads']))

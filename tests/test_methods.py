@@ -14,13 +14,13 @@ import pytest
 
 from l2w_jax import optim
 from l2w_jax import parallel
-from l2w_jax.meta import l2w
-from l2w_jax.methods import boosting
+from l2w_jax.meta import weighting
+from l2w_jax.methods import boostnet
 from l2w_jax.methods import imta
 from l2w_jax.models import gradient_equilibrium as ge
 from l2w_jax.models.ensemble import ensemble_logits
 from l2w_jax.models.msdnet import MSDNet
-from l2w_jax.training import methods
+from l2w_jax.training import registry
 from l2w_jax.training import step as step_lib
 from l2w_jax.training import train
 from l2w_jax.training.learner import build_learner, init_train_state
@@ -66,7 +66,7 @@ def _exit_loss_grads(model, variables, images, labels):
     logits, _ = model.apply({'params': params,
                              'batch_stats': variables['batch_stats']},
                             images, train=True, mutable=['batch_stats'])
-    return jnp.sum(jnp.mean(l2w.weighting.per_exit_losses(logits, labels),
+    return jnp.sum(jnp.mean(weighting.per_exit_losses(logits, labels),
                             axis=0))
   return jax.jit(jax.grad(total))(variables['params'])
 
@@ -100,11 +100,11 @@ def test_gradient_equilibrium_rescales_only_the_backbone():
 
 
 def test_reweights_follow_the_original_rule():
-  assert boosting.reweights(0.5, 3) == (0.5, 0.5, 0.5)
-  assert boosting.reweights((0.2, 0.6), 3) == pytest.approx((0.2, 0.4, 0.6))
-  assert boosting.reweights([0.1, 0.2, 0.3], 3) == (0.1, 0.2, 0.3)
+  assert boostnet.reweights(0.5, 3) == (0.5, 0.5, 0.5)
+  assert boostnet.reweights((0.2, 0.6), 3) == pytest.approx((0.2, 0.4, 0.6))
+  assert boostnet.reweights([0.1, 0.2, 0.3], 3) == (0.1, 0.2, 0.3)
   with pytest.raises(ValueError, match='boostnet.reweight'):
-    boosting.reweights((0.1, 0.2, 0.3, 0.4), 3)
+    boostnet.reweights((0.1, 0.2, 0.3, 0.4), 3)
 
 
 def _toy_logits():
@@ -125,7 +125,7 @@ def test_boosted_losses_against_a_hand_computation():
     log_probs = z - np.log(np.sum(np.exp(z), axis=1, keepdims=True))
     return -np.mean(log_probs[np.arange(4), np.asarray(labels)])
 
-  np.testing.assert_allclose(boosting.stage_losses(o, labels, r),
+  np.testing.assert_allclose(boostnet.stage_losses(o, labels, r),
                              [ce(z) for z in inputs], rtol=1e-6)
   # Test time: Q_k = o_k + Q_{k-1} r_k (the consumer's r).
   q1 = o[1] + o[0] * r[1]
@@ -138,7 +138,7 @@ def test_no_gradient_from_exit_k_reaches_earlier_exit_logits():
   o = _toy_logits()
   labels = jnp.array([0, 3, 1, 4])
   for k in (1, 2):
-    grads = jax.grad(lambda o: boosting.stage_losses(o, labels, (0.5,) * 3)[k])(o)
+    grads = jax.grad(lambda o: boostnet.stage_losses(o, labels, (0.5,) * 3)[k])(o)
     for j in range(k):
       assert float(jnp.max(jnp.abs(grads[j]))) == 0.0
     assert float(jnp.max(jnp.abs(grads[k]))) > 1e-3
@@ -174,11 +174,41 @@ def test_boostnet_config_errors_name_the_field():
 
 def test_method_registry_rejects_ambiguous_registrations():
   with pytest.raises(ValueError, match='exactly one'):
-    methods.register('neither', uses_meta_step=False)
+    registry.register('neither', uses_meta_step=False)
   with pytest.raises(ValueError, match='already registered'):
-    methods.register('boostnet', batch_step=lambda *a: a,
+    registry.register('boostnet', batch_step=lambda *a: a,
                      uses_meta_step=False)
-  assert {'l2w', 'uniform', 'boostnet'} <= set(methods.available())
+  with pytest.raises(ValueError, match='needs a weight_net'):
+    registry.register('meta_without_net', lambda *a: a, uses_meta_step=True)
+  assert {'l2w', 'uniform', 'boostnet', 'imta', 'l2w_imta', 'regime_disjoint',
+          'regime_joint', 'regime_mixed'} <= set(registry.available())
+
+
+def test_methods_are_found_by_module_and_name():
+  with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
+    registry.get('no_such_module:sdn')
+  with pytest.raises(ValueError, match='does not register it'):
+    registry.get('l2w_jax.methods.uniform:sdn')
+  assert registry.get('l2w_jax.methods.uniform:uniform') is registry.get(
+      'uniform')
+
+
+@pytest.mark.parametrize('method,has_weight_net', [
+    ('l2w', True), ('uniform', False), ('boostnet', False)])
+def test_only_methods_with_a_meta_step_carry_a_weight_net(method,
+                                                           has_weight_net):
+  config = tiny_config()
+  config.method = method
+  learner = build_learner(config)
+  state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE)
+  assert (learner.weight_net is not None) == has_weight_net
+  assert (state.meta_params is not None) == has_weight_net
+  assert (state.meta_opt_state is not None) == has_weight_net
+  # The backbone starts the same either way.
+  reference = init_train_state(build_learner(tiny_config()),
+                               jax.random.PRNGKey(0), TINY_IMAGE)
+  if method != 'boostnet':  # BoostNet's backbone has other fields
+    chex.assert_trees_all_equal(state.params, reference.params)
 
 
 def test_sharded_boostnet_step_equals_each_device_then_averaged(float64):
@@ -200,7 +230,7 @@ def test_sharded_boostnet_step_equals_each_device_then_averaged(float64):
       jax.device_put(jax.tree_util.tree_map(jnp.copy, state),
                      parallel.replicated(mesh)), images, labels, 0.3, 0.0,
       False)
-  one = jax.jit(functools.partial(boosting.boostnet_step, learner))
+  one = jax.jit(functools.partial(boostnet.boostnet_step, learner))
   alone = [one(state, x, y, 0.3)[0] for x, y in zip(
       np.split(images, NUM_DEVICES), np.split(labels, NUM_DEVICES))]
   mean = jax.tree_util.tree_map(lambda *xs: sum(xs) / len(xs),
@@ -273,7 +303,7 @@ def test_distillation_uses_the_mean_over_batch_and_classes():
       want, rel=1e-5)
   labels = jnp.array([0, 3, 1, 4])
   o = _toy_logits()
-  ce = [float(boosting.stage_losses([z], labels, (1.0,))[0]) for z in o]
+  ce = [float(boostnet.stage_losses([z], labels, (1.0,))[0]) for z in o]
   kl = [float(imta.kl_divergence_mean(z, teacher, t)) for z in o[:2]]
   gamma = 0.3
   want = ce[2] + sum((1 - gamma) * ce[k] + gamma * t * t * kl[k]
@@ -324,14 +354,14 @@ def test_loss_equalisation_divides_by_moving_averages(float64):
   images = jax.random.normal(jax.random.PRNGKey(1), (8,) + TINY_IMAGE,
                              jnp.float64)
   labels = jnp.arange(8, dtype=jnp.int32) % 5
-  step = jax.jit(functools.partial(boosting.boostnet_step, learner))
+  step = jax.jit(functools.partial(boostnet.boostnet_step, learner))
   reweight = learner.model.cfg.ensemble_reweight
 
   def stage_losses(params, batch_stats):
     logits, _ = learner.model.apply(
         {'params': params, 'batch_stats': batch_stats}, images, train=True,
         mutable=['batch_stats'])
-    return boosting.stage_losses(logits, labels, reweight)
+    return boostnet.stage_losses(logits, labels, reweight)
 
   averages = None
   for t in range(3):

@@ -18,7 +18,9 @@ import pytest
 
 from l2w_jax import data
 from l2w_jax.evaluation import report
-from l2w_jax.meta import l2w, weighting
+from l2w_jax.meta import weighting
+from l2w_jax.methods import l2w
+from l2w_jax.training.forward import split_halves
 from l2w_jax.models import WeightNet
 from l2w_jax.training import train
 from l2w_jax.training.learner import build_learner, init_train_state
@@ -85,7 +87,7 @@ def _tree_max_diff(a, b):
 def _batch():
   images = jax.random.normal(jax.random.PRNGKey(1), (10,) + TINY_IMAGE)
   labels = jnp.arange(10) % 5
-  return l2w.split_halves(images, labels)
+  return split_halves(images, labels)
 
 
 def _half_step(learner, with_meta):
@@ -175,7 +177,7 @@ def test_learner_weight_net_uses_sigmoid(state):
   learner = build_learner(tiny_config(output='sigmoid'))
   assert learner.weight_net.output == 'sigmoid'
   x = jnp.abs(_inputs())  # losses are non-negative
-  epsilon = learner.settings.epsilon
+  epsilon = learner.option(l2w.OPTION).epsilon
   expected = _numpy_weights(
       _numpy_weight_net(state.meta_params, x, output='sigmoid'), epsilon)
   got = l2w.predict_weights(learner, state.meta_params, x)
@@ -212,7 +214,7 @@ def test_learner_passes_num_layers_to_the_weight_net():
                               'rest_hidden_layers_1', 'output_layer'}
   x = jnp.abs(_inputs())
   expected = _numpy_weights(_numpy_weight_net(meta_params, x, num_layers=3),
-                            deep.settings.epsilon)
+                            deep.option(l2w.OPTION).epsilon)
   np.testing.assert_allclose(l2w.predict_weights(deep, meta_params, x),
                              expected, rtol=1e-5, atol=1e-6)
 
@@ -223,13 +225,13 @@ def test_learner_passes_num_layers_to_the_weight_net():
 
 def test_confidence_input_drives_the_real_step_weights(state, forward):
   conf = build_learner(tiny_config(input='conf'))
-  assert conf.settings.input_kind == 'conf'
+  assert conf.option(l2w.OPTION).input_kind == 'conf'
   (xt, yt), (xm, ym) = _batch()
   # Without the meta step the weight net is the initial one.
   _, metrics = _half_step(conf, with_meta=False)(state, xt, yt, xm, ym, LR,
                                                  META_LR)
   logits = forward(state.params, state.batch_stats, xt)
-  epsilon = conf.settings.epsilon
+  epsilon = conf.option(l2w.OPTION).epsilon
   from_conf = _numpy_weights(
       _numpy_weight_net(state.meta_params, _numpy_confidences(logits)),
       epsilon)
@@ -286,13 +288,13 @@ def test_meta_loss_is_not_smoothed(state, forward, sgd_step, smoothed_step):
   pseudo = _numpy_weights(
       _numpy_weight_net(state.meta_params,
                         _numpy_losses(logits, yt, SMOOTHING)),
-      smooth.settings.epsilon)
+      smooth.option(l2w.OPTION).epsilon)
   np.testing.assert_allclose(metrics['pseudo_weights'], pseudo, rtol=1e-5,
                              atol=1e-6)
   virtual = sgd_step(state, xt, yt, jnp.asarray(pseudo, jnp.float32),
                      SMOOTHING, LR)
   meta_logits = forward(virtual, state.batch_stats, xm)
-  quotas = weighting.exit_quotas(len(ym), smooth.settings.target_probs)
+  quotas = weighting.exit_quotas(len(ym), smooth.option(l2w.OPTION).target_probs)
   assignment = np.asarray(weighting.allocate_to_exits(
       jnp.asarray(_numpy_confidences(meta_logits), jnp.float32), quotas))
   np.testing.assert_array_equal(metrics['exit_assignment'], assignment)

@@ -13,7 +13,7 @@ import pytest
 from l2w_jax.meta import weighting
 from l2w_jax.models.ranet import RANet, RANetConfig
 from l2w_jax.optim import sgd_momentum
-from l2w_jax.training import methods
+from l2w_jax.training import registry
 from tests.tiny import (TINY_IMAGE, TINY_RANET,
                         check_cascade_against_simulated, float64_step_setup,
                         mean_tree, sharded_and_per_device, tiny_ranet_config)
@@ -23,7 +23,7 @@ LR = 0.3  # the learning rate of `sharded_and_per_device`
 
 def _phase_step(learner, method: str, phase: str):
   """The jitted whole-batch step of `method`'s `phase` on one device."""
-  step = next(s for s in methods.get(method).steps if s.name == phase)
+  step = next(s for s in registry.get(method).steps if s.name == phase)
   return jax.jit(lambda state, x, y: step.batch_step(learner, state, x, y,
                                                      LR))
 
@@ -73,7 +73,7 @@ def test_sharded_step_on_ranet_equals_each_device_then_averaged(
   assert isinstance(learner.model.cfg, RANetConfig)
   sharded, metrics, alone = sharded_and_per_device(
       method, learner, state, _phase_step(learner, method, phase),
-      phase=None if len(methods.get(method).steps) == 1 else phase)
+      phase=None if len(registry.get(method).steps) == 1 else phase)
   chex.assert_trees_all_close(
       (sharded.params, sgd_momentum(sharded.opt_state)),
       mean_tree([(s.params, sgd_momentum(s.opt_state)) for s in alone]),

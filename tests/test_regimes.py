@@ -14,7 +14,7 @@ import pytest
 
 from l2w_jax.methods import regimes
 from l2w_jax.optim import sgd_momentum
-from l2w_jax.training import methods
+from l2w_jax.training import registry
 from l2w_jax.training import train
 from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
@@ -132,22 +132,22 @@ def test_all_phase_is_the_mean_over_exits_in_train_mode(float64):
 
 def test_phase_plan_splits_the_run_and_names_bad_splits():
   config = tiny_train_config('sklearn_digits', method='regime_mixed')
-  plan = methods.phase_plan(config, 10)
+  plan = registry.phase_plan(config, 10)
   assert [(p.name, p.start, p.length) for p in plan] == [('backbone', 0, 5),
                                                           ('all', 5, 5)]
-  assert methods.phase_at(plan, 4).name == 'backbone'
-  assert methods.phase_at(plan, 5).name == 'all'
+  assert registry.phase_at(plan, 4).name == 'backbone'
+  assert registry.phase_at(plan, 5).name == 'all'
   config.train.phase_split = 0.3
-  assert [p.length for p in methods.phase_plan(config, 10)] == [3, 7]
+  assert [p.length for p in registry.phase_plan(config, 10)] == [3, 7]
   for split, total in ((0.0, 10), (1.0, 10), (0.5, 1), (0.01, 10)):
     config.train.phase_split = split
     with pytest.raises(ValueError, match='train.phase_split'):
-      methods.phase_plan(config, total)
+      registry.phase_plan(config, total)
   config.method = 'regime_joint'
-  assert [(p.name, p.length) for p in methods.phase_plan(config, 10)] == [
+  assert [(p.name, p.length) for p in registry.phase_plan(config, 10)] == [
       ('all', 10)]
   config.method = 'l2w'
-  assert [(p.name, p.length) for p in methods.phase_plan(config, 10)] == [
+  assert [(p.name, p.length) for p in registry.phase_plan(config, 10)] == [
       ('l2w', 10)]
 
 

@@ -24,9 +24,10 @@ import pytest
 from l2w_jax import data
 from l2w_jax import parallel
 from l2w_jax.evaluation import report
-from l2w_jax.meta import l2w
+from l2w_jax.methods import l2w
+from l2w_jax.training import forward
 from l2w_jax.optim import apply_optimizer
-from l2w_jax.training import methods
+from l2w_jax.training import registry
 from l2w_jax.training import step as step_lib
 from l2w_jax.training import train
 from l2w_jax.training.learner import build_learner, init_train_state
@@ -66,7 +67,7 @@ def _device_halves(images, labels):
 
 def _device_shards(images, labels):
   """Device d's own halves: (x1, y1, x2, y2) of its consecutive rows."""
-  return [l2w.split_halves(x, y) for x, y in zip(
+  return [forward.split_halves(x, y) for x, y in zip(
       np.split(images, NUM_DEVICES), np.split(labels, NUM_DEVICES),
       strict=True)]
 
@@ -212,9 +213,9 @@ def test_the_iteration_takes_bytes_and_is_one_program(monkeypatch):
   # CPU, where XLA runs a while loop's body several times slower.
   assert step_lib.unroll_halves(mesh)
   traced = []
-  half_step = methods.get('l2w').steps[0].half_step
+  half_step = registry.get('l2w').steps[0].half_step
   counting = step_lib.iteration_program(
-      dataclasses.replace(methods.get('l2w').steps[0],
+      dataclasses.replace(registry.get('l2w').steps[0],
                           half_step=lambda *a: traced.append(1) or half_step(
                               *a)),
       step_lib.data_parallel_learner(learner), mesh, True, (mean, std))

@@ -146,15 +146,15 @@ def float64_step_setup(config):
 def float64_meta_problem(config):
   """(learner, state, train half, meta half) in float64 for `config` (a
   `tiny_config`): 12 random TINY_IMAGE images with random labels of 5
-  classes, split into halves of 6 by `l2w.split_halves`."""
-  from l2w_jax.meta import l2w  # pylint: disable=g-import-not-at-top
+  classes, split into halves of 6 by `forward.split_halves`."""
+  from l2w_jax.training import forward  # pylint: disable=g-import-not-at-top
   learner = build_learner(config)
   state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE,
                            dtype=jnp.float64)
   key_x, key_y = jax.random.split(jax.random.PRNGKey(1))
   images = jax.random.normal(key_x, (12,) + TINY_IMAGE, jnp.float64)
   labels = jax.random.randint(key_y, (12,), 0, 5)
-  train_batch, meta_batch = l2w.split_halves(images, labels)
+  train_batch, meta_batch = forward.split_halves(images, labels)
   return learner, state, train_batch, meta_batch
 
 

@@ -1,2 +1,3 @@
-"""Training methods other than L2W: their losses and steps (registered by
-`l2w_jax.training.methods`)."""
+"""The training methods, one module each; every module registers its
+method(s) with `l2w_jax.training.registry` when imported (the registry
+imports them all on first lookup)."""

@@ -24,19 +24,20 @@ classes, not per sample.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from l2w_jax.meta import l2w, weighting
-from l2w_jax.meta.l2w import Learner, TrainState
+from l2w_jax.meta import weighting
 from l2w_jax.methods import partial
 from l2w_jax.models import backbone_module, pooled_feature_dims
 from l2w_jax.models.layers import BatchNorm2d, Linear, ReLU
-from l2w_jax.optim import sgd_momentum, with_sgd_momentum
+from l2w_jax.training import registry
+from l2w_jax.training.forward import top1_hits
+from l2w_jax.training.state import Learner, TrainState, compute_dtype
 
 
 class IMTAHeads(nn.Module):
@@ -180,7 +181,7 @@ def imta_step(learner: Learner, state: TrainState, images, labels,
   num_exits = model.num_exits
   mask = {'net': part == 'stage1', 'heads': part == 'stage2'}
   trainable, frozen = partial.split(state.params, mask)
-  dtype = l2w.compute_dtype(learner.settings)
+  dtype = compute_dtype(learner.settings)
   x = images if dtype is None else images.astype(dtype)
   temperature, gamma = learner.option('temperature'), learner.option('gamma')
 
@@ -219,40 +220,42 @@ def imta_step(learner: Learner, state: TrainState, images, labels,
   return new_state, {
       'train_loss': train_loss, 'loss_per_exit': losses,
       'weight_per_exit': coefficients,
-      'correct': l2w.top1_hits([jax.lax.stop_gradient(z)
+      'correct': top1_hits([jax.lax.stop_gradient(z)
                                 for z in exit_logits], labels)}
 
 
-def _network_part(state: TrainState) -> TrainState:
-  """The state of `net` alone: its parameters, statistics and momentum
-  (the optimizer's hyper-parameters shared)."""
-  return state.replace(
-      params=state.params['net'], batch_stats=state.batch_stats['net'],
-      opt_state=with_sgd_momentum(state.opt_state,
-                                  sgd_momentum(state.opt_state)['net']))
+def options_from_config(config, num_exits: int) -> dict:
+  """IMTA's options: the distillation's temperature T and weight gamma."""
+  del num_exits
+  temperature = float(config.imta.temperature)
+  gamma = float(config.imta.gamma)
+  if not temperature > 0:
+    raise ValueError(f'imta.temperature: the distillation temperature T must '
+                     f'be > 0, got {config.imta.temperature}')
+  if not 0.0 <= gamma <= 1.0:
+    raise ValueError(f'imta.gamma: the distillation weight must be in [0, 1], '
+                     f'got {config.imta.gamma}')
+  if config.train.get('label_smoothing', 0.0):
+    raise ValueError('train.label_smoothing: IMTA trains on plain '
+                     f'cross-entropy; set it to 0 for method {config.method}')
+  return {'temperature': temperature, 'gamma': gamma}
 
 
-def _with_network_part(state: TrainState, part: TrainState) -> TrainState:
-  """`state` with `net`'s entries taken from `part` (see `_network_part`)."""
-  momentum = {**sgd_momentum(state.opt_state),
-              'net': sgd_momentum(part.opt_state)}
-  return state.replace(
-      params={**state.params, 'net': part.params},
-      batch_stats={**state.batch_stats, 'net': part.batch_stats},
-      opt_state=with_sgd_momentum(part.opt_state, momentum),
-      meta_params=part.meta_params, meta_opt_state=part.meta_opt_state)
+def gradient_equilibrium(config) -> dict:
+  """The backbone fields IMTA sets: gradient equilibrium on."""
+  del config
+  return {'gradient_equilibrium': True}
 
 
-def l2w_stage1_half_step(learner: Learner, state: TrainState, train_images,
-                         train_labels, meta_images, meta_labels,
-                         learning_rate, meta_learning_rate, with_meta):
-  """`l2w_imta`'s first stage: L2W-DEN's half step (`l2w.l2w_half_step`) on
-  the gradient-equilibrium backbone inside the IMTA network; the heads are
-  frozen (they neither run nor change). Same signature and metrics as the
-  L2W half step."""
-  network_learner = dataclasses.replace(
-      learner, model=backbone_module(learner.model.cfg))
-  part, metrics = l2w.l2w_half_step(
-      network_learner, _network_part(state), train_images, train_labels,
-      meta_images, meta_labels, learning_rate, meta_learning_rate, with_meta)
-  return _with_network_part(state, part), metrics
+def network(backbone) -> IMTANetwork:
+  """The network IMTA trains around `backbone`: it and the heads."""
+  return IMTANetwork(backbone.cfg)
+
+
+STAGE2 = registry.PhaseStep('stage2', batch_step=functools.partial(
+    imta_step, part='stage2'))
+
+registry.register('imta', backbone=gradient_equilibrium, network=network,
+                  options=options_from_config, phases=(
+                      registry.PhaseStep('stage1', batch_step=functools.partial(
+                          imta_step, part='stage1')), STAGE2))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from l2w_jax.meta.l2w import Learner, TrainState
+from l2w_jax.training.state import Learner, TrainState
 from l2w_jax.optim import apply_optimizer, sgd_momentum, with_sgd_momentum
 
 

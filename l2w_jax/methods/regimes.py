@@ -27,12 +27,16 @@ learning-rate schedule (the original runs the phases as separate jobs).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from l2w_jax.meta import l2w, weighting
-from l2w_jax.meta.l2w import Learner, TrainState
+from l2w_jax.meta import weighting
 from l2w_jax.methods import partial
+from l2w_jax.training import registry
+from l2w_jax.training.forward import top1_hits
+from l2w_jax.training.state import Learner, TrainState, compute_dtype
 
 PARTS = ('backbone', 'heads', 'all')
 REGIMES = {
@@ -131,7 +135,7 @@ def regime_step(learner: Learner, state: TrainState, images, labels,
   def loss_fn(trainable):
     variables = {'params': {**frozen, **trainable},
                  'batch_stats': state.batch_stats}
-    dtype = l2w.compute_dtype(learner.settings)
+    dtype = compute_dtype(learner.settings)
     exit_logits, moved = regime_logits(
         model, variables, images if dtype is None else images.astype(dtype),
         part)
@@ -145,7 +149,7 @@ def regime_step(learner: Learner, state: TrainState, images, labels,
       jax.value_and_grad(loss_fn, has_aux=True)(trainable))
   params, opt_state = partial.masked_sgd_update(learner, state, grads, mask,
                                                 learning_rate)
-  run_hits = l2w.top1_hits([jax.lax.stop_gradient(z) for z in exit_logits],
+  run_hits = top1_hits([jax.lax.stop_gradient(z) for z in exit_logits],
                            labels)
   hits = jnp.zeros((num_exits,), run_hits.dtype).at[
       jnp.asarray(exits_run(part, num_exits))].set(run_hits)
@@ -155,3 +159,10 @@ def regime_step(learner: Learner, state: TrainState, images, labels,
   return new_state, {'train_loss': train_loss, 'loss_per_exit': losses,
                      'weight_per_exit': exit_coefficients(part, num_exits),
                      'correct': hits}
+
+
+for _name, _parts in REGIMES.items():
+  registry.register(_name, phases=tuple(
+      registry.PhaseStep(part, batch_step=functools.partial(regime_step,
+                                                            part=part))
+      for part in _parts))

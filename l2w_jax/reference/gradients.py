@@ -14,7 +14,7 @@ import numpy as np
 from l2w_jax.convert.torch_state import (flax_to_torch, torch_to_flax,
                                          variables_template)
 from l2w_jax.meta import weighting
-from l2w_jax.methods import boosting
+from l2w_jax.methods import boostnet
 from l2w_jax.models.msdnet import MSDNet
 from l2w_jax.reference.fixtures import (Check, Fixture, FixtureError,
                                         max_abs_error, msdnet_config,
@@ -103,13 +103,13 @@ def run_boostnet_gradients_fixture(fixture: Fixture):
   logits Q_k with the running statistics the training forward left."""
   fixture.require_config(['ensemble_reweight'])
   cfg = msdnet_config(fixture.config)
-  reweight = boosting.reweights(fixture.config['ensemble_reweight'],
+  reweight = boostnet.reweights(fixture.config['ensemble_reweight'],
                                 cfg.n_blocks)
   model = MSDNet(dataclasses.replace(cfg, gradient_equilibrium=True,
                                      ensemble_reweight=reweight))
 
   def stage_losses(logits, labels):
-    return boosting.stage_losses(logits, labels, reweight)
+    return boostnet.stage_losses(logits, labels, reweight)
 
   variables, images, labels = _inputs(fixture, model)
   losses, grads, after = _gradients(model, variables, images, labels,

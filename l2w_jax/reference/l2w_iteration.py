@@ -11,7 +11,8 @@ import numpy as np
 
 from l2w_jax.convert.torch_state import (flax_to_torch, torch_to_flax,
                                          variables_template)
-from l2w_jax.meta import l2w, weighting
+from l2w_jax.meta import weighting
+from l2w_jax.methods import l2w
 from l2w_jax.models.msdnet import MSDNet
 from l2w_jax.models.weight_net import WeightNet, weight_net_input_size
 from l2w_jax.reference.fixtures import (Check, Fixture, FixtureError,
@@ -20,6 +21,7 @@ from l2w_jax.reference.fixtures import (Check, Fixture, FixtureError,
                                         msdnet_config, nchw_to_nhwc,
                                         relative_error, relative_norm_error)
 from l2w_jax.optim import torch_adam, torch_sgd, with_sgd_momentum
+from l2w_jax.training.state import Settings, TrainState
 
 TOLERANCES = {
     'weights': 1e-9,  # pseudo weights and real-step weights, max abs
@@ -90,17 +92,16 @@ def run_l2w_iteration_fixture(fixture: Fixture):
     buffers = torch_to_flax(momentum, {'params': variables['params']},
                             dtype=dtype)['params']
     opt_state = with_sgd_momentum(opt_state, buffers)
-  state = l2w.TrainState(
+  state = TrainState(
       step=jnp.zeros((), jnp.int32), params=variables['params'],
       batch_stats=variables['batch_stats'], opt_state=opt_state,
       meta_params=meta_params, meta_opt_state=meta_tx.init(meta_params))
-  learner = l2w.Learner(
-      model=model, weight_net=weight_net, tx=tx, meta_tx=meta_tx,
-      settings=l2w.L2WSettings(
+  learner = l2w.l2w_learner(
+      model, weight_net, tx, meta_tx, l2w.L2WSettings(
           epsilon=float(c['epsilon']), constraint=c['constraint_dimension'],
           input_kind=c['meta_net_input_type'],
-          target_probs=tuple(float(q) for q in np.float32(probs)),
-          label_smoothing=float(c.get('label_smoothing', 0.0))))
+          target_probs=tuple(float(q) for q in np.float32(probs))),
+      Settings(label_smoothing=float(c.get('label_smoothing', 0.0))))
   half_step = jax.jit(functools.partial(l2w.l2w_half_step, learner),
                       static_argnames='with_meta')
   lr = jnp.asarray(c['lr'], dtype)

@@ -9,7 +9,7 @@ and phase) that does the whole iteration on every device's own rows:
 
 * uint8 images are normalised there ((x / 255 - mean) / std, the pipeline's
   float32 arithmetic), so the batch crosses the host-device link as bytes;
-* a method trained in halves (L2W and its uniform baseline) splits each
+* a method trained in halves (L2W-DEN, uniform weighting) splits each
   device's shard as `torch.chunk(2)` does (the first half gets ceil(b/2)
   rows) and runs the half step twice, (train p1 / meta p2) then (train p2 /
   meta p1), giving two metrics dicts; with equal halves the two calls are
@@ -35,8 +35,9 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from l2w_jax import parallel
-from l2w_jax.meta import l2w
-from l2w_jax.training import methods
+from l2w_jax.training import registry
+from l2w_jax.training.forward import split_halves
+from l2w_jax.training.state import Learner
 
 AXIS = parallel.DATA_AXIS
 
@@ -56,8 +57,8 @@ def reduce_metrics(metrics: dict, num_local: int,
   return out
 
 
-def data_parallel_learner(learner: l2w.Learner, bn_stats: str = 'device0',
-                          reduction: str = 'all_reduce') -> l2w.Learner:
+def data_parallel_learner(learner: Learner, bn_stats: str = 'device0',
+                          reduction: str = 'all_reduce') -> Learner:
   """`learner` with gradients averaged over 'data' by `reduction` and
   running statistics reduced by `bn_stats` (see `parallel.pmean`,
   `parallel.batch_stats_reduction`)."""
@@ -97,7 +98,7 @@ def model_input(images: jax.Array, mean: Sequence[float] | None,
           (jnp.asarray(std, jnp.float32) + zero))
 
 
-def sharded_half_step(half_step: Callable, learner: l2w.Learner,
+def sharded_half_step(half_step: Callable, learner: Learner,
                       mesh) -> Callable:
   """One `half_step` (the methods' signature) per device under `shard_map`,
   on halves the caller has already placed, jitted with `with_meta` static
@@ -123,7 +124,7 @@ def sharded_half_step(half_step: Callable, learner: l2w.Learner,
                      learner.model, mesh))
 
 
-def _both_halves(half_step: Callable, learner: l2w.Learner, state, images,
+def _both_halves(half_step: Callable, learner: Learner, state, images,
                  labels, lr, meta_lr, with_meta: bool, to_input: Callable,
                  mean: Callable, unroll: bool):
   """(train p1, meta p2) then (train p2, meta p1) on one device's shard,
@@ -140,7 +141,7 @@ def _both_halves(half_step: Callable, learner: l2w.Learner, state, images,
     return state, reduce_metrics(metrics, xt.shape[0], mean)
 
   if 2 * first != n:  # unequal halves: two shapes, two traced calls
-    (x1, y1), (x2, y2) = l2w.split_halves(images, labels)
+    (x1, y1), (x2, y2) = split_halves(images, labels)
     state, m1 = half(state, x1, y1, x2, y2)
     state, m2 = half(state, x2, y2, x1, y1)
     return state, (m1, m2)
@@ -166,7 +167,7 @@ def unroll_halves(mesh) -> bool:
   return mesh.devices.flat[0].platform == 'cpu'
 
 
-def iteration_program(phase_step: methods.PhaseStep, learner: l2w.Learner,
+def iteration_program(phase_step: registry.PhaseStep, learner: Learner,
                       mesh, uses_meta_step: bool,
                       input_norm: tuple | None = None,
                       reduction: str = 'all_reduce') -> Callable:
@@ -208,7 +209,7 @@ def iteration_program(phase_step: methods.PhaseStep, learner: l2w.Learner,
                      learner.model, mesh))
 
 
-def make_iteration(method_name: str, learner: l2w.Learner, mesh,
+def make_iteration(method_name: str, learner: Learner, mesh,
                    bn_stats: str = 'device0',
                    input_norm: tuple | None = None,
                    reduction: str = 'all_reduce') -> Callable:
@@ -218,7 +219,7 @@ def make_iteration(method_name: str, learner: l2w.Learner, mesh,
   needed when the images arrive as uint8; `reduction` says how values are
   averaged over devices (`parallel.REDUCTIONS`, config
   `distributed.reduction`)."""
-  method = methods.get(method_name)
+  method = registry.get(method_name)
   learner = data_parallel_learner(learner, bn_stats, reduction)
   programs = {step.name: iteration_program(step, learner, mesh,
                                            method.uses_meta_step, input_norm,

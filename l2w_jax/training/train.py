@@ -1,6 +1,6 @@
 """The training program: `train_and_evaluate(config, workdir)`.
 
-Trains the configured method (L2W-DEN, or uniform weighting) on the
+Trains the configured method (`training.registry`) on the
 configured dataset, checkpoints and resumes from `workdir`, writes metrics,
 and ends with the anytime and budgeted evaluations in `workdir/results.json`
 and `workdir/budgeted.png`.
@@ -26,15 +26,15 @@ from l2w_jax import data
 from l2w_jax import parallel
 from l2w_jax import paths
 from l2w_jax.evaluation import report
-from l2w_jax.meta import l2w
-from l2w_jax.training import methods
 from l2w_jax.training import metrics as metrics_lib
+from l2w_jax.training import registry
 from l2w_jax.training import resume
 from l2w_jax.training import schedules
 from l2w_jax.training import step as step_lib
 from l2w_jax.training.checkpoint import CheckpointError, Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
 from l2w_jax.training.schedules import cosine_learning_rate
+from l2w_jax.training.state import TrainState
 
 THRESHOLD_SOURCES = ('holdout', 'train')
 RESULTS_FILE = report.RESULTS_FILE
@@ -104,7 +104,7 @@ def _field(config, path: str):
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError (one line: the field, its value, the allowed range)
   for a config that cannot run, before anything is built or compiled."""
-  methods.get(config.method)  # raises naming the available methods
+  registry.get(config.method)  # raises naming the available methods
   per_device = _field(config, 'train.per_device_batch_size')
   for path, allowed, ok in _NUMERIC_FIELDS:
     value = _field(config, path)
@@ -292,7 +292,7 @@ def _all_finite(leaves: list) -> jax.Array:
   return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
-def _check_state_finite(state: l2w.TrainState, step: int,
+def _check_state_finite(state: TrainState, step: int,
                         checkpointer: Checkpointer) -> None:
   """Raises TrainingDiverged instead of letting a NaN/Inf state be saved.
 
@@ -306,7 +306,7 @@ def _check_state_finite(state: l2w.TrainState, step: int,
                   step, checkpointer)
 
 
-def _network_from(workdir: str, state: l2w.TrainState) -> l2w.TrainState:
+def _network_from(workdir: str, state: TrainState) -> TrainState:
   """`state` with the parameters and batch statistics of the latest
   checkpoint of the run in `workdir` (`train.init_from`); optimizer states,
   weight net and iteration stay as in `state`."""
@@ -408,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      f'{info.num_train} training images')
   total = (config.train.num_steps if config.train.num_steps > 0 else
            config.train.epochs * steps_per_epoch)
-  plan = methods.phase_plan(config, total)
+  plan = registry.phase_plan(config, total)
   learner = build_learner(config)  # a model that cannot be built stops here
   is_main = jax.process_index() == 0
   log = functools.partial(print, flush=True) if is_main else (
@@ -517,7 +517,7 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
     if step < total:
       for batch in parallel.prefetch_to_mesh(stream, mesh):
         in_epoch = step % steps_per_epoch
-        phase = methods.phase_at(plan, step)
+        phase = registry.phase_at(plan, step)
         if step == phase.start and phase.index > 0:
           # A new phase trains other parameters with a fresh optimizer, as
           # the original's separate jobs do.
@@ -607,7 +607,7 @@ def _write_eval(writer, step, statistics, state, config, info) -> None:
 
 def final_evaluation(config, workdir, learner, state, info, statistics=None,
                      layout: parallel.BatchLayout | None = None,
-                     plan: tuple[methods.Phase, ...] = (),
+                     plan: tuple[registry.Phase, ...] = (),
                      startup: dict | None = None) -> dict:
   """Anytime and 39-budget evaluation; writes results.json and the plot
   (process 0 only)."""

@@ -1,7 +1,14 @@
-"""Training methods by name (`config.method`): a registry of steps.
+"""Training methods by name (`config.method`): what each one declares.
+
+A method is one module that calls `register` at import time. The methods
+shipped with the project are the modules of `l2w_jax.methods`, imported
+when a name is first looked up; a method outside the package is named
+`module:name` (e.g. `--config.method=examples.shallow_deep:sdn`), and its
+module is imported to register it. Nothing else in the training loop, the
+checkpoints or the evaluation knows a method by name.
 
 A method trained in halves, as L2W-DEN trains (its uniform baseline too), is
-one function with the signature of `l2w.l2w_half_step`:
+one function
 
   half_step(learner, state, train_images, train_labels, meta_images,
             meta_labels, learning_rate, meta_learning_rate, with_meta)
@@ -20,10 +27,6 @@ A method trained on whole batches, as the other methods' originals do, is
 metrics)`, run once per iteration on every device's whole shard, with the
 same reductions and metrics.
 
-Adding a method is `register('name', half_step, uses_meta_step=...)` or
-`register('name', batch_step=..., uses_meta_step=False)`; `backbone` names
-what the method changes in the backbone (e.g. gradient equilibrium).
-
 A method may run in phases (the training regimes: backbone, then heads;
 IMTA's two stages): `register(..., phases=(PhaseStep('backbone',
 batch_step=...), PhaseStep('heads', batch_step=...)))`, each phase a half
@@ -35,12 +38,9 @@ schedule and the backbone's optimizer state at every phase boundary.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import importlib
+import pkgutil
 from typing import Callable
-
-from l2w_jax.meta import l2w
-from l2w_jax.methods import boosting, imta, regimes
-from l2w_jax.models import backbone_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,22 +59,28 @@ class PhaseStep:
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A registered training method: its phases' steps (one phase, named
-  after the method, for most methods)."""
+  after the method, for most methods) and what it changes around them."""
   name: str
   steps: tuple[PhaseStep, ...]
-  uses_meta_step: bool  # whether `meta.interval` iterations do a meta step
+  # Whether `meta.interval` iterations do a meta step (the method then has
+  # a weight net: `weight_net` must be given).
+  uses_meta_step: bool
   # config -> the backbone config fields the method sets (e.g. gradient
   # equilibrium, BoostNet's reweights); None: the backbone as configured.
   backbone: Callable | None = None
-  # backbone (MSDNet or RANet) -> the network the method trains around it; None:
-  # the backbone itself.
+  # backbone (MSDNet or RANet) -> the network the method trains around it;
+  # None: the backbone itself.
   network: Callable | None = None
-  # config -> {name: value} static hyper-parameters of the method, checked
-  # (ValueError naming the field); the step reads `learner.option(name)`.
+  # (config, num_exits) -> {name: value} static hyper-parameters of the
+  # method, checked (ValueError naming the field); the step reads
+  # `learner.option(name)`.
   options: Callable | None = None
   # (learner, dtype) -> the initial `TrainState.method_state` (checkpointed
   # with the rest of the state); None: the method keeps no state of its own.
   initial_state: Callable | None = None
+  # (config, num_exits) -> (weight net module, its optax optimizer), for a
+  # method with a meta step; None: the state carries no weight net.
+  weight_net: Callable | None = None
 
   @property
   def phases(self) -> tuple[str, ...]:
@@ -93,17 +99,23 @@ class Phase:
 
 
 _METHODS: dict[str, Method] = {}
+_BUILTIN_PACKAGE = 'l2w_jax.methods'
+_builtins_imported = False
 
 
 def register(name: str, half_step: Callable | None = None, *,
-             uses_meta_step: bool, batch_step: Callable | None = None,
-             backbone: Callable | None = None,
+             uses_meta_step: bool = False,
+             batch_step: Callable | None = None,
              phases: tuple[PhaseStep, ...] = (),
+             backbone: Callable | None = None,
              network: Callable | None = None,
              options: Callable | None = None,
-             initial_state: Callable | None = None) -> None:
-  """Makes a method available as `config.method = name`: one step (exactly
-  one of `half_step` and `batch_step`) or the `phases`' steps in order."""
+             initial_state: Callable | None = None,
+             weight_net: Callable | None = None) -> Method:
+  """Makes a method available as `config.method = name` (or
+  `module:name` from outside the package): one step (exactly one of
+  `half_step` and `batch_step`) or the `phases`' steps in order. The other
+  arguments are `Method`'s fields. Returns the method."""
   if name in _METHODS:
     raise ValueError(f'method {name!r} is already registered')
   if phases:
@@ -112,28 +124,68 @@ def register(name: str, half_step: Callable | None = None, *,
     steps = tuple(phases)
   else:
     steps = (PhaseStep(name, half_step, batch_step),)
-  _METHODS[name] = Method(name, steps, uses_meta_step, backbone, network,
-                          options, initial_state)
+  if uses_meta_step and weight_net is None:
+    raise ValueError(f'method {name!r}: a method with a meta step needs a '
+                     'weight_net')
+  method = Method(name, steps, uses_meta_step, backbone, network, options,
+                  initial_state, weight_net)
+  _METHODS[name] = method
+  return method
+
+
+def _import_builtins() -> None:
+  global _builtins_imported
+  if _builtins_imported:
+    return
+  _builtins_imported = True
+  package = importlib.import_module(_BUILTIN_PACKAGE)
+  for info in pkgutil.iter_modules(package.__path__):
+    importlib.import_module(f'{_BUILTIN_PACKAGE}.{info.name}')
 
 
 def available() -> tuple[str, ...]:
+  """The names of the methods registered so far, the built-in ones included."""
+  _import_builtins()
   return tuple(sorted(_METHODS))
 
 
 def get(name: str) -> Method:
-  """The method called `name`; ValueError listing the available ones."""
-  if name not in _METHODS:
-    raise ValueError(f'method: unknown training method {name!r}; available: '
-                     f'{available()}')
-  return _METHODS[name]
+  """The method `config.method = name` trains.
+
+  Args:
+    name: a registered name, or `module:name` for a method registered by
+      `module` (imported first).
+
+  Returns:
+    The `Method`. ValueError naming the available ones if there is none.
+  """
+  _import_builtins()
+  module, _, registered = name.rpartition(':')
+  if module:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise ValueError(f'method: cannot import {module!r} for method '
+                       f'{name!r} ({e}); run from the directory that holds '
+                       'it or put it on PYTHONPATH') from e
+  if registered not in _METHODS:
+    where = f' (module {module!r} does not register it)' if module else ''
+    raise ValueError(f'method: unknown training method {name!r}{where}; '
+                     f'available: {available()}')
+  return _METHODS[registered]
 
 
 def phase_plan(config, total: int) -> tuple[Phase, ...]:
-  """The phases of `config.method` over a run of `total` iterations. A
-  two-phase method gives its first phase round(train.phase_split * total)
+  """The phases of `config.method` over a run of `total` iterations.
+
+  A two-phase method gives its first phase round(train.phase_split * total)
   iterations; with `train.start_phase` > 0 the run is that phase alone,
-  starting from `train.init_from`'s network. ValueError naming the field if
-  a phase would be empty or the start cannot be made."""
+  starting from `train.init_from`'s network.
+
+  Returns:
+    The phases in order. ValueError naming the field if a phase would be
+    empty or the start cannot be made.
+  """
   method = get(config.method)
   start = config.train.get('start_phase', 0)
   if not 0 <= start < len(method.phases):
@@ -168,81 +220,3 @@ def phase_at(plan: tuple[Phase, ...], step: int) -> Phase:
     if phase.start <= step < phase.start + phase.length:
       return phase
   raise ValueError(f'iteration {step} lies outside the run {plan}')
-
-
-def _uniform_half_step(learner, state, train_images, train_labels,
-                       meta_images, meta_labels, learning_rate,
-                       meta_learning_rate, with_meta):
-  del meta_images, meta_labels, meta_learning_rate, with_meta
-  return l2w.uniform_half_step(learner, state, train_images, train_labels,
-                               learning_rate)
-
-
-register('l2w', l2w.l2w_half_step, uses_meta_step=True)
-register('uniform', _uniform_half_step, uses_meta_step=False)
-
-
-def _boostnet_backbone(config) -> dict:
-  r = config.boostnet.reweight
-  reweight = boosting.reweights(r, backbone_config(config).num_exits)
-  if any(not 0.0 <= v <= 1.0 for v in reweight):
-    raise ValueError(f'boostnet.reweight: each r must be in [0, 1], got {r}')
-  return {'gradient_equilibrium': True, 'ensemble_reweight': reweight}
-
-
-def _boostnet_options(config) -> dict:
-  return {'loss_equal': bool(config.boostnet.get('loss_equal', False))}
-
-
-def _boostnet_state(learner, dtype):
-  if not learner.option('loss_equal'):
-    return None
-  return boosting.initial_loss_averages(learner.model.num_exits, dtype)
-
-
-register('boostnet', batch_step=boosting.boostnet_step, uses_meta_step=False,
-         backbone=_boostnet_backbone, options=_boostnet_options,
-         initial_state=_boostnet_state)
-
-
-for _name, _parts in regimes.REGIMES.items():
-  register(_name, uses_meta_step=False, phases=tuple(
-      PhaseStep(part, batch_step=functools.partial(regimes.regime_step,
-                                                   part=part))
-      for part in _parts))
-
-
-def _imta_options(config) -> dict:
-  temperature = float(config.imta.temperature)
-  gamma = float(config.imta.gamma)
-  if not temperature > 0:
-    raise ValueError(f'imta.temperature: the distillation temperature T must '
-                     f'be > 0, got {config.imta.temperature}')
-  if not 0.0 <= gamma <= 1.0:
-    raise ValueError(f'imta.gamma: the distillation weight must be in [0, 1], '
-                     f'got {config.imta.gamma}')
-  if config.train.get('label_smoothing', 0.0):
-    raise ValueError('train.label_smoothing: IMTA trains on plain '
-                     'cross-entropy; set it to 0 for method imta')
-  return {'temperature': temperature, 'gamma': gamma}
-
-
-def _gradient_equilibrium(config) -> dict:
-  del config
-  return {'gradient_equilibrium': True}
-
-
-def _imta_network(backbone):
-  return imta.IMTANetwork(backbone.cfg)
-
-
-_IMTA_STAGE2 = PhaseStep('stage2', batch_step=functools.partial(
-    imta.imta_step, part='stage2'))
-register('imta', uses_meta_step=False, backbone=_gradient_equilibrium,
-         network=_imta_network, options=_imta_options, phases=(
-             PhaseStep('stage1', batch_step=functools.partial(
-                 imta.imta_step, part='stage1')), _IMTA_STAGE2))
-register('l2w_imta', uses_meta_step=True, backbone=_gradient_equilibrium,
-         network=_imta_network, options=_imta_options, phases=(
-             PhaseStep('stage1', half_step=imta.l2w_stage1_half_step),
-             _IMTA_STAGE2))

@@ -1,4 +1,4 @@
-"""One L2W-DEN update on one half of a batch, as a pure function.
+"""L2W-DEN (Han et al., ECCV 2022): `config.method = 'l2w'`.
 
 A training iteration splits its batch into halves p1, p2 and calls
 `l2w_half_step` twice: (train p1, meta p2), then (train p2, meta p1). Each call
@@ -17,131 +17,88 @@ A training iteration splits its batch into halves p1, p2 and calls
 The forward pass of steps 2 and 3 is the same computation (same parameters,
 inputs and batch statistics), so it runs once and serves both VJPs.
 
-Nothing here is jitted: callers jit `l2w_half_step` (with `with_meta` static)
-and call the compiled function twice per iteration.
+The method's hyper-parameters (`config.meta`) are one option, `'l2w'`, an
+`L2WSettings`. Nothing here is jitted: callers jit `l2w_half_step` (with
+`with_meta` static).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from l2w_jax.meta import api, weighting
-from l2w_jax.optim import apply_optimizer
+from l2w_jax.models import build_weight_net
+from l2w_jax.optim import apply_optimizer, torch_adam
+from l2w_jax.training import registry
+from l2w_jax.training.forward import (backbone_losses, split_halves,
+                                      top1_hits, weighted_loss)
+from l2w_jax.training.state import (Learner, Settings, TrainState,
+                                    compute_dtype)
 
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training."""
-  step: jax.Array  # training iterations completed
-  params: Any
-  batch_stats: Any
-  opt_state: optax.OptState
-  meta_params: Any
-  meta_opt_state: optax.OptState
-  # State a training method keeps besides the networks (e.g. BoostNet's
-  # moving averages of the stage losses); None for most methods.
-  method_state: Any = None
-
-
-COMPUTE_DTYPES = ('float32', 'bfloat16')
+OPTION = 'l2w'  # the method option that holds the `L2WSettings`
 
 
 @dataclasses.dataclass(frozen=True)
 class L2WSettings:
-  """The hyper-parameters the half step needs at trace time."""
+  """L2W-DEN's hyper-parameters the half step needs at trace time."""
   epsilon: float = 0.8
   constraint: str = 'col'
   input_kind: str = 'loss'
   target_probs: tuple[float, ...] = ()
-  label_smoothing: float = 0.0
-  # The backbone's activations; parameters, optimizer states and losses stay
-  # in their own (float32) dtype.
-  compute_dtype: str = 'float32'
   # How the virtual step is taken (`api.MetaOptions`).
   meta_options: api.MetaOptions = api.MetaOptions()
 
 
-def _unchanged(tree):
-  return tree
+def l2w_learner(model, weight_net, tx, meta_tx,
+                l2w: L2WSettings = L2WSettings(),
+                settings: Settings = Settings(), **kwargs) -> Learner:
+  """A `Learner` for L2W-DEN's steps with `l2w` as its settings (the
+  other fields as `Learner`'s; for use without a config)."""
+  return Learner(model=model, tx=tx, settings=settings,
+                 weight_net=weight_net, meta_tx=meta_tx,
+                 method_options=((OPTION, l2w),), **kwargs)
 
 
-@dataclasses.dataclass(frozen=True)
-class Learner:
-  """The static parts of training: networks, optimizers, settings, and how
-  per-device results combine (identity on one device; the data-parallel step
-  sets cross-device means, see `training.step`)."""
-  model: nn.Module
-  weight_net: nn.Module
-  tx: optax.GradientTransformation
-  meta_tx: optax.GradientTransformation
-  settings: L2WSettings
-  reduce_grads: Callable = _unchanged  # both networks' gradients
-  reduce_batch_stats: Callable = _unchanged  # moved running statistics
-  # The configured training method, and its static hyper-parameters other
-  # than L2W's (e.g. IMTA's distillation temperature) as sorted (name,
-  # value) pairs.
-  method_name: str = ''
-  method_options: tuple = ()
-
-  def option(self, name: str):
-    """The method option `name` (KeyError naming the ones there are)."""
-    options = dict(self.method_options)
-    if name not in options:
-      raise KeyError(f'method option {name!r} not set; set: {sorted(options)}')
-    return options[name]
+def settings_from_config(config, num_exits: int) -> L2WSettings:
+  """`config.meta` as `L2WSettings`; ValueError naming a bad field."""
+  meta = config.meta
+  weighting.centre(jnp.zeros((1, 1)), meta.constraint)  # validates the name
+  if meta.interval < 1:
+    raise ValueError(f'meta.interval: must be >= 1, got {meta.interval}')
+  return L2WSettings(
+      epsilon=float(meta.epsilon),
+      constraint=meta.constraint,
+      input_kind=meta.input,
+      target_probs=tuple(
+          float(q) for q in weighting.target_probs(num_exits,
+                                                   meta.target_p_index)),
+      meta_options=api.MetaOptions(
+          inner_steps=meta.get('inner_steps', 1),
+          first_order=bool(meta.get('first_order', False)),
+          virtual_params=meta.get('virtual_params', 'all')))
 
 
-def train_mode_logits(model: nn.Module, params, batch_stats, images,
-                      compute_dtype=None):
-  """Train-mode forward: (exit_logits K x (B, C), new_batch_stats).
-
-  With `compute_dtype` (e.g. 'bfloat16') the images, hence the activations,
-  are in that dtype; the logits come back as float32.
-  """
-  if compute_dtype is not None:
-    images = images.astype(compute_dtype)
-  exit_logits, mutated = model.apply(
-      {'params': params, 'batch_stats': batch_stats}, images, train=True,
-      mutable=['batch_stats'])
-  exit_logits = [z.astype(jnp.float32) if compute_dtype is not None else z
-                 for z in exit_logits]
-  return exit_logits, mutated['batch_stats']
+def options_from_config(config, num_exits: int) -> dict:
+  """The method options of L2W-DEN: {'l2w': L2WSettings}."""
+  return {OPTION: settings_from_config(config, num_exits)}
 
 
-def backbone_losses(model: nn.Module, params, batch_stats, images, labels,
-                    label_smoothing: float = 0.0, compute_dtype=None):
-  """Train-mode forward: returns (losses (B, K), (exit_logits, new_batch_stats)).
-
-  `compute_dtype` as in `train_mode_logits`; losses are float32 then.
-  """
-  exit_logits, batch_stats = train_mode_logits(model, params, batch_stats,
-                                               images, compute_dtype)
-  losses = weighting.per_exit_losses(exit_logits, labels, label_smoothing)
-  return losses, (exit_logits, batch_stats)
-
-
-def compute_dtype(settings: L2WSettings):
-  """None for float32 (no casts at all, so float64 fixtures stay float64)."""
-  return None if settings.compute_dtype == 'float32' else settings.compute_dtype
+def weight_net_from_config(config, num_exits: int):
+  """(the weight prediction network, its Adam) from `config.meta`."""
+  meta = config.meta
+  return (build_weight_net(meta, num_exits),
+          torch_adam(meta.lr, meta.weight_decay))
 
 
 def predict_weights(learner: Learner, meta_params, inputs) -> jax.Array:
   """Weight-net inputs (B, K or 2K) -> loss weights (B, K)."""
   raw = learner.weight_net.apply({'params': meta_params}, inputs)
-  s = learner.settings
+  s = learner.option(OPTION)
   return weighting.sample_weights(raw, s.constraint, s.epsilon)
-
-
-def weighted_loss(weights: jax.Array, losses: jax.Array) -> jax.Array:
-  """sum_k mean_b(w_bk * L_bk): the loss of the real and virtual steps."""
-  return jnp.sum(jnp.mean(weights * losses, axis=0))
 
 
 def meta_pieces(learner: Learner, state: TrainState) -> dict:
@@ -151,12 +108,13 @@ def meta_pieces(learner: Learner, state: TrainState) -> dict:
   configured, the meta half never), the weight net, the confidence
   allocation, the real optimizer as the inner update, and the configured
   `MetaOptions`."""
-  s = learner.settings
-  dtype = compute_dtype(s)
+  s = learner.option(OPTION)
+  dtype = compute_dtype(learner.settings)
+  smoothing = learner.settings.label_smoothing
   return dict(
       params=state.params, opt_state=state.opt_state,
       losses_fn=api.backbone_loss_fn(learner.model, state.batch_stats,
-                                     s.label_smoothing, dtype),
+                                     smoothing, dtype),
       meta_losses_fn=api.backbone_loss_fn(learner.model, state.batch_stats,
                                           0.0, dtype),
       weight_fn=api.default_weight_fn(learner.weight_net, s.input_kind,
@@ -180,8 +138,8 @@ def train_forward(learner: Learner, state: TrainState, images, labels):
                                 compute_dtype(s)),
       state.params, has_aux=True)
   confidences = weighting.exit_confidences(exit_logits)
-  weight_inputs = jax.lax.stop_gradient(
-      weighting.weight_net_inputs(losses, confidences, s.input_kind))
+  weight_inputs = jax.lax.stop_gradient(weighting.weight_net_inputs(
+      losses, confidences, learner.option(OPTION).input_kind))
   return losses, loss_vjp, exit_logits, new_batch_stats, weight_inputs
 
 
@@ -260,47 +218,6 @@ def l2w_half_step(learner: Learner, state: TrainState, train_images,
   return new_state, metrics
 
 
-def uniform_half_step(learner: Learner, state: TrainState, images, labels,
-                      learning_rate):
-  """The plain multi-exit update (all weights 1) on one half of a batch.
-
-  Returns (new_state, metrics) with `losses`, `train_loss` and `correct`.
-  """
-  s = learner.settings
-
-  def loss_fn(params):
-    losses, aux = backbone_losses(learner.model, params, state.batch_stats,
-                                  images, labels, s.label_smoothing,
-                                  compute_dtype(s))
-    return weighted_loss(jnp.ones_like(losses), losses), (losses, aux)
-
-  (train_loss, (losses, (exit_logits, new_batch_stats))), grads = (
-      jax.value_and_grad(loss_fn, has_aux=True)(state.params))
-  params, opt_state = apply_optimizer(learner.tx, learner.reduce_grads(grads),
-                                      state.opt_state, state.params,
-                                      learning_rate)
-  new_state = state.replace(
-      params=params, batch_stats=learner.reduce_batch_stats(new_batch_stats),
-      opt_state=opt_state)
-  return new_state, {'losses': losses, 'train_loss': train_loss,
-                     'loss_per_exit': jnp.mean(losses, axis=0),
-                     'weight_per_exit': jnp.ones(losses.shape[1:]),
-                     'correct': top1_hits(exit_logits, labels)}
-
-
-def top1_hits(exit_logits, labels) -> jax.Array:
-  """Number of correct top-1 predictions at every exit: (K,) int32."""
-  return jnp.stack([
-      jnp.sum((jnp.argmax(z, axis=-1) == labels).astype(jnp.int32))
-      for z in exit_logits])
-
-
-def split_halves(images, labels):
-  """`torch.chunk(2)`: the first half gets ceil(B/2) samples."""
-  n = -(-images.shape[0] // 2)
-  return (images[:n], labels[:n]), (images[n:], labels[n:])
-
-
 def l2w_iteration(half_step: Callable, state: TrainState, images, labels,
                   learning_rate, meta_learning_rate, with_meta: bool = True):
   """A whole L2W iteration: (train p1, meta p2) then (train p2, meta p1).
@@ -314,3 +231,8 @@ def l2w_iteration(half_step: Callable, state: TrainState, images, labels,
   state, second = half_step(state, x2, y2, x1, y1, learning_rate,
                             meta_learning_rate, with_meta)
   return state.replace(step=state.step + 1), (first, second)
+
+
+registry.register('l2w', l2w_half_step, uses_meta_step=True,
+                  options=options_from_config,
+                  weight_net=weight_net_from_config)

@@ -22,10 +22,13 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from l2w_jax.meta import l2w, weighting
-from l2w_jax.meta.l2w import Learner, TrainState
+from l2w_jax.meta import weighting
+from l2w_jax.models import backbone_config
 from l2w_jax.models.ensemble import ensemble_logits
 from l2w_jax.optim import apply_optimizer
+from l2w_jax.training import registry
+from l2w_jax.training.forward import top1_hits, train_mode_logits
+from l2w_jax.training.state import Learner, TrainState, compute_dtype
 
 
 def reweights(value, num_exits: int) -> tuple[float, ...]:
@@ -109,9 +112,9 @@ def boostnet_step(learner: Learner, state: TrainState, images, labels,
   equalise = dict(learner.method_options).get('loss_equal', False)
 
   def loss_fn(params):
-    exit_logits, batch_stats = l2w.train_mode_logits(
+    exit_logits, batch_stats = train_mode_logits(
         learner.model, params, state.batch_stats, images,
-        l2w.compute_dtype(settings))
+        compute_dtype(settings))
     losses = stage_losses(exit_logits, labels, reweight,
                           settings.label_smoothing)
     if not equalise:
@@ -140,4 +143,27 @@ def boostnet_step(learner: Learner, state: TrainState, images, labels,
              jnp.mean(averages['loss_average']) / averages['loss_average'])
   return new_state, {'train_loss': train_loss, 'loss_per_exit': losses,
                      'weight_per_exit': weights.astype(losses.dtype),
-                     'correct': l2w.top1_hits(predictions, labels)}
+                     'correct': top1_hits(predictions, labels)}
+
+
+def _backbone(config) -> dict:
+  r = config.boostnet.reweight
+  reweight = reweights(r, backbone_config(config).num_exits)
+  if any(not 0.0 <= v <= 1.0 for v in reweight):
+    raise ValueError(f'boostnet.reweight: each r must be in [0, 1], got {r}')
+  return {'gradient_equilibrium': True, 'ensemble_reweight': reweight}
+
+
+def _options(config, num_exits) -> dict:
+  del num_exits
+  return {'loss_equal': bool(config.boostnet.get('loss_equal', False))}
+
+
+def _initial_state(learner, dtype):
+  if not learner.option('loss_equal'):
+    return None
+  return initial_loss_averages(learner.model.num_exits, dtype)
+
+
+registry.register('boostnet', batch_step=boostnet_step, backbone=_backbone,
+                  options=_options, initial_state=_initial_state)
