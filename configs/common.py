@@ -86,6 +86,10 @@ def switch_backbone(config: ml_collections.ConfigDict, file_model_name: str,
   name = config.model.name
   if 'model.name' not in overrides or name == file_model_name:
     return False
+  if ':' in name and (name, dataset_kind(config)) not in MODEL_PRESETS:
+    # A backbone from outside the package (`module:name`) without a preset
+    # here: it reads the `model.*` fields it has and defaults the rest.
+    return False
   use_model(config, name)
   for path, value in overrides.items():
     if path.startswith('model.') and path != 'model.name':

@@ -16,7 +16,7 @@ import pytest
 
 from l2w_jax.evaluation.cascade import Cascade
 from l2w_jax.evaluation.flops import count_per_exit
-from l2w_jax.methods import imta
+from l2w_jax.methods import imta, l2w, l2w_imta
 from l2w_jax.models.msdnet import MSDNet
 from l2w_jax.optim import sgd_momentum
 from l2w_jax.training import train
@@ -204,7 +204,7 @@ def test_two_stage_run_keeps_the_stage1_network_and_evaluates_the_heads(
   # Evaluation runs the IMTA network (heads and ISC in its FLOPs).
   flops, _ = count_per_exit(learner.model, (32, 32, 3))
   assert results['mflops_per_exit'] == [f / 1e6 for f in flops]
-  with pytest.raises(ValueError, match='not supported yet; use '
+  with pytest.raises(ValueError, match='is not one .*; use '
                      '--mode=budgeted'):
     Cascade(learner.model, {}, np.zeros(3), 16)
 
@@ -249,7 +249,15 @@ def test_paper_config_of_imta_builds(name, method):
   assert (config.meta.interval, config.meta.epsilon) == (100, 0.3)
   learner = build_learner(config)
   assert isinstance(learner.model, imta.IMTANetwork)
-  assert dict(learner.method_options) == {'temperature': 1.0, 'gamma': 0.1}
+  options = dict(learner.method_options)
+  assert {k: options.pop(k) for k in ('temperature', 'gamma')} == {
+      'temperature': 1.0, 'gamma': 0.1}
+  if method == 'l2w_imta':  # L2W-DEN's settings and its weight net too
+    assert options.pop(l2w.OPTION).epsilon == pytest.approx(0.3)
+    assert learner.weight_net is not None and learner.meta_tx is not None
+  else:  # a method without a meta step carries no weight net
+    assert learner.weight_net is None and learner.meta_tx is None
+  assert not options
   assert dataclasses.asdict(learner.model.cfg)['gradient_equilibrium']
   # The heads' input widths the original hard-codes for step 4.
   assert imta.pooled_feature_dims(learner.model.cfg) == (384, 384, 352, 304,
@@ -264,7 +272,7 @@ def test_l2w_imta_stage1_is_the_l2w_half_step_on_the_network(float64):
   learner, state, images, labels = _setup('l2w_imta')
   x1, y1, x2, y2 = images[:4], labels[:4], images[4:], labels[4:]
   new, metrics = jax.jit(functools.partial(
-      imta.l2w_stage1_half_step, learner), static_argnames='with_meta')(
+      l2w_imta.l2w_stage1_half_step, learner), static_argnames='with_meta')(
           state, x1, y1, x2, y2, LR, 1e-2, with_meta=True)
   # The same half step on a plain L2W learner whose backbone is the GE MSDNet.
   plain_config = tiny_config()
@@ -280,7 +288,7 @@ def test_l2w_imta_stage1_is_the_l2w_half_step_on_the_network(float64):
           plain.tx.init(state.params['net']), state.params['net'])[1],
       meta_params=state.meta_params, meta_opt_state=state.meta_opt_state)
   expected, expected_metrics = jax.jit(functools.partial(
-      imta.l2w.l2w_half_step, plain), static_argnames='with_meta')(
+      l2w.l2w_half_step, plain), static_argnames='with_meta')(
           alone, x1, y1, x2, y2, LR, 1e-2, with_meta=True)
   chex.assert_trees_all_close(
       (new.params['net'], new.batch_stats['net'],

@@ -2,9 +2,9 @@
 
 The original (and the budgeted curve) compute every exit for every sample and
 simulate the exiting afterwards. `Cascade` does it for real: stage k runs
-the backbone's stage k (`run_stage`: MSDNet's block k; RANet's blocks
-between exits k-1 and k, starting new scale flows as needed) and classifier
-k on the samples that have not exited, the confident ones (max softmax >=
+the backbone's stage k and exit k (`MultiExitBackbone.cascade_stage`:
+MSDNet's block k; RANet's blocks between exits k-1 and k, starting new
+scale flows as needed; BoostNet's ensemble carried along) on the samples that have not exited, the confident ones (max softmax >=
 threshold k, decided in the stage's program) leave with that exit's
 prediction, and the carry of the rest (every array in it) is gathered for
 stage k + 1 when that lets the stage run on a smaller bucket. To keep
@@ -61,37 +61,21 @@ def _bucket(n: int, sizes: Sequence[int]) -> int:
   return next(s for s in sizes if s >= n)
 
 
-def _reweight(model: nn.Module) -> tuple[float, ...]:
-  """BoostNet's reweights if the model predicts with ensembles, else ()."""
-  return tuple(getattr(getattr(model, 'cfg', None), 'ensemble_reweight', ()))
-
-
 def _start(model: nn.Module, images):
-  """The carry of stage 0: (images, the running ensemble Q or None)."""
-  if not _reweight(model):
-    return images, None
-  return images, jnp.zeros((images.shape[0], model.cfg.num_classes),
-                           images.dtype)
+  """The carry of stage 0 (see `MultiExitBackbone.cascade_stage`)."""
+  del model
+  return images, None
 
 
 def _stage(model: nn.Module, index: int, variables, carry):
-  """Block `index` and its classifier: (features, Q_{k-1}) -> ((features,
-  Q_k), conf, pred). For BoostNet the exit predicts with the ensemble
-  Q_k = o_k + Q_{k-1} r_k, carried from stage to stage; otherwise Q is None
-  and the exit predicts with its own logits."""
-  features, ensemble = carry
-
-  def run(module, x):
-    out = module.run_stage(index, x, False)
-    return out, module.exit_logits(index, out, False)
-
-  features, logits = model.apply(variables, features, method=run)
-  reweight = _reweight(model)
-  if reweight:
-    logits = logits if index == 0 else logits + ensemble * reweight[index]
-    ensemble = logits
+  """Stage `index` and its exit: carry -> (carry for the next stage, conf,
+  pred). The model's `cascade_stage` says what its exit predicts with
+  (BoostNet's ensemble, carried from stage to stage, or the exit's own
+  logits)."""
+  carry, logits = model.apply(
+      variables, carry, method=lambda m, c: m.cascade_stage(index, c))
   confidence = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
-  return (features, ensemble), confidence, jnp.argmax(logits, axis=-1)
+  return carry, confidence, jnp.argmax(logits, axis=-1)
 
 
 def _stage_and_decide(model: nn.Module, index: int, variables, carry,
@@ -122,13 +106,14 @@ class CascadeOutput:
 
 
 def _check_stageable(model: nn.Module) -> None:
-  """ValueError unless `model` runs stage by stage (`run_stage`,
-  `exit_logits`): an MSDNet or a RANet, plain or boosted."""
-  if not hasattr(model, 'run_stage'):
+  """ValueError unless `model` runs stage by stage: a
+  `models.MultiExitBackbone` (MSDNet, RANet, plain or boosted)."""
+  if not hasattr(model, 'cascade_stage'):
     raise ValueError(
-        'the real cascade runs a backbone (MSDNet, RANet) stage by stage; '
-        f'{type(model).__name__} (IMTA\'s heads fed through ISC) is not '
-        'supported yet; use --mode=budgeted for its simulated early exits')
+        'the real cascade runs a multi-exit backbone (models.'
+        f'MultiExitBackbone) stage by stage; {type(model).__name__} is not '
+        'one (IMTA\'s heads feed each other through ISC); use '
+        '--mode=budgeted for its simulated early exits')
 
 
 def _checked_thresholds(model: nn.Module, thresholds) -> np.ndarray:

@@ -1,50 +1,106 @@
 """Multi-exit backbones and the weight prediction network."""
 
 import dataclasses
+import importlib
+from typing import Callable
 
-from l2w_jax.models import msdnet, ranet
+from l2w_jax.models import layers, msdnet, ranet
+from l2w_jax.models.backbone import MultiExitBackbone
 from l2w_jax.models.msdnet import MSDNet, MSDNetConfig
 from l2w_jax.models.ranet import RANet, RANetConfig
 from l2w_jax.models.weight_net import WeightNet, weight_net_input_size
 
-MODELS = ('msdnet', 'ranet')
 # The mesh axis that `train.sync_bn` synchronises BatchNorm over (the one
 # `l2w_jax.parallel` shards the batch along).
 DATA_AXIS = 'data'
 
 
-_BACKBONES = {'msdnet': (MSDNetConfig, MSDNet), 'ranet': (RANetConfig, RANet)}
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """A registered backbone: `config.model.name` -> its config and module."""
+  name: str
+  config_class: type  # a `BackboneFields` dataclass (`from_config`)
+  module_class: type  # a `MultiExitBackbone` taking `cfg`
+  # cfg -> width of each exit's pooled feature (IMTA's heads read them);
+  # None: the backbone does not support IMTA.
+  pooled_feature_dims: Callable | None = None
 
 
-def backbone_config(config):
-  """The MSDNetConfig or RANetConfig that `config.model` describes (with
-  `config.dataset`'s classes); ValueError naming the field if it cannot be
-  built."""
-  name = config.model.get('name', 'msdnet')
-  if name not in MODELS:
+_BACKBONES: dict[str, Backbone] = {}
+
+
+def register_backbone(name: str, config_class: type, module_class: type,
+                      pooled_feature_dims: Callable | None = None) -> Backbone:
+  """Makes a backbone available as `config.model.name = name` (or
+  `module:name` from outside the package, see `get_backbone`)."""
+  if name in _BACKBONES:
+    raise ValueError(f'backbone {name!r} is already registered')
+  if not issubclass(module_class, MultiExitBackbone):
+    raise TypeError(f'backbone {name!r}: {module_class.__name__} is not a '
+                    'models.MultiExitBackbone')
+  backbone = Backbone(name, config_class, module_class, pooled_feature_dims)
+  _BACKBONES[name] = backbone
+  return backbone
+
+
+def get_backbone(name: str) -> Backbone:
+  """The backbone `config.model.name = name` builds: a registered name, or
+  `module:name` for one registered by `module` (imported first).
+  ValueError naming the available ones if there is none."""
+  module, _, registered = name.rpartition(':')
+  if module:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise ValueError(f'model.name: cannot import {module!r} for backbone '
+                       f'{name!r} ({e}); run from the directory that holds '
+                       'it or put it on PYTHONPATH') from e
+  if registered not in _BACKBONES:
     raise ValueError(f'model.name: unknown model {name!r}; available: '
-                     f'{MODELS}')
-  return _BACKBONES[name][0].from_config(config.model,
-                                         config.dataset.num_classes)
+                     f'{tuple(sorted(_BACKBONES))}')
+  return _BACKBONES[registered]
 
 
-def backbone_module(cfg):
-  """The backbone module of a backbone config: MSDNet(cfg) or RANet(cfg)."""
-  for config_class, module in _BACKBONES.values():
-    if isinstance(cfg, config_class):
-      return module(cfg)
+def _backbone_of(cfg) -> Backbone:
+  for backbone in _BACKBONES.values():
+    if isinstance(cfg, backbone.config_class):
+      return backbone
   raise TypeError(f'not a backbone config: {type(cfg).__name__}')
 
 
+def backbone_config(config):
+  """The backbone config (e.g. MSDNetConfig) that `config.model` describes
+  (with `config.dataset`'s classes); ValueError naming the field if it
+  cannot be built."""
+  backbone = get_backbone(config.model.get('name', 'msdnet'))
+  return backbone.config_class.from_config(config.model,
+                                           config.dataset.num_classes)
+
+
+def backbone_module(cfg):
+  """The backbone module of a backbone config, e.g. MSDNet(cfg)."""
+  return _backbone_of(cfg).module_class(cfg)
+
+
 def pooled_feature_dims(cfg) -> tuple[int, ...]:
-  """Width of each exit's pooled feature (what its linear layer reads):
-  `msdnet.classifier_width` of each exit (128 on the CIFAR stem, the
+  """Width of each exit's pooled feature (what its linear layer reads)."""
+  backbone = _backbone_of(cfg)
+  if backbone.pooled_feature_dims is None:
+    raise ValueError(f'model.name: backbone {backbone.name!r} does not give '
+                     'its exits\' feature widths, which IMTA\'s heads need')
+  return backbone.pooled_feature_dims(cfg)
+
+
+def _msdnet_feature_dims(cfg) -> tuple[int, ...]:
+  """`layers.classifier_width` of each exit (128 on the CIFAR stem, the
   exit's input channels on the ImageNet stem, unless model.classifier_width
   is set)."""
-  if isinstance(cfg, RANetConfig):
-    return ranet.pooled_feature_dims(cfg)
   _, classifier_in = msdnet.msdnet_topology(cfg)
-  return tuple(msdnet.classifier_width(cfg, n) for n in classifier_in)
+  return tuple(layers.classifier_width(cfg, n) for n in classifier_in)
+
+
+register_backbone('msdnet', MSDNetConfig, MSDNet, _msdnet_feature_dims)
+register_backbone('ranet', RANetConfig, RANet, ranet.pooled_feature_dims)
 
 
 def build_model(config, **overrides):

@@ -1,10 +1,22 @@
-"""What every backbone config (MSDNetConfig, RANetConfig) shares: the
-fields the training loop and the methods set, their checks, the parsing of
-factor lists and the construction from `config.model`."""
+"""What every multi-exit backbone shares.
+
+`BackboneFields`: the config fields the training loop and the methods set
+on any backbone (their checks, the parsing of factor lists, the
+construction from `config.model`). `MultiExitBackbone`: the protocol the
+training methods, the evaluations, the cascade and the serving code use,
+with everything that follows from a backbone's stages.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from l2w_jax.models import gradient_equilibrium as ge
+from l2w_jax.models.ensemble import ensemble_logits, ensemble_step
 
 
 def parse_factors(value, field: str) -> tuple[int, ...]:
@@ -69,3 +81,89 @@ class BackboneFields:
                                    self.num_exits):
       bad('ensemble_reweight', f'needs one value per exit ({self.num_exits}),'
           f' got {len(self.ensemble_reweight)}')
+
+
+class MultiExitBackbone(nn.Module):
+  """A network of K stages, each followed by an exit.
+
+  A backbone defines its `cfg` (a `BackboneFields` config), `num_exits`,
+  `classifier` (K exit heads with `pooled_features(x, train)` and `linear`,
+  e.g. `layers.ExitHead`) and three functions of its *carry* (whatever one
+  stage hands the next: the image before stage 0, MSDNet's list of scales,
+  RANet's flows):
+
+    run_stage(k, carry, train) -> carry   stage k (the cascade's unit)
+    exit_input(carry) -> (B, H, W, C)     the feature map exit k reads
+    with_exit_input(carry, x) -> carry    the carry with that map replaced
+
+  Everything else follows here: exit logits, gradient equilibrium around
+  the exits, pooled exit features, the K-exit forward pass with BoostNet's
+  ensembles in eval mode, and the cascade's stage with its ensemble carry.
+  """
+
+  @property
+  def num_exits(self) -> int:
+    raise NotImplementedError
+
+  def run_stage(self, k: int, carry, train: bool):
+    raise NotImplementedError
+
+  def exit_input(self, carry) -> jax.Array:
+    raise NotImplementedError
+
+  def with_exit_input(self, carry, x: jax.Array):
+    raise NotImplementedError
+
+  def exit_logits(self, k: int, carry, train: bool) -> jax.Array:
+    """Exit k on stage k's carry: logits (B, num_classes)."""
+    return self.classifier[k](self.exit_input(carry), train)
+
+  def exit_step(self, k: int, carry, train: bool):
+    """Stage k, then exit k: (carry for stage k+1, pooled feature (B, D_k),
+    logits o_k (B, C)). With gradient equilibrium the feature map the exit
+    reads is rescaled in the backward pass (`gradient_equilibrium`): by
+    1/(K-k) into the exit, then by (K-k-1) onward."""
+    num_exits = self.num_exits
+    carry = self.run_stage(k, carry, train)
+    x = self.exit_input(carry)
+    if self.cfg.gradient_equilibrium:
+      x = ge.scale_gradient(x, ge.classifier_scale(k, num_exits))
+    pooled = self.classifier[k].pooled_features(x, train)
+    logits = self.classifier[k].linear(pooled)
+    if self.cfg.gradient_equilibrium:
+      carry = self.with_exit_input(
+          carry, ge.scale_gradient(x, ge.onward_scale(k, num_exits)))
+    return carry, pooled, logits
+
+  def exit_features(self, x: jax.Array,
+                    train: bool = False) -> tuple[list, list]:
+    """Images (B, H, W, 3) -> (pooled features K x (B, D_k), exit logits
+    K x (B, classes)); the logits are always the exits' own o_k."""
+    pooled, logits, carry = [], [], x
+    for k in range(self.num_exits):
+      carry, feature, out = self.exit_step(k, carry, train)
+      pooled.append(feature)
+      logits.append(out)
+    return pooled, logits
+
+  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+    """Images (B, H, W, 3) -> K per-exit logits (B, classes); BoostNet's
+    ensembles Q_k in eval mode when `cfg.ensemble_reweight` is set."""
+    _, logits = self.exit_features(x, train)
+    if self.cfg.ensemble_reweight and not train:
+      logits = ensemble_logits(logits, self.cfg.ensemble_reweight)
+    return logits
+
+  def cascade_stage(self, k: int, carry: tuple[Any, Any]):
+    """Stage k and exit k in eval mode, for early exiting: (stage carry,
+    Q_{k-1} or None) -> ((stage carry, Q_k or None), the exit's prediction
+    logits (B, C)): Q_k, BoostNet's ensemble, when `cfg.ensemble_reweight`
+    is set, else the exit's own logits (and no Q is carried). Stage 0's
+    carry is (images, None)."""
+    features, ensemble = carry
+    features = self.run_stage(k, features, False)
+    logits = self.exit_logits(k, features, False)
+    if self.cfg.ensemble_reweight:
+      logits = ensemble_step(logits, ensemble, k, self.cfg.ensemble_reweight)
+      return (features, logits), logits
+    return (features, None), logits

@@ -9,11 +9,16 @@ what the original MSDNet effectively uses, see `models/msdnet.py`).
 Every layer that takes channels checks them against the width it was declared
 with, so an architecture whose arithmetic does not add up fails loudly, as the
 original does, instead of silently inferring another width.
+
+The blocks both backbones build from (`ConvBasic`, `ConvBN`) and their exit
+head (`ExitHead`) are here too.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -199,3 +204,100 @@ def flatten_features(x: jax.Array) -> jax.Array:
   """(B, H, W, C) -> (B, C*H*W) in PyTorch's (C, H, W) order."""
   return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
+
+class ConvBasic(nn.Module):
+  """Conv -> BN -> ReLU (`net_0`, `net_1`, `net_2`)."""
+  n_in: int
+  n_out: int
+  kernel: int = 3
+  stride: int = 1
+  padding: int = 1
+  init: str = 'torch_default'
+  bn_axis: str | None = None
+
+  def setup(self):
+    self.net = [
+        Conv2d(self.n_in, self.n_out, self.kernel, self.stride, self.padding,
+               init=self.init),
+        BatchNorm2d(self.n_out, axis_name=self.bn_axis),
+        ReLU(),
+    ]
+
+  def __call__(self, x, train: bool):
+    conv, bn, relu = self.net
+    return relu(bn(conv(x), train))
+
+
+class ConvBN(nn.Module):
+  """[1x1 bottleneck -> BN -> ReLU ->] 3x3 conv (stride 1 or 2) -> BN -> ReLU."""
+  n_in: int
+  n_out: int
+  kind: str  # 'normal' or 'down'
+  bottleneck: bool
+  bn_width: int
+  init: str = 'torch_default'
+  bn_axis: str | None = None
+
+  def setup(self):
+    net = []
+    n_inner = self.n_in
+    if self.bottleneck:
+      n_inner = min(n_inner, self.bn_width * self.n_out)
+      net += [Conv2d(self.n_in, n_inner, 1, 1, 0, init=self.init),
+              BatchNorm2d(n_inner, axis_name=self.bn_axis), ReLU()]
+    stride = 2 if self.kind == 'down' else 1
+    net += [Conv2d(n_inner, self.n_out, 3, stride, 1, init=self.init),
+            BatchNorm2d(self.n_out, axis_name=self.bn_axis), ReLU()]
+    self.net = net
+
+  def __call__(self, x, train: bool):
+    for layer in self.net:
+      x = layer(x, train) if isinstance(layer, BatchNorm2d) else layer(x)
+    return x
+
+
+def classifier_width(cfg, n_in: int) -> int:
+  """Channels of an exit's hidden convs (its pooled feature's width) for an
+  exit reading `n_in` channels: cfg.classifier_width, or when 0 the
+  original's 128 on the CIFAR stem and `n_in` on the ImageNet stem."""
+  if cfg.classifier_width:
+    return int(cfg.classifier_width)
+  return 128 if cfg.stem == 'cifar' else n_in
+
+
+class ExitHead(nn.Module):
+  """The exit classifier of MSDNet and RANet (their originals'
+  ClassifierModule): 2 strided ConvBasic, AvgPool(2), Linear, on the one
+  feature map the exit reads. `cfg` is the backbone's config (its
+  `num_classes`, `init`, `bn_axis_name`, `classifier_width`, `stem`)."""
+  cfg: Any
+  n_in: int
+
+  def setup(self):
+    cfg = self.cfg
+    inter = classifier_width(cfg, self.n_in)
+    self.m = [ConvBasic(self.n_in, inter, 3, 2, 1, init=cfg.init,
+                        bn_axis=cfg.bn_axis_name),
+              ConvBasic(inter, inter, 3, 2, 1, init=cfg.init,
+                        bn_axis=cfg.bn_axis_name),
+              AvgPool2d(2)]
+    self.linear = Linear(inter, cfg.num_classes,
+                         zero_bias=cfg.init == 'msdnet')
+
+  def pooled_features(self, x: jax.Array, train: bool) -> jax.Array:
+    """Feature map (B, H, W, n_in) -> the pooled, flattened feature the
+    linear layer reads: (B, width), width = `classifier_width(cfg, n_in)`
+    (IMTA's heads read it too). ValueError unless it pools to 1x1."""
+    conv1, conv2, pool = self.m
+    pooled = pool(conv2(conv1(x, train), train))
+    if pooled.shape[1:3] != (1, 1):
+      raise ValueError(
+          f'{self.name}: the feature map it reads ({x.shape[1]}x'
+          f'{x.shape[2]}) pools to {pooled.shape[1]}x{pooled.shape[2]}, but '
+          'the exit head, like the original, needs 1x1: image size, stem and '
+          'number of scales do not fit (CIFAR: 32 px; ImageNet: 224 px)')
+    return flatten_features(pooled)
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """(B, H, W, n_in) -> logits (B, num_classes)."""
+    return self.linear(self.pooled_features(x, train))

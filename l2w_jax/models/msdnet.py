@@ -26,11 +26,10 @@ import math
 import flax.linen as nn
 import jax
 
-from l2w_jax.models import gradient_equilibrium as ge
-from l2w_jax.models.backbone import BackboneFields, parse_factors
-from l2w_jax.models.ensemble import ensemble_logits
-from l2w_jax.models.layers import (AvgPool2d, BatchNorm2d, Conv2d, Linear,
-                                   MaxPool2d, ReLU, flatten_features)
+from l2w_jax.models.backbone import (BackboneFields, MultiExitBackbone,
+                                     parse_factors)
+from l2w_jax.models.layers import (BatchNorm2d, Conv2d, ConvBasic, ConvBN,
+                                   ExitHead, MaxPool2d, ReLU)
 
 Features = list  # list of (B, H_s, W_s, C_s) arrays, finest scale first.
 
@@ -158,57 +157,6 @@ def msdnet_topology(cfg: MSDNetConfig) -> tuple[list[list[LayerSpec]],
     blocks.append(layers)
     classifier_in.append(n_in * cfg.gr_factor[-1])
   return blocks, classifier_in
-
-
-class ConvBasic(nn.Module):
-  """Conv -> BN -> ReLU (`net_0`, `net_1`, `net_2`)."""
-  n_in: int
-  n_out: int
-  kernel: int = 3
-  stride: int = 1
-  padding: int = 1
-  init: str = 'torch_default'
-  bn_axis: str | None = None
-
-  def setup(self):
-    self.net = [
-        Conv2d(self.n_in, self.n_out, self.kernel, self.stride, self.padding,
-               init=self.init),
-        BatchNorm2d(self.n_out, axis_name=self.bn_axis),
-        ReLU(),
-    ]
-
-  def __call__(self, x, train: bool):
-    conv, bn, relu = self.net
-    return relu(bn(conv(x), train))
-
-
-class ConvBN(nn.Module):
-  """[1x1 bottleneck -> BN -> ReLU ->] 3x3 conv (stride 1 or 2) -> BN -> ReLU."""
-  n_in: int
-  n_out: int
-  kind: str  # 'normal' or 'down'
-  bottleneck: bool
-  bn_width: int
-  init: str = 'torch_default'
-  bn_axis: str | None = None
-
-  def setup(self):
-    net = []
-    n_inner = self.n_in
-    if self.bottleneck:
-      n_inner = min(n_inner, self.bn_width * self.n_out)
-      net += [Conv2d(self.n_in, n_inner, 1, 1, 0, init=self.init),
-              BatchNorm2d(n_inner, axis_name=self.bn_axis), ReLU()]
-    stride = 2 if self.kind == 'down' else 1
-    net += [Conv2d(n_inner, self.n_out, 3, stride, 1, init=self.init),
-            BatchNorm2d(self.n_out, axis_name=self.bn_axis), ReLU()]
-    self.net = net
-
-  def __call__(self, x, train: bool):
-    for layer in self.net:
-      x = layer(x, train) if isinstance(layer, BatchNorm2d) else layer(x)
-    return x
 
 
 class ConvDownNormal(nn.Module):
@@ -340,58 +288,16 @@ class Transition(nn.Module):
     return [m(x, train) for m, x in zip(self.m, xs)]
 
 
-def classifier_width(cfg, n_in: int) -> int:
-  """Channels of an exit's hidden convs (its pooled feature's width) for an
-  exit reading `n_in` channels: cfg.classifier_width, or when 0 the
-  original's 128 on the CIFAR stem and `n_in` on the ImageNet stem."""
-  if cfg.classifier_width:
-    return int(cfg.classifier_width)
-  return 128 if cfg.stem == 'cifar' else n_in
-
-
-class Classifier(nn.Module):
-  """Exit head on the coarsest scale: 2 strided ConvBasic, AvgPool(2), Linear."""
-  cfg: MSDNetConfig
-  n_in: int
-
-  def setup(self):
-    cfg = self.cfg
-    inter = classifier_width(cfg, self.n_in)
-    self.m = [ConvBasic(self.n_in, inter, 3, 2, 1, init=cfg.init,
-                  bn_axis=cfg.bn_axis_name),
-              ConvBasic(inter, inter, 3, 2, 1, init=cfg.init,
-                  bn_axis=cfg.bn_axis_name),
-              AvgPool2d(2)]
-    self.linear = Linear(inter, cfg.num_classes,
-                         zero_bias=cfg.init == 'msdnet')
-
-  def pooled_features(self, xs: Features, train: bool) -> jax.Array:
-    """The pooled, flattened feature the linear layer reads: (B, width),
-    width = `classifier_width(cfg, n_in)` (IMTA's heads read it too)."""
-    conv1, conv2, pool = self.m
-    x = pool(conv2(conv1(xs[-1], train), train))
-    if x.shape[1:3] != (1, 1):
-      raise ValueError(
-          f'{self.name}: the coarsest scale ({xs[-1].shape[1]}x'
-          f'{xs[-1].shape[2]}) pools to {x.shape[1]}x{x.shape[2]}, but the '
-          'classifier, like the original, needs 1x1: image size and number '
-          'of scales (len(gr_factor)) do not fit (CIFAR: 32 px, 3 scales; '
-          'ImageNet: 224 px, 4 scales).')
-    return flatten_features(x)
-
-  def __call__(self, xs: Features, train: bool) -> jax.Array:
-    return self.linear(self.pooled_features(xs, train))
-
-
-class MSDNet(nn.Module):
-  """Multi-scale dense network with one classifier after each block."""
+class MSDNet(MultiExitBackbone):
+  """Multi-scale dense network with one exit after each block (the carry
+  between stages: the list of scales, finest first)."""
   cfg: MSDNetConfig
 
   def setup(self):
     blocks, classifier_in = msdnet_topology(self.cfg)
     self.blocks = [[self._make_layer(spec) for spec in layers]
                    for layers in blocks]
-    self.classifier = [Classifier(self.cfg, n) for n in classifier_in]
+    self.classifier = [ExitHead(self.cfg, n) for n in classifier_in]
 
   def _make_layer(self, spec: LayerSpec) -> nn.Module:
     if spec.kind == 'first':
@@ -407,50 +313,15 @@ class MSDNet(nn.Module):
 
   def run_stage(self, index: int, features, train: bool) -> Features:
     """Block `index` on the image (index 0) or the previous block's
-    features (an MSDNet's stage k is its block k; RANet has the same
-    stage interface)."""
+    features: an MSDNet's stage k is its block k."""
     for layer in self.blocks[index]:
       features = layer(features, train)
     return features
 
-  def exit_logits(self, index: int, features: Features,
-                  train: bool) -> jax.Array:
-    """Classifier `index` on a block's output features: (B, num_classes)."""
-    return self.classifier[index](features, train)
+  def exit_input(self, features: Features) -> jax.Array:
+    """An exit reads the coarsest scale."""
+    return features[-1]
 
-  def exit_step(self, i: int, features, train: bool):
-    """Block i on the image (i = 0) or block i-1's features, then exit i:
-    (features for block i+1, pooled feature (B, D_i), logits o_i (B, C)),
-    with gradient equilibrium's rescales if configured."""
-    num_blocks = self.cfg.n_blocks
-    features = self.run_stage(i, features, train)
-    if self.cfg.gradient_equilibrium:
-      features = features[:-1] + [ge.scale_gradient(
-          features[-1], ge.classifier_scale(i, num_blocks))]
-    pooled = self.classifier[i].pooled_features(features, train)
-    logits = self.classifier[i].linear(pooled)
-    if self.cfg.gradient_equilibrium:
-      features = features[:-1] + [ge.scale_gradient(
-          features[-1], ge.onward_scale(i, num_blocks))]
-    return features, pooled, logits
-
-  def exit_features(self, x: jax.Array,
-                    train: bool = False) -> tuple[list, list]:
-    """Images (B, H, W, 3) -> (pooled features K x (B, D_k), exit logits
-    K x (B, classes)); the logits are always the exits' own o_k."""
-    pooled, logits = [], []
-    features = x
-    for i in range(self.cfg.n_blocks):
-      features, feature, out = self.exit_step(i, features, train)
-      pooled.append(feature)
-      logits.append(out)
-    return pooled, logits
-
-  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-    """Images (B, H, W, 3) -> list of per-exit logits, each (B, classes);
-    BoostNet's ensembles Q_k in eval mode when `ensemble_reweight` is set."""
-    _, logits = self.exit_features(x, train)
-    if self.cfg.ensemble_reweight and not train:
-      logits = ensemble_logits(logits, self.cfg.ensemble_reweight)
-    return logits
+  def with_exit_input(self, features: Features, x: jax.Array) -> Features:
+    return features[:-1] + [x]
 

@@ -26,12 +26,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from l2w_jax.models import gradient_equilibrium as ge
-from l2w_jax.models.ensemble import ensemble_logits
-from l2w_jax.models.layers import (AvgPool2d, BatchNorm2d, Conv2d, Linear,
-                                   MaxPool2d, ReLU, flatten_features)
-from l2w_jax.models.backbone import BackboneFields, parse_factors
-from l2w_jax.models.msdnet import ConvBasic, ConvBN, classifier_width
+from l2w_jax.models.layers import (BatchNorm2d, Conv2d, ConvBasic, ConvBN,
+                                   ExitHead, MaxPool2d, ReLU,
+                                   classifier_width)
+from l2w_jax.models.backbone import (BackboneFields, MultiExitBackbone,
+                                     parse_factors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,41 +392,6 @@ class RAFirstLayer(nn.Module):
     return out[::-1]
 
 
-class RAClassifier(nn.Module):
-  """Two strided ConvBasic, AvgPool(2), Linear (`classifier_width`: 128
-  wide on CIFAR, the block's width on ImageNet), as the original's
-  ClassifierModule."""
-  cfg: RANetConfig
-  n_in: int
-
-  def setup(self):
-    cfg = self.cfg
-    inter = classifier_width(cfg, self.n_in)
-    self.m = [ConvBasic(self.n_in, inter, 3, 2, 1, init=cfg.init,
-                        bn_axis=cfg.bn_axis_name),
-              ConvBasic(inter, inter, 3, 2, 1, init=cfg.init,
-                        bn_axis=cfg.bn_axis_name),
-              AvgPool2d(2)]
-    self.linear = Linear(inter, cfg.num_classes,
-                         zero_bias=cfg.init == 'msdnet')
-
-  def pooled_features(self, x, train: bool) -> jax.Array:
-    """The pooled, flattened feature the linear layer reads: (B, width),
-    width = `classifier_width(cfg, n_in)` (IMTA's heads read it too)."""
-    conv1, conv2, pool = self.m
-    pooled = pool(conv2(conv1(x, train), train))
-    if pooled.shape[1:3] != (1, 1):
-      raise ValueError(
-          f'{self.name}: its block output ({x.shape[1]}x{x.shape[2]}) pools '
-          f'to {pooled.shape[1]}x{pooled.shape[2]}, but the classifier needs '
-          '1x1, as in the original: the image size does not fit the stem '
-          '(CIFAR: 32 px; ImageNet: 224 px)')
-    return flatten_features(pooled)
-
-  def __call__(self, x, train: bool) -> jax.Array:
-    return self.linear(self.pooled_features(x, train))
-
-
 def exit_positions(cfg: RANetConfig) -> tuple[tuple[int, int], ...]:
   """(flow, block) of every exit in exit order (0-based indices)."""
   return tuple((ii, i) for ii, flow in enumerate(ranet_topology(cfg))
@@ -441,7 +405,7 @@ def pooled_feature_dims(cfg: RANetConfig) -> tuple[int, ...]:
                for flow in ranet_topology(cfg) for spec in flow if spec.exit)
 
 
-class RANet(nn.Module):
+class RANet(MultiExitBackbone):
   """Resolution adaptive network: `apply(variables, x, train)` gives the
   list of exit logits, lowest-resolution flow first, each (B, classes).
 
@@ -466,7 +430,7 @@ class RANet(nn.Module):
              RABlock)
     self.scale_flows = [[block(self.cfg, spec) for spec in flow]
                         for flow in topology]
-    self.classifier = [RAClassifier(self.cfg, spec.outputs[-1])
+    self.classifier = [ExitHead(self.cfg, spec.outputs[-1])
                        for flow in topology for spec in flow if spec.exit]
 
   @property
@@ -501,47 +465,14 @@ class RANet(nn.Module):
         outputs = outputs + (tuple(block_outputs),)
     return {'stem': stem, 'x': x, 'outputs': outputs}
 
-  def exit_logits(self, k: int, carry: dict, train: bool) -> jax.Array:
-    """Classifier k on stage k's carry: (B, num_classes)."""
-    return self.classifier[k](carry['x'], train)
+  def exit_input(self, carry: dict) -> jax.Array:
+    """An exit reads the current flow's last block output. With gradient
+    equilibrium that is the tensor rescaled (`MultiExitBackbone.exit_step`):
+    RANet has no coarsest scale running through all exits, so this is the
+    one the classifier reads and the flow's next block continues from (the
+    lower flows' outputs that later flows fuse are not rescaled). IMTA and
+    BoostNet define it for MSDNet only; this is the direct transfer."""
+    return carry['x']
 
-  def exit_step(self, k: int, carry, train: bool):
-    """Stage k, then exit k: (carry for stage k+1, pooled feature (B, D_k),
-    logits o_k (B, C)). With gradient equilibrium the feature the classifier
-    reads gets MSDNet's two rescales (`gradient_equilibrium`): 1/(K-k) into
-    the classifier, then (K-k-1) onward. RANet has no coarsest scale
-    running through all exits; the rescaled tensor is the current flow's
-    block output, the one the classifier reads and the flow's next block
-    continues from (the lower flows' outputs that later flows fuse are not
-    rescaled). IMTA and BoostNet define it for MSDNet only; this is the
-    direct transfer."""
-    num_exits = self.num_exits
-    carry = self.run_stage(k, carry, train)
-    x = carry['x']
-    if self.cfg.gradient_equilibrium:
-      x = ge.scale_gradient(x, ge.classifier_scale(k, num_exits))
-    pooled = self.classifier[k].pooled_features(x, train)
-    logits = self.classifier[k].linear(pooled)
-    if self.cfg.gradient_equilibrium:
-      carry = {**carry, 'x': ge.scale_gradient(
-          x, ge.onward_scale(k, num_exits))}
-    return carry, pooled, logits
-
-  def exit_features(self, x: jax.Array,
-                    train: bool = False) -> tuple[list, list]:
-    """Images (B, H, W, 3) -> (pooled features K x (B, D_k), exit logits
-    K x (B, classes)); the logits are always the exits' own o_k."""
-    pooled, logits, carry = [], [], x
-    for k in range(self.num_exits):
-      carry, feature, out = self.exit_step(k, carry, train)
-      pooled.append(feature)
-      logits.append(out)
-    return pooled, logits
-
-  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-    """Images (B, H, W, 3) -> list of per-exit logits, each (B, classes);
-    BoostNet's ensembles Q_k in eval mode when `ensemble_reweight` is set."""
-    _, logits = self.exit_features(x, train)
-    if self.cfg.ensemble_reweight and not train:
-      logits = ensemble_logits(logits, self.cfg.ensemble_reweight)
-    return logits
+  def with_exit_input(self, carry: dict, x: jax.Array) -> dict:
+    return {**carry, 'x': x}
