@@ -34,6 +34,21 @@ def test_custom_weight_net_example_trains_with_its_own_pieces(tmp_path):
   assert all(0 < w < 2 for w in weights) and len(set(weights)) == 4
 
 
+def _cascade(tmp_path, *flags) -> list:
+  """`experiments.evaluate --mode=cascade` at budgets 5 and 39 on the run
+  in tmp_path/run; its rows."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.evaluate',
+       '--config=tests/tiny_digits_config.py', *flags,
+       f'--workdir={tmp_path / "run"}', '--mode=cascade', '--budgets=5,39',
+       '--batch_size=16', '--latency_images=4',
+       f'--config.dataset.data_dir={tmp_path / "data"}'],
+      cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True,
+      timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads((tmp_path / 'run' / 'cascade.json').read_text())
+
+
 def test_sdn_coefficients_are_the_originals_schedule():
   """Kaya et al.'s `sdn_train`: C = 0.15 ... 0.9 for six internal
   classifiers, tau = min(C, 0.01 + epoch C / epochs), the last exit 1."""
@@ -70,17 +85,7 @@ def test_sdn_from_outside_the_package_trains_and_evaluates(tmp_path):
   # network's two internal classifiers.
   for k, c in enumerate((0.45, 0.9, 1.0)):
     assert logged[0][f'train/weight_exit{k + 1}'] == pytest.approx(c)
-  out = subprocess.run(
-      [sys.executable, '-m', 'experiments.evaluate',
-       '--config=tests/tiny_digits_config.py',
-       '--config.method=examples.shallow_deep:sdn',
-       f'--workdir={tmp_path / "run"}', '--mode=cascade', '--budgets=5',
-       '--batch_size=16', '--latency_images=4',
-       f'--config.dataset.data_dir={tmp_path / "data"}'],
-      cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True,
-      timeout=600)
-  assert out.returncode == 0, out.stderr[-2000:]
-  cascade = json.loads((tmp_path / 'run' / 'cascade.json').read_text())
+  cascade = _cascade(tmp_path, '--config.method=examples.shallow_deep:sdn')
   assert cascade[0]['same_predictions'] == 1.0
   assert cascade[0]['same_exits'] == 1.0
 
@@ -103,17 +108,8 @@ def test_tiny_backbone_from_outside_the_package_trains_and_evaluates(
   rows = [json.loads(line) for line in
           (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert any('train/meta_loss' in r for r in rows)
-  out = subprocess.run(
-      [sys.executable, '-m', 'experiments.evaluate',
-       '--config=tests/tiny_digits_config.py',
-       '--config.model.name=examples.tiny_backbone:tiny_cnn',
-       f'--workdir={tmp_path / "run"}', '--mode=cascade', '--budgets=5,39',
-       '--batch_size=16', '--latency_images=4',
-       f'--config.dataset.data_dir={tmp_path / "data"}'],
-      cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True,
-      timeout=600)
-  assert out.returncode == 0, out.stderr[-2000:]
-  cascade = json.loads((tmp_path / 'run' / 'cascade.json').read_text())
+  cascade = _cascade(tmp_path,
+                     '--config.model.name=examples.tiny_backbone:tiny_cnn')
   assert [r['budget_index'] for r in cascade] == [5, 39]
   for row in cascade:
     assert row['same_predictions'] == 1.0 and row['same_exits'] == 1.0

@@ -185,7 +185,7 @@ def test_method_registry_rejects_ambiguous_registrations():
 
 
 def test_methods_are_found_by_module_and_name():
-  with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
+  with pytest.raises(ValueError, match="method: cannot import 'no_such_module'"):
     registry.get('no_such_module:sdn')
   with pytest.raises(ValueError, match='does not register it'):
     registry.get('l2w_jax.methods.uniform:sdn')

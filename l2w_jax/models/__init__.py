@@ -1,9 +1,9 @@
 """Multi-exit backbones and the weight prediction network."""
 
 import dataclasses
-import importlib
 from typing import Callable
 
+from l2w_jax import plugins
 from l2w_jax.models import layers, msdnet, ranet
 from l2w_jax.models.backbone import MultiExitBackbone
 from l2w_jax.models.msdnet import MSDNet, MSDNetConfig
@@ -47,14 +47,7 @@ def get_backbone(name: str) -> Backbone:
   """The backbone `config.model.name = name` builds: a registered name, or
   `module:name` for one registered by `module` (imported first).
   ValueError naming the available ones if there is none."""
-  module, _, registered = name.rpartition(':')
-  if module:
-    try:
-      importlib.import_module(module)
-    except ImportError as e:
-      raise ValueError(f'model.name: cannot import {module!r} for backbone '
-                       f'{name!r} ({e}); run from the directory that holds '
-                       'it or put it on PYTHONPATH') from e
+  registered = plugins.import_registering_module(name, 'model.name')
   if registered not in _BACKBONES:
     raise ValueError(f'model.name: unknown model {name!r}; available: '
                      f'{tuple(sorted(_BACKBONES))}')

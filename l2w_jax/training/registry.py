@@ -42,6 +42,8 @@ import importlib
 import pkgutil
 from typing import Callable
 
+from l2w_jax import plugins
+
 
 @dataclasses.dataclass(frozen=True)
 class PhaseStep:
@@ -160,16 +162,9 @@ def get(name: str) -> Method:
     The `Method`. ValueError naming the available ones if there is none.
   """
   _import_builtins()
-  module, _, registered = name.rpartition(':')
-  if module:
-    try:
-      importlib.import_module(module)
-    except ImportError as e:
-      raise ValueError(f'method: cannot import {module!r} for method '
-                       f'{name!r} ({e}); run from the directory that holds '
-                       'it or put it on PYTHONPATH') from e
+  registered = plugins.import_registering_module(name, 'method')
   if registered not in _METHODS:
-    where = f' (module {module!r} does not register it)' if module else ''
+    where = ' (its module does not register it)' if ':' in name else ''
     raise ValueError(f'method: unknown training method {name!r}{where}; '
                      f'available: {available()}')
   return _METHODS[registered]
