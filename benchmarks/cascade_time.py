@@ -26,9 +26,9 @@ from configs import common
 
 from l2w_jax.evaluation import anytime, budgeted
 from l2w_jax.evaluation import plots
-from l2w_jax.evaluation.cascade import (Cascade, SingleImageCascade,
-                                        compare_with_full_network,
-                                        exit_return_times)
+from l2w_jax.evaluation.cascade import Cascade, SingleImageCascade
+from l2w_jax.evaluation.cascade_timing import (compare_with_full_network,
+                                               exit_return_times)
 from l2w_jax.evaluation.flops import count_per_exit
 from l2w_jax.models import build_model
 

@@ -35,7 +35,7 @@ from configs import common
 
 from l2w_jax import data
 from l2w_jax import paths
-from l2w_jax.training import train
+from l2w_jax.training import divergence
 from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
 
@@ -68,12 +68,12 @@ def _time_saves(directory: str, state, asynchronous: bool) -> dict:
 def _time_finite_checks(state) -> dict:
   """Medians of the device check (one scalar fetched) and of the host
   check (the whole state fetched, then tested)."""
-  leaves = [x for x in jax.tree_util.tree_leaves(state) if train._is_float(x)]  # pylint: disable=protected-access
-  bool(train._all_finite(leaves))  # pylint: disable=protected-access  # compile
+  leaves = [x for x in jax.tree_util.tree_leaves(state) if divergence.is_float(x)]
+  bool(divergence.all_finite(leaves))  # compile
   device, host = [], []
   for _ in range(_SAVES.value):
     start = time.perf_counter()
-    bool(train._all_finite(leaves))  # pylint: disable=protected-access
+    bool(divergence.all_finite(leaves))
     device.append(time.perf_counter() - start)
     start = time.perf_counter()
     all(np.all(np.isfinite(x)) for x in jax.device_get(leaves))

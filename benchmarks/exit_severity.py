@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from configs import graded_digits as graded_config
 from l2w_jax.evaluation import budgeted, report
 from l2w_jax.training.learner import build_learner
-from l2w_jax.training.train import restore_variables
+from l2w_jax.training.workdir import restore_variables
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir/demo', 'The demo\'s runs.')
 _METHODS = flags.DEFINE_list('methods', ['l2w', 'uniform'], 'Runs to read.')

@@ -22,7 +22,7 @@ they compress like photographs, PIL's JPEG at quality 90 with 4:2:0 chroma
 reads are timed) and run through a tf.data pipeline (map, batch of
 --batch_size, read as numpy, as the training loop does) restricted to
 --threads threads: a private pool of that size with single-threaded ops, as
-`pipeline._options` sets it. After one warm-up pass, --repeats passes of
+`tfds_source.tf_data_options` sets it. After one warm-up pass, --repeats passes of
 every variant alternate, and the median pass time over the images is the
 figure: at --threads=1 the cost per image of one thread; with more threads,
 wall time per image (throughput). The machine is shared: compare figures
@@ -50,7 +50,7 @@ from PIL import Image
 import tensorflow as tf
 
 from l2w_jax.data import augment
-from l2w_jax.data import pipeline
+from l2w_jax.data import catalogue
 
 _THREADS = flags.DEFINE_integer('threads', 1, 'Threads of the tf.data pool.')
 _IMAGES_DIR = flags.DEFINE_string(
@@ -143,8 +143,8 @@ def main(argv):
                       _HEIGHT.value, _QUALITY.value)
       encoded = read_images(directory, _NUM_IMAGES.value)
   size = _IMAGE_SIZE.value
-  resize = int(round(size * pipeline.IMAGENET_EVAL_RATIO))
-  mean, std = pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD
+  resize = int(round(size * catalogue.IMAGENET_EVAL_RATIO))
+  mean, std = catalogue.IMAGENET_MEAN, catalogue.IMAGENET_STD
 
   def train(jpeg_decode):
     def fn(image, index):

@@ -16,10 +16,7 @@ The README's figure and table come from
   python -m experiments.demo --workdir=/tmp/demo --figure=docs/demo.png
 """
 
-import os
 import time
-
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -96,7 +93,8 @@ def main(argv):
   from l2w_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
   from l2w_jax.training import registry  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  from l2w_jax.training.train import TrainingDiverged, WorkdirError  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training.divergence import TrainingDiverged  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training.workdir import WorkdirError  # pylint: disable=g-import-not-at-top
   from l2w_jax.accelerators import PlatformError  # pylint: disable=g-import-not-at-top
 
   config = common.config_from_flag(_CONFIG)

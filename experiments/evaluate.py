@@ -11,9 +11,6 @@ r"""Evaluates a trained run or a converted PyTorch checkpoint.
 """
 
 import json
-import os
-
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -46,7 +43,7 @@ def _variables(config, model, info):
   iteration of the run (None for a PyTorch checkpoint)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from l2w_jax.convert import torch_state  # pylint: disable=g-import-not-at-top
-  from l2w_jax.training.train import restore_variables  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training.workdir import restore_variables  # pylint: disable=g-import-not-at-top
   if _TORCH.value:
     template = torch_state.variables_template(
         model, jnp.zeros((1,) + info.image_shape))

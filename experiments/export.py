@@ -13,9 +13,6 @@ the 39 budgets of its results.json; load it with
 """
 
 import json
-import os
-
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -55,7 +52,7 @@ def main(argv):
   cli.start_quietly(argv)
   from l2w_jax import serving  # pylint: disable=g-import-not-at-top
   from l2w_jax.serving import artifact  # pylint: disable=g-import-not-at-top
-  from l2w_jax.training.train import restore_variables  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training.workdir import restore_variables  # pylint: disable=g-import-not-at-top
   config = common.config_from_flag(_CONFIG)
   # Refused before the slow restore, and checked again when writing.
   artifact.check_replaceable(_OUT.value, _OVERWRITE.value)

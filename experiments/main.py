@@ -7,14 +7,8 @@ r"""Trains and evaluates an early-exit network.
 Rerunning with the same --workdir resumes from its latest checkpoint.
 """
 
-import os
-
-# TensorFlow (used only for input pipelines) is chatty; keep its C++ logs to
-# errors. Must happen before TensorFlow is imported.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
 from ml_collections import config_flags
 
 from configs import common
@@ -23,8 +17,9 @@ from experiments import cli
 from l2w_jax.accelerators import PlatformError
 from l2w_jax.data import DatasetNotFoundError
 from l2w_jax.training.checkpoint import CheckpointError
-from l2w_jax.training.train import (TrainingDiverged, WorkdirError,
-                                    train_and_evaluate)
+from l2w_jax.training.divergence import TrainingDiverged
+from l2w_jax.training.train import train_and_evaluate
+from l2w_jax.training.workdir import WorkdirError
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file.', lock_config=True)

@@ -29,6 +29,7 @@ import os
 from typing import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -100,6 +101,29 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
     devices = devices[:num_devices]
   return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,),
                            axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def connect_processes(mesh: jax.sharding.Mesh) -> None:
+  """With several processes, runs one all-gather and one all-reduce over
+  `mesh` at once, so that the processes connect to each other (on CPU,
+  gloo's TCP pairs for the mesh's devices) while they are still in step,
+  right after start-up. Otherwise the first training iteration connects,
+  after each process restored and compiled at its own pace, and on a
+  loaded machine the one done first can give up waiting ("Gloo context
+  initialization failed: Connect timeout"). A no-op on one process."""
+  if jax.process_count() == 1:
+    return
+
+  def both(x):
+    return jax.lax.psum(x, DATA_AXIS) + jnp.sum(
+        jax.lax.all_gather(x, DATA_AXIS))
+
+  ones = jax.make_array_from_callback(
+      (mesh.size,), NamedSharding(mesh, P(DATA_AXIS)),
+      lambda index: np.ones((1,), np.float32))
+  out = jax.jit(jax.shard_map(both, mesh=mesh, in_specs=P(DATA_AXIS),
+                              out_specs=P(DATA_AXIS)))(ones)
+  jax.block_until_ready(out)
 
 
 # XLA's CPU pipeline runs this pass before CSE: it deletes the optimization

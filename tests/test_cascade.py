@@ -79,14 +79,14 @@ def test_forced_exits_and_their_return_times(trained_like, tmp_path):
   compiled in, both cascades predict the same; exit_return_times times each
   exit's return against the full network and restores the thresholds; the
   figure is drawn."""
-  from l2w_jax.evaluation import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
+  from l2w_jax.evaluation import cascade_timing  # pylint: disable=g-import-not-at-top
   from l2w_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
   model, variables, images, held_out, _ = trained_like
   batched = Cascade(model, variables, np.full(model.num_exits, 0.5), 16)
   single = SingleImageCascade(model, variables, np.full(model.num_exits, 0.5))
   for k in range(model.num_exits):
     batched.thresholds = single.thresholds = (
-        cascade_lib.forced_exit_thresholds(model.num_exits, k))
+        cascade_timing.forced_exit_thresholds(model.num_exits, k))
     assert batched(images[:16]).exits.tolist() == [k] * 16
     assert int(single(images[:1])[1]) == k
   # Half of the held-out samples are confident enough at each exit.
@@ -106,7 +106,7 @@ def test_forced_exits_and_their_return_times(trained_like, tmp_path):
         want.predictions[i], want.exits[i]]
   full = jax.jit(lambda x: model.apply(variables, x, train=False))
   saved = np.array(batched.thresholds)
-  exit_s, full_s = cascade_lib.exit_return_times(
+  exit_s, full_s = cascade_timing.exit_return_times(
       full, batched, [images[:16]], repeats=1)
   assert len(exit_s) == model.num_exits and min(exit_s) > 0 and full_s > 0
   np.testing.assert_array_equal(batched.thresholds, saved)
@@ -126,7 +126,7 @@ def test_forced_exits_and_their_return_times(trained_like, tmp_path):
       return exits
 
   recording = Recording()
-  cascade_lib.exit_return_times(full, recording, [images[:8], images[8:16]],
+  cascade_timing.exit_return_times(full, recording, [images[:8], images[8:16]],
                                 repeats=2)
   # An untimed pass and 2 repeats, of 2 batches, for each exit in turn.
   assert recording.seen == [{k} for _ in range(3)

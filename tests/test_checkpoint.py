@@ -17,7 +17,9 @@ from orbax.checkpoint._src.path import atomicity
 import pytest
 
 from l2w_jax import paths
+from l2w_jax.training import divergence
 from l2w_jax.training import train
+from l2w_jax.training import workdir as workdir_lib
 from l2w_jax.training.checkpoint import CheckpointError, Checkpointer
 from tests.conftest import PROJECT_ROOT, subprocess_env
 from tests.tiny import restore_state, tiny_train_config
@@ -121,12 +123,12 @@ def test_the_state_is_checked_on_the_device(monkeypatch):
 
   with monkeypatch.context() as patch:
     patch.setattr(jax, 'device_get', no_host_copy)
-    train._check_state_finite(state, 3, NoCheckpoint())  # pylint: disable=protected-access
+    divergence.check_state_finite(state, 3, NoCheckpoint())
   bad = state.replace(params=jax.tree_util.tree_map(
       lambda x: x.at[(0,) * x.ndim].set(np.nan), state.params))
-  with pytest.raises(train.TrainingDiverged,
+  with pytest.raises(divergence.TrainingDiverged,
                      match=r'non-finite \(first: \.params'):
-    train._check_state_finite(bad, 3, NoCheckpoint())  # pylint: disable=protected-access
+    divergence.check_state_finite(bad, 3, NoCheckpoint())
 
 
 # ----------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def test_an_unwritable_scheme_stops_before_anything_is_built(
   config = tiny_train_config('sklearn_digits', num_steps=2)
   config.dataset.data_dir = str(tmp_path / 'data')
   scheme = workdir.split(':')[0]
-  with pytest.raises(train.WorkdirError) as error:
+  with pytest.raises(workdir_lib.WorkdirError) as error:
     train.train_and_evaluate(config, workdir)
   message = str(error.value)
   assert message.startswith(f'cannot use the workdir {workdir}: the '
@@ -162,19 +164,19 @@ def test_gs_without_gcs_support_is_refused_naming_what_to_install(
   monkeypatch.setenv('EPATH_USE_TF', 'false')
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: (
       None if name == 'gcsfs' else find_spec(name, *a)))
-  with pytest.raises(train.WorkdirError, match=(
+  with pytest.raises(workdir_lib.WorkdirError, match=(
       r'^cannot use the workdir gs://b/run: gs:// needs gcsfs .*pip install '
       'gcsfs$')):
-    train.check_workdir('gs://b/run')
+    workdir_lib.check_workdir('gs://b/run')
   monkeypatch.delenv('EPATH_USE_TF')
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: (
       None if name == 'google.cloud.storage' else find_spec(name, *a)))
-  with pytest.raises(train.WorkdirError, match=(
+  with pytest.raises(workdir_lib.WorkdirError, match=(
       'gs:// needs google-cloud-storage.*pip install google-cloud-storage$')):
-    train.check_workdir('gs://b/run')
+    workdir_lib.check_workdir('gs://b/run')
   monkeypatch.setattr(importlib.util, 'find_spec', find_spec)
-  train.check_workdir('gs://b/run')  # installed here: accepted
-  train.check_workdir('relative/run')
+  workdir_lib.check_workdir('gs://b/run')  # installed here: accepted
+  workdir_lib.check_workdir('relative/run')
 
 
 def test_the_command_refuses_an_unwritable_scheme_in_one_line(tmp_path):

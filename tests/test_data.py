@@ -20,9 +20,10 @@ import tensorflow_datasets as tfds
 
 from l2w_jax import data
 from l2w_jax.data import augment
+from l2w_jax.data import catalogue
 from l2w_jax.data import digits
 from l2w_jax.data import graded_digits
-from l2w_jax.data import pipeline
+from l2w_jax.data import in_memory
 from l2w_jax.data import splits
 
 TEST_OFFSET = 50_000  # indices of test/validation examples start here
@@ -41,9 +42,9 @@ def make_config(name, *, batch_size=16, seed=0, **dataset):
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-  pipeline.clear_cache()
+  in_memory.clear_cache()
   yield
-  pipeline.clear_cache()
+  in_memory.clear_cache()
 
 
 # ----------------------------------------------------------------------------
@@ -339,12 +340,12 @@ def test_train_batches_are_deterministic_and_resumable(cifar10):
   chex.assert_trees_all_equal(full[4:], tail)
   assert all_batches(data.train_batches(config, epoch=3, start_step=6)) == []
   # Each example at most once per epoch; the dropped remainder is 100 % 16.
-  seen = index_of(to_uint8(stack(full, 'image'), pipeline.CIFAR10_MEAN,
-                           pipeline.CIFAR10_STD))
+  seen = index_of(to_uint8(stack(full, 'image'), catalogue.CIFAR10_MEAN,
+                           catalogue.CIFAR10_STD))
   assert len(set(seen)) == len(seen) == 96
   other = all_batches(data.train_batches(config, epoch=4))
-  other_seen = index_of(to_uint8(stack(other, 'image'), pipeline.CIFAR10_MEAN,
-                                 pipeline.CIFAR10_STD))
+  other_seen = index_of(to_uint8(stack(other, 'image'), catalogue.CIFAR10_MEAN,
+                                 catalogue.CIFAR10_STD))
   assert not np.array_equal(seen, other_seen)  # a new permutation
   assert not np.array_equal(full[0]['image'], other[0]['image'])
   reseeded = all_batches(data.train_batches(
@@ -376,7 +377,7 @@ def test_holdout_is_fixed_and_disjoint_from_train(cifar10):
   def indices(config, split):
     batches = all_batches(data.eval_batches(config, split, 32))
     images = to_uint8(stack(batches, 'image')[stack(batches, 'mask')],
-                      pipeline.CIFAR10_MEAN, pipeline.CIFAR10_STD)
+                      catalogue.CIFAR10_MEAN, catalogue.CIFAR10_STD)
     return index_of(images)
 
   config = make_config('cifar10', holdout=20)
@@ -405,8 +406,8 @@ def test_eval_batches_cover_every_example_once_with_masks(cifar10):
   mask = stack(batches, 'mask')
   np.testing.assert_array_equal(mask, np.arange(4 * 32) < 100)
   assert not stack(batches, 'image')[~mask].any()  # zero padding
-  images = to_uint8(stack(batches, 'image')[mask], pipeline.CIFAR10_MEAN,
-                    pipeline.CIFAR10_STD)
+  images = to_uint8(stack(batches, 'image')[mask], catalogue.CIFAR10_MEAN,
+                    catalogue.CIFAR10_STD)
   seen = index_of(images)
   assert len(set(seen)) == 100
   # Unaugmented: exactly the stored images, labels alongside.
@@ -424,10 +425,10 @@ def test_augmented_eval_is_fixed_and_crops_every_example(cifar10):
   np.testing.assert_array_equal(stack(first, 'image'), stack(second, 'image'))
   plain = all_batches(data.eval_batches(config, 'train', 40))
   mask = stack(first, 'mask')
-  got = to_uint8(stack(first, 'image')[mask], pipeline.CIFAR10_MEAN,
-                 pipeline.CIFAR10_STD)
-  want = to_uint8(stack(plain, 'image')[mask], pipeline.CIFAR10_MEAN,
-                  pipeline.CIFAR10_STD)
+  got = to_uint8(stack(first, 'image')[mask], catalogue.CIFAR10_MEAN,
+                 catalogue.CIFAR10_STD)
+  want = to_uint8(stack(plain, 'image')[mask], catalogue.CIFAR10_MEAN,
+                  catalogue.CIFAR10_STD)
   np.testing.assert_array_equal(index_of(got), index_of(want))
   assert (got != want).any(axis=(1, 2, 3)).mean() > 0.8
 
@@ -458,10 +459,10 @@ def test_eval_batches_split_over_processes_make_the_global_batches(
   request.getfixturevalue(source)  # the fake dataset
   if source == 'cifar10':
     config, count, batch = make_config('cifar10', holdout=20), 100, 32
-    mean, std = pipeline.CIFAR10_MEAN, pipeline.CIFAR10_STD
+    mean, std = catalogue.CIFAR10_MEAN, catalogue.CIFAR10_STD
   else:
     config, count, batch = imagenet_config(), 50, 16
-    mean, std = pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD
+    mean, std = catalogue.IMAGENET_MEAN, catalogue.IMAGENET_STD
   whole = all_batches(data.eval_batches(config, 'train', batch,
                                         augment=augment))
   assert stack(whole, 'mask').sum() == count
@@ -535,8 +536,8 @@ def test_crop_flip_params_are_uniform_and_position_keyed():
 def test_train_images_are_crops_and_flips_of_their_examples(cifar10):
   config = make_config('cifar10', holdout=20, batch_size=32)
   batch = next(data.train_batches(config, epoch=0))
-  images = to_uint8(batch['image'], pipeline.CIFAR10_MEAN,
-                    pipeline.CIFAR10_STD)
+  images = to_uint8(batch['image'], catalogue.CIFAR10_MEAN,
+                    catalogue.CIFAR10_STD)
   flips = []
   for image, index in zip(images, index_of(images), strict=True):
     source = fake_images([index])[0]
@@ -548,7 +549,7 @@ def test_train_images_are_crops_and_flips_of_their_examples(cifar10):
   # 'crop' (the digits' setting) never mirrors.
   crop_only = make_config('cifar10', holdout=20, batch_size=32, augment='crop')
   images = to_uint8(next(data.train_batches(crop_only, epoch=0))['image'],
-                    pipeline.CIFAR10_MEAN, pipeline.CIFAR10_STD)
+                    catalogue.CIFAR10_MEAN, catalogue.CIFAR10_STD)
   for image, index in zip(images, index_of(images), strict=True):
     candidates = all_crop_flips(fake_images([index])[0])
     assert any(np.array_equal(candidates[(t, l, 0)], image)
@@ -643,8 +644,8 @@ def test_cifar100_lt_keeps_the_first_images_of_each_class():
     for split in ('train', 'holdout'):
       batches = all_batches(data.eval_batches(config, split, 2000))
       mask = stack(batches, 'mask')
-      images = to_uint8(stack(batches, 'image')[mask], pipeline.CIFAR100_MEAN,
-                        pipeline.CIFAR100_STD)
+      images = to_uint8(stack(batches, 'image')[mask], catalogue.CIFAR100_MEAN,
+                        catalogue.CIFAR100_STD)
       kept.append(index_of(images))
       np.testing.assert_array_equal(stack(batches, 'label')[mask],
                                     labels[kept[-1]])
@@ -673,8 +674,8 @@ def imagenet_indices(batches, mask=None):
   images = stack(batches, 'image')
   if mask is not None:
     images = images[mask]
-  return index_of(to_uint8(images, pipeline.IMAGENET_MEAN,
-                           pipeline.IMAGENET_STD))
+  return index_of(to_uint8(images, catalogue.IMAGENET_MEAN,
+                           catalogue.IMAGENET_STD))
 
 
 def test_imagenet_train_is_deterministic_resumable_and_sharded(imagenet):

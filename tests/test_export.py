@@ -151,9 +151,9 @@ def test_normalize_is_the_pipelines_bit_for_bit(exported):
   the CIFAR and ImageNet constants against augment.to_float_normalized in a
   tf.data map, on every grey level."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from l2w_jax.data import augment, digits, pipeline  # pylint: disable=g-import-not-at-top
+  from l2w_jax.data import augment, catalogue, digits, in_memory  # pylint: disable=g-import-not-at-top
   predictor = Predictor.load(exported.model)
-  raw, raw_labels = pipeline._load_split(  # pylint: disable=protected-access
+  raw, raw_labels = in_memory._load_split(  # pylint: disable=protected-access
       digits.NAME, exported.config.dataset.data_dir, 'test')
   np.testing.assert_array_equal(raw_labels, exported.labels)
   ours = predictor.normalize(raw)
@@ -161,9 +161,9 @@ def test_normalize_is_the_pipelines_bit_for_bit(exported):
   np.testing.assert_array_equal(ours.view(np.uint32),
                                 exported.images.view(np.uint32))
   levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, -1)
-  for mean, std in ((pipeline.CIFAR10_MEAN, pipeline.CIFAR10_STD),
-                    (pipeline.CIFAR100_MEAN, pipeline.CIFAR100_STD),
-                    (pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD)):
+  for mean, std in ((catalogue.CIFAR10_MEAN, catalogue.CIFAR10_STD),
+                    (catalogue.CIFAR100_MEAN, catalogue.CIFAR100_STD),
+                    (catalogue.IMAGENET_MEAN, catalogue.IMAGENET_STD)):
     ds = tf.data.Dataset.from_tensors(levels).map(
         lambda x, m=mean, s=std: augment.to_float_normalized(x, m, s))
     want = next(ds.as_numpy_iterator())

@@ -18,7 +18,10 @@ import pytest
 
 from l2w_jax import data
 from l2w_jax.convert import torch_state
+from l2w_jax.training import config_checks
+from l2w_jax.training import divergence
 from l2w_jax.training import resume, train
+from l2w_jax.training import workdir as workdir_lib
 from l2w_jax.training.checkpoint import CheckpointError
 from tests.conftest import PROJECT_ROOT, subprocess_env
 from tests.tiny import checkpointing_digits_config, restore_state, tiny_train_config
@@ -167,11 +170,11 @@ def test_mismatched_arrays_without_a_stored_config_stop_and_stay(
 ])
 def test_validate_names_the_field_value_and_range(field, value, allowed):
   config = tiny_train_config('sklearn_digits')
-  train.validate_config(config)  # the tiny config itself is fine
+  config_checks.validate_config(config)  # the tiny config itself is fine
   section, name = field.split('.')
   config[section][name] = value
   with pytest.raises(ValueError) as error:
-    train.validate_config(config)
+    config_checks.validate_config(config)
   assert str(error.value) == f'{field}: must be {allowed}, got {value!r}'
 
 
@@ -189,7 +192,7 @@ def test_impossible_reductions_are_named(changes, message):
     section, name = field.split('.')
     config[section][name] = value
   with pytest.raises(ValueError) as error:
-    train.validate_config(config)
+    config_checks.validate_config(config)
   assert str(error.value) == message
 
 
@@ -232,7 +235,7 @@ def test_nan_names_the_iteration_the_quantity_and_the_disk(tmp_path,
 
   monkeypatch.setattr(data, 'train_stream', poisoned)
   config = _config(tmp_path)
-  with pytest.raises(train.TrainingDiverged) as error:
+  with pytest.raises(divergence.TrainingDiverged) as error:
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   message = str(error.value)
   assert message.startswith("exit 1's loss became nan at iteration 2:"), (
@@ -279,7 +282,7 @@ def test_fault_unwritable_workdir_is_named(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')
   config = _config(tmp_path)
-  with pytest.raises(train.WorkdirError, match=(
+  with pytest.raises(workdir_lib.WorkdirError, match=(
       f'cannot write to the workdir {blocker / "run"}')):
     train.train_and_evaluate(config, str(blocker / 'run'))
 

@@ -24,16 +24,19 @@ import tensorflow_datasets as tfds
 
 from l2w_jax import data
 from l2w_jax.data import augment
-from l2w_jax.data import pipeline
+from l2w_jax.data import in_memory
+from l2w_jax.data import streaming
+from l2w_jax.data.settings import settings_from_config
+from l2w_jax.data.tfds_source import tf_data_options
 from tests import test_data
 from tests.conftest import PROJECT_ROOT, subprocess_env
 
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-  pipeline.clear_cache()
+  in_memory.clear_cache()
   yield
-  pipeline.clear_cache()
+  in_memory.clear_cache()
 
 
 # ----------------------------------------------------------------------------
@@ -315,7 +318,7 @@ def test_jpeg_decode_option_changes_nothing_but_speed(imagenet_dir):
   crop = imagenet_config(imagenet_dir)
   full = imagenet_config(imagenet_dir, jpeg_decode='full')
   # pylint: disable-next=protected-access
-  assert pipeline._settings(crop).jpeg_decode == 'crop'  # the default
+  assert settings_from_config(crop).jpeg_decode == 'crop'  # the default
   for epoch in (0, 1):
     chex.assert_trees_all_equal(
         test_data.all_batches(data.train_batches(crop, epoch=epoch)),
@@ -412,14 +415,15 @@ def test_stream_builds_one_pipeline(imagenet_dir, monkeypatch):
   tf.data then instantiates it per epoch); train_batches builds one per
   call."""
   calls = {'_streaming_epoch': 0, '_in_memory_epoch': 0, 'as_dataset': 0}
-  for name in ('_streaming_epoch', '_in_memory_epoch'):
-    original = getattr(pipeline, name)
+  for module, name in ((streaming, '_streaming_epoch'),
+                       (in_memory, '_in_memory_epoch')):
+    original = getattr(module, name)
 
     def counted(*args, _original=original, _name=name, **kwargs):
       calls[_name] += 1
       return _original(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, name, counted)
+    monkeypatch.setattr(module, name, counted)
   as_dataset = tfds.core.DatasetBuilder.as_dataset
 
   def counted_as_dataset(self, *args, **kwargs):
@@ -505,16 +509,16 @@ def test_default_threads_are_every_cpu_of_the_host(monkeypatch):
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(96)),
                       raising=False)
   assert data.host_cpus() == 96
-  settings = pipeline._settings(config)  # pylint: disable=protected-access
+  settings = settings_from_config(config)
   assert settings.num_threads == 96  # no cap at 32
-  options = pipeline._options(settings)  # pylint: disable=protected-access
+  options = tf_data_options(settings)
   assert options.threading.private_threadpool_size == 96
   config.dataset.num_threads = 3
   # pylint: disable-next=protected-access
-  assert pipeline._settings(config).num_threads == 3
+  assert settings_from_config(config).num_threads == 3
   config.dataset.num_threads = -2
   with pytest.raises(ValueError, match='dataset.num_threads'):
-    pipeline._settings(config)  # pylint: disable=protected-access
+    settings_from_config(config)
   monkeypatch.delattr(os, 'sched_getaffinity')
   monkeypatch.setattr(os, 'cpu_count', lambda: 5)
   assert data.host_cpus() == 5

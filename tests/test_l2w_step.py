@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2w_jax.meta import weighting
 from l2w_jax.methods import l2w
-from l2w_jax.training.state import TrainState
 from l2w_jax.methods import uniform
 from l2w_jax.optim import apply_optimizer
 from l2w_jax.training import forward
 from l2w_jax.training.learner import build_learner, init_train_state
+from l2w_jax.training.state import TrainState
 from tests.tiny import TINY_IMAGE, tiny_config
 
 

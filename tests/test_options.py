@@ -20,11 +20,11 @@ from l2w_jax import data
 from l2w_jax.evaluation import report
 from l2w_jax.meta import weighting
 from l2w_jax.methods import l2w
-from l2w_jax.training.forward import split_halves
 from l2w_jax.models import WeightNet
-from l2w_jax.training import train
-from l2w_jax.training.learner import build_learner, init_train_state
 from l2w_jax.optim import apply_optimizer
+from l2w_jax.training import train
+from l2w_jax.training.forward import split_halves
+from l2w_jax.training.learner import build_learner, init_train_state
 from tests.tiny import TINY_IMAGE, tiny_config, tiny_train_config
 
 LR, META_LR = 0.1, 1e-2

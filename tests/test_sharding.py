@@ -25,8 +25,9 @@ from l2w_jax import data
 from l2w_jax import parallel
 from l2w_jax.evaluation import report
 from l2w_jax.methods import l2w
-from l2w_jax.training import forward
+from l2w_jax.models.inputs import model_input
 from l2w_jax.optim import apply_optimizer
+from l2w_jax.training import forward
 from l2w_jax.training import registry
 from l2w_jax.training import step as step_lib
 from l2w_jax.training import train
@@ -157,14 +158,14 @@ def test_uint8_images_are_normalised_on_the_device_as_the_pipeline_does():
   try:
     for disable in (True, False):
       jax.config.update('jax_disable_most_optimizations', disable)
-      got = jax.jit(lambda x: step_lib.model_input(x, mean, std))(pixels)
+      got = jax.jit(lambda x: model_input(x, mean, std))(pixels)
       np.testing.assert_array_equal(np.asarray(got), expected)
   finally:
     jax.config.update('jax_disable_most_optimizations', optimised)
   floats = np.asarray(expected)
-  assert step_lib.model_input(floats, None, None) is floats
+  assert model_input(floats, None, None) is floats
   with pytest.raises(ValueError, match='mean and std'):
-    step_lib.model_input(jnp.asarray(pixels), None, None)
+    model_input(jnp.asarray(pixels), None, None)
 
 
 def test_the_iteration_takes_bytes_and_is_one_program(monkeypatch):

@@ -14,6 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from l2w_jax import data
+from l2w_jax.training import divergence
 from l2w_jax.training import train
 from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
@@ -134,7 +135,7 @@ def test_nan_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
   config.dataset.data_dir = str(tmp_path / 'data')
   config.train.checkpoint_every_steps = 1
   config.train.lr = 1e3  # finite after iteration 1, NaN losses at iteration 2
-  with pytest.raises(train.TrainingDiverged) as error:
+  with pytest.raises(divergence.TrainingDiverged) as error:
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   message = str(error.value)
   # The weights go first: every exit's loss is still finite.
@@ -164,11 +165,11 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
       lambda x: x.at[(0,) * x.ndim].set(np.inf), state.meta_params))
   checkpointer = Checkpointer(str(tmp_path / 'checkpoints'))
   try:
-    train._check_state_finite(state, 3, checkpointer)  # pylint: disable=protected-access
-    with pytest.raises(train.TrainingDiverged,
+    divergence.check_state_finite(state, 3, checkpointer)
+    with pytest.raises(divergence.TrainingDiverged,
                        match=r'state became non-finite \(first: '
                        r'\.meta_params.*\) at iteration 3.*no checkpoint'):
-      train._check_state_finite(bad, 3, checkpointer)  # pylint: disable=protected-access
+      divergence.check_state_finite(bad, 3, checkpointer)
   finally:
     checkpointer.close()
 

@@ -14,6 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from l2w_jax import data
+from l2w_jax.training import config_checks
 from l2w_jax.training import train
 from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
@@ -65,7 +66,7 @@ def test_multistep_learning_rate_divides_at_epoch_milestones():
   config.train.schedule = 'multistep'
   config.train.lr_milestones = (0.0,)
   with pytest.raises(ValueError, match='train.lr_milestones'):
-    train.validate_config(config)
+    config_checks.validate_config(config)
 
 
 def _config():

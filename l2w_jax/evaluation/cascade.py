@@ -4,10 +4,11 @@ The original (and the budgeted curve) compute every exit for every sample and
 simulate the exiting afterwards. `Cascade` does it for real: stage k runs
 the backbone's stage k and exit k (`MultiExitBackbone.cascade_stage`:
 MSDNet's block k; RANet's blocks between exits k-1 and k, starting new
-scale flows as needed; BoostNet's ensemble carried along) on the samples that have not exited, the confident ones (max softmax >=
-threshold k, decided in the stage's program) leave with that exit's
-prediction, and the carry of the rest (every array in it) is gathered for
-stage k + 1 when that lets the stage run on a smaller bucket. To keep
+scale flows as needed; BoostNet's ensemble carried along) on the samples
+that have not exited, the confident ones (max softmax >= threshold k,
+decided in the stage's program) leave with that exit's prediction, and
+the carry of the rest (every array in it) is gathered for stage k + 1 when
+that lets the stage run on a smaller bucket. To keep
 shapes static, the active samples are padded up to a bucket size (powers of
 two, then multiples of an eighth of the batch), so each (stage, bucket)
 compiles once and nothing recompiles per batch. In eval mode BatchNorm uses
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Sequence
 
 import flax.linen as nn
@@ -271,87 +271,3 @@ def simulated_exits(confidence: np.ndarray, prediction: np.ndarray,
   from l2w_jax.evaluation.budgeted import exit_indices  # pylint: disable=g-import-not-at-top
   exits = exit_indices(confidence, thresholds)
   return prediction[exits, np.arange(exits.shape[0])], exits
-
-
-def _seconds_per_image(fn, batches: Sequence[np.ndarray]) -> float:
-  """Wall-clock seconds per image of one pass of fn over the batches."""
-  n = sum(b.shape[0] for b in batches)
-  start = time.perf_counter()
-  for batch in batches:
-    jax.block_until_ready(fn(batch))
-  return (time.perf_counter() - start) / n
-
-
-def paired_times(fns: dict, batches: dict, repeats: int = 7) -> dict:
-  """Seconds per image of each fns[name] over batches[name], the functions
-  taking turns within each repeat so that a change of load on a shared
-  machine hits all of them alike: {name: median seconds}, and for every
-  name after the first {name + '_speedup': the median over repeats of the
-  first function's time / this one's}. One untimed pass of each comes
-  first, so that compiling is not timed."""
-  names = list(fns)
-  runs = {name: [] for name in names}
-  for name in names:  # untimed: compiles whatever the passes will use
-    _seconds_per_image(fns[name], batches[name])
-  for _ in range(repeats):
-    for name in names:
-      runs[name].append(_seconds_per_image(fns[name], batches[name]))
-  out = {name: float(np.median(runs[name])) for name in names}
-  for name in names[1:]:
-    out[name + '_speedup'] = float(np.median(
-        np.asarray(runs[names[0]]) / np.asarray(runs[name])))
-  return out
-
-
-def compare_with_full_network(full, cascade, single, batches, singles,
-                              repeats: int = 7) -> dict[str, float]:
-  """Seconds per image of the full network and of the cascades, in batches
-  and one image at a time, and the speed-ups (median over repeats of the
-  paired ratios); each pair takes turns within every repeat."""
-  in_batches = paired_times({'full': full, 'cascade': cascade},
-                            {'full': batches, 'cascade': batches}, repeats)
-  one_by_one = paired_times({'full': full, 'cascade': single},
-                            {'full': singles, 'cascade': singles}, repeats)
-  return {
-      'full_batch_s': in_batches['full'],
-      'cascade_batch_s': in_batches['cascade'],
-      'batch_speedup': in_batches['cascade_speedup'],
-      'full_single_s': one_by_one['full'],
-      'cascade_single_s': one_by_one['cascade'],
-      'single_speedup': one_by_one['cascade_speedup'],
-  }
-
-
-def forced_exit_thresholds(num_exits: int, exit_index: int) -> np.ndarray:
-  """Thresholds (K,) under which every sample leaves at `exit_index`
-  (0-based): +inf before it (nobody is confident enough), -inf at it."""
-  thresholds = np.full((num_exits,), np.inf, np.float32)
-  thresholds[exit_index] = -np.inf
-  return thresholds
-
-
-def exit_return_times(full, cascade, batches: Sequence[np.ndarray],
-                      repeats: int = 7) -> tuple[list[float], float]:
-  """Seconds per image of `cascade` (a Cascade or a SingleImageCascade)
-  when every image leaves at exit k, for each k (the time of each exit's
-  early return), and of `full` (the full network), which takes turns with
-  every exit's runs; the cascade's thresholds are restored afterwards."""
-  saved = cascade.thresholds
-  num_exits = cascade.model.num_exits
-  forced = [forced_exit_thresholds(num_exits, k) for k in range(num_exits)]
-
-  current = [None]  # the exit the thresholds force now
-
-  def at_exit(k):
-    def run(batch):
-      if current[0] != k:  # once per pass, not in every timed call
-        cascade.thresholds, current[0] = forced[k], k
-      return cascade(batch)
-    return run
-
-  fns = {'full': full, **{f'exit{k}': at_exit(k) for k in range(num_exits)}}
-  try:
-    times = paired_times(fns, {name: batches for name in fns}, repeats)
-  finally:
-    cascade.thresholds = saved
-  return [times[f'exit{k}'] for k in range(num_exits)], times['full']

@@ -16,8 +16,8 @@ import numpy as np
 from l2w_jax import data
 from l2w_jax.evaluation import budgeted, report
 from l2w_jax.evaluation.cascade import (Cascade, SingleImageCascade,
-                                        compare_with_full_network,
                                         simulated_exits)
+from l2w_jax.evaluation.cascade_timing import compare_with_full_network
 from l2w_jax.evaluation.flops import count_per_exit
 
 
@@ -57,7 +57,8 @@ def measure(config, model, variables, info, budgets, batch_size: int,
   proportions = budgeted.budget_proportions(model.num_exits)
   for index in budgets:
     if not 1 <= index <= budgeted.NUM_BUDGETS:
-      raise ValueError(f'budget index {index} is not in 1..39')
+      raise ValueError(f'budget index {index} is not in '
+                       f'1..{budgeted.NUM_BUDGETS}')
     thresholds = budgeted.find_thresholds(held_out.confidence,
                                           proportions[index - 1])
     in_batches.thresholds = one_by_one.thresholds = thresholds

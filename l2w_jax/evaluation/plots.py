@@ -13,6 +13,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from l2w_jax import paths  # pylint: disable=g-import-not-at-top,wrong-import-position
+from l2w_jax.meta.weighting import NUM_BUDGETS  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @dataclasses.dataclass
@@ -178,7 +179,8 @@ def plot_method_comparison(runs: Sequence[tuple[str, dict]], path: str,
   ax.set_xticks(exits, [str(k) for k in exits])
   ax.set_xlabel('exit')
   ax.set_ylabel('test images leaving here (%)')
-  ax.set_title(f'(c) where images exit at budget {budget_index} of 39',
+  ax.set_title(f'(c) where images exit at budget {budget_index} of '
+               f'{NUM_BUDGETS}',
                fontsize=9)
   ax.legend(fontsize=7, loc='upper right', frameon=False)
   for ax in axes:

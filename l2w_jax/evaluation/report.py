@@ -19,7 +19,7 @@ from l2w_jax.evaluation import anytime, budgeted, plots
 from l2w_jax.evaluation.fingerprint import params_sha256
 from l2w_jax.evaluation.flops import count_per_exit
 from l2w_jax.models import DATA_AXIS
-from l2w_jax.training import step as step_lib
+from l2w_jax.models.inputs import model_input
 
 RESULTS_FILE = 'results.json'
 PLOT_FILE = 'budgeted.png'
@@ -75,7 +75,7 @@ def jitted_statistics(model, mesh=None,
   mean, std = input_norm if input_norm is not None else (None, None)
 
   def per_device(variables, images, labels, mask):
-    out = stats(variables, step_lib.model_input(images, mean, std), labels)
+    out = stats(variables, model_input(images, mean, std), labels)
     return out, labels, mask
 
   sharded = jax.jit(

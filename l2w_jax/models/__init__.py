@@ -4,7 +4,7 @@ import dataclasses
 from typing import Callable
 
 from l2w_jax import plugins
-from l2w_jax.models import layers, msdnet, ranet
+from l2w_jax.models import layers, msdnet, ranet_config
 from l2w_jax.models.backbone import MultiExitBackbone
 from l2w_jax.models.msdnet import MSDNet, MSDNetConfig
 from l2w_jax.models.ranet import RANet, RANetConfig
@@ -24,6 +24,7 @@ class Backbone:
   # cfg -> width of each exit's pooled feature (IMTA's heads read them);
   # None: the backbone does not support IMTA.
   pooled_feature_dims: Callable | None = None
+  module: str = ''  # the module that registered it
 
 
 _BACKBONES: dict[str, Backbone] = {}
@@ -38,7 +39,8 @@ def register_backbone(name: str, config_class: type, module_class: type,
   if not issubclass(module_class, MultiExitBackbone):
     raise TypeError(f'backbone {name!r}: {module_class.__name__} is not a '
                     'models.MultiExitBackbone')
-  backbone = Backbone(name, config_class, module_class, pooled_feature_dims)
+  backbone = Backbone(name, config_class, module_class, pooled_feature_dims,
+                      plugins.caller_module())
   _BACKBONES[name] = backbone
   return backbone
 
@@ -51,7 +53,9 @@ def get_backbone(name: str) -> Backbone:
   if registered not in _BACKBONES:
     raise ValueError(f'model.name: unknown model {name!r}; available: '
                      f'{tuple(sorted(_BACKBONES))}')
-  return _BACKBONES[registered]
+  backbone = _BACKBONES[registered]
+  plugins.check_registered_by(name, backbone.module, 'model.name')
+  return backbone
 
 
 def _backbone_of(cfg) -> Backbone:
@@ -93,7 +97,7 @@ def _msdnet_feature_dims(cfg) -> tuple[int, ...]:
 
 
 register_backbone('msdnet', MSDNetConfig, MSDNet, _msdnet_feature_dims)
-register_backbone('ranet', RANetConfig, RANet, ranet.pooled_feature_dims)
+register_backbone('ranet', RANetConfig, RANet, ranet_config.pooled_feature_dims)
 
 
 def build_model(config, **overrides):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from l2w_jax import parallel
+from l2w_jax.models.inputs import model_input
 from l2w_jax.training import registry
 from l2w_jax.training.forward import split_halves
 from l2w_jax.training.state import Learner
@@ -65,37 +66,6 @@ def data_parallel_learner(learner: Learner, bn_stats: str = 'device0',
   return dataclasses.replace(
       learner, reduce_grads=parallel.pmean(reduction=reduction),
       reduce_batch_stats=parallel.batch_stats_reduction(bn_stats, reduction))
-
-
-def model_input(images: jax.Array, mean: Sequence[float] | None,
-                std: Sequence[float] | None) -> jax.Array:
-  """The network's input from a batch as it crossed the link.
-
-  Args:
-    images: (B, H, W, C) uint8 pixels, or floats already normalised.
-    mean: (C,) per-channel mean of x / 255 (needed for uint8 input).
-    std: (C,) per-channel standard deviation of x / 255.
-
-  Returns:
-    (B, H, W, C) float32 (x / 255 - mean) / std for uint8 input, computed
-    in that order in float32 as the input pipeline (torchvision's ToTensor
-    + Normalize) does, so the values are the pipeline's to the bit; other
-    dtypes unchanged.
-  """
-  if images.dtype != jnp.uint8:
-    return images
-  if mean is None or std is None:
-    raise ValueError('uint8 images need the dataset\'s mean and std '
-                     '(make_iteration(..., input_norm=(mean, std)))')
-  x = images.astype(jnp.float32)
-  # XLA turns a division by a broadcast value into a multiplication by its
-  # reciprocal (1 ulp off the pipeline's division for half of the bytes);
-  # an elementwise divisor keeps the division. x * 0 cannot be folded away
-  # (inf * 0 is NaN), so the divisors stay elementwise.
-  zero = x * 0
-  x = x / (jnp.float32(255.0) + zero)
-  return ((x - jnp.asarray(mean, jnp.float32)) /
-          (jnp.asarray(std, jnp.float32) + zero))
 
 
 def sharded_half_step(half_step: Callable, learner: Learner,

@@ -1,0 +1,216 @@
+"""The in-memory pipelines (the digits, CIFAR): a split loaded once as
+uint8 arrays, epochs as seeded permutations, augmentation by stateless
+draws (see `pipeline`)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from l2w_jax.data import augment
+from l2w_jax.data import splits
+from l2w_jax.data.batches import chain_epochs, check_steps, local_batch_size
+from l2w_jax.data.catalogue import CROP_PADDING
+from l2w_jax.data.settings import Settings
+
+
+@functools.lru_cache(maxsize=4)
+def _load_split(tfds_name: str, data_dir: str | None,
+                split: str) -> tuple[np.ndarray, np.ndarray]:
+  """A whole tfds split as uint8 (N, H, W, 3) images and int32 (N,) labels."""
+  builder = tfds.builder(tfds_name, data_dir=data_dir)
+  ds = builder.as_dataset(
+      split=split, shuffle_files=False,
+      read_config=tfds.ReadConfig(try_autocache=False),
+      decoders=tfds.decode.PartialDecoding({'image': True, 'label': True}))
+  # Chunks rather than batch_size=-1, which sizes its single batch from the
+  # metadata (unknown under mock_data).
+  images, labels = [], []
+  for chunk in tfds.as_numpy(ds.batch(4096)):
+    images.append(chunk['image'])
+    labels.append(chunk['label'])
+  return (np.concatenate(images).astype(np.uint8),
+          np.concatenate(labels).astype(np.int32))
+
+
+def clear_cache() -> None:
+  """Forgets the splits loaded in memory (e.g. between mocked datasets)."""
+  _load_split.cache_clear()
+
+
+def in_memory_source(settings: Settings,
+                      role: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(images, labels, indices) of 'train', 'holdout' or 'test'.
+
+  `indices` select, in a fixed order, the examples of the role from the
+  loaded tfds split.
+  """
+  tfds_name = settings.kind.tfds_name
+  if settings.kind.embedded:
+    split = {'train': 'train', 'holdout': 'validation', 'test': 'test'}[role]
+  else:
+    split = settings.kind.test_split if role == 'test' else 'train'
+  images, labels = _load_split(tfds_name, settings.data_dir, split)
+  indices = np.arange(len(labels))
+  if settings.kind.embedded or role == 'test':
+    return images, labels, indices
+  if settings.kind.long_tailed:
+    # The long-tailed subset first; the holdout (if any) is a fixed random
+    # subset of it, by the same rule as for the balanced sets.
+    indices = long_tail_pool(settings)
+  train, holdout = splits.holdout_split(indices, settings.holdout)
+  return images, labels, (train if role == 'train' else holdout)
+
+
+def long_tail_pool(settings: Settings) -> np.ndarray:
+  """Indices into tfds cifar100 'train' of the long-tailed subset."""
+  _, labels = _load_split(settings.kind.tfds_name, settings.data_dir, 'train')
+  return splits.long_tail_indices(labels, settings.kind.num_classes,
+                                  settings.imbalance_factor)
+
+
+def crop_params(settings: Settings, seed, num: int) -> tf.Tensor:
+  """int32 (num, 3) crop/flip parameters; row i belongs to position i.
+
+  `seed`: int64 (2,), numpy or a tensor computed in the pipeline.
+  """
+  return augment.crop_flip_params(
+      tf.convert_to_tensor(seed, tf.int64), num, CROP_PADDING,
+      flip=settings.augment == 'crop_flip')
+
+
+def _in_memory_batch_fn(settings: Settings, images: np.ndarray,
+                        labels: np.ndarray, normalize: bool = True):
+  """(indices[, params]) -> {'image': (B, H, W, 3), 'label': int32 (B,)}:
+  gathers the batch from the split held in memory, augments it when
+  `params` (int32 (B, 3), see `augment.crop_flip_params`) are given,
+  resizes it to config.dataset.image_size if that differs; normalised to
+  float32 with `normalize`, else uint8."""
+  images_t = tf.constant(images)
+  labels_t = tf.constant(labels)
+
+  def make_batch(batch_indices, batch_params=None):
+    batch_images = tf.gather(images_t, batch_indices)
+    if batch_params is not None:
+      batch_images = augment.crop_flip(batch_images, batch_params,
+                                       CROP_PADDING)
+    if settings.image_size != settings.kind.image_size:
+      batch_images = augment.resize_bilinear(
+          batch_images, settings.image_size, settings.image_size)
+    if normalize:
+      batch_images = augment.to_float_normalized(batch_images, settings.mean,
+                                                 settings.std)
+    return {'image': batch_images,
+            'label': tf.gather(labels_t, batch_indices)}
+
+  return make_batch
+
+
+def in_memory_batches(settings: Settings, images: np.ndarray,
+                       labels: np.ndarray, indices: np.ndarray,
+                       params: tf.Tensor | None, batch_size: int,
+                       drop_remainder: bool,
+                       normalize: bool = True) -> tf.data.Dataset:
+  """Batches of images[indices] (augmented by `params` rows when given)."""
+  make_batch = _in_memory_batch_fn(settings, images, labels, normalize)
+  indices = indices.astype(np.int64)
+  if params is None:
+    ds = tf.data.Dataset.from_tensor_slices(indices)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.map(lambda i: make_batch(i, None),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+  ds = tf.data.Dataset.from_tensor_slices((indices, params))
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  return ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _in_memory_epoch(settings: Settings, order, positions, augment_seed,
+                     table_size: int, local: int) -> tf.data.Dataset:
+  """One epoch of a process's training batches, as indices (and crop
+  parameters), before the images are gathered.
+
+  Args:
+    settings: the dataset settings.
+    order: int64 (n,), the examples (indices into the loaded split) in the
+      order this process visits them, n a multiple of `local`.
+    positions: int64 (n,), their positions in the uninterrupted global epoch,
+      the keys of their augmentation.
+    augment_seed: int64 (2,), the epoch's augmentation seed.
+    table_size: positions in the global epoch (steps * global batch).
+    local: this process's batch size.
+
+  The arrays are numpy for `train_batches` and tensors computed inside the
+  pipeline for `train_stream`: the same ops either way, so the same batches.
+
+  Returns:
+    Batches of int64 (local,) indices, or of (indices, int32 (local, 3)
+    params) when the epoch is augmented.
+  """
+  if settings.augment == 'none':
+    ds = tf.data.Dataset.from_tensor_slices(order)
+  else:
+    # The table is counter based (Philox): row i is a function of
+    # (augment_seed, i), so gathering the rows of `positions` gives each
+    # example the crop it has in the uninterrupted epoch.
+    table = crop_params(settings, augment_seed, table_size)
+    ds = tf.data.Dataset.from_tensor_slices(
+        (order, tf.gather(table, positions)))
+  return ds.batch(local, drop_remainder=True)
+
+
+def in_memory_train(settings: Settings, epoch: int, start_step: int,
+                     global_batch_size: int, process_index: int,
+                     process_count: int) -> tf.data.Dataset:
+  images, labels, train = in_memory_source(settings, 'train')
+  local = local_batch_size(global_batch_size, process_index, process_count)
+  steps = check_steps(len(train), global_batch_size, start_step)
+  order, positions = splits.epoch_batches(
+      len(train), global_batch_size, settings.seed, epoch, start_step,
+      process_index, process_count)
+  ds = _in_memory_epoch(
+      settings, train[order].astype(np.int64), positions,
+      splits.seed_words(settings.seed, epoch, splits.AUGMENT_TAG),
+      steps * global_batch_size, local)
+  return ds.map(_in_memory_batch_fn(settings, images, labels,
+                                    normalize=False),
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def in_memory_stream(settings: Settings, start_step: int,
+                      global_batch_size: int, process_index: int,
+                      process_count: int) -> tf.data.Dataset:
+  """`in_memory_train` of every epoch from `start_step` on, one pipeline.
+
+  Each epoch's permutation is numpy's (`splits.epoch_batches`), so it is
+  computed by a numpy_function when the pipeline reaches the epoch (a
+  permutation of at most 50,000 indices: well under a millisecond).
+  """
+  images, labels, train = in_memory_source(settings, 'train')
+  local = local_batch_size(global_batch_size, process_index, process_count)
+  steps = check_steps(len(train), global_batch_size, 0)
+
+  def epoch_arrays(epoch, start):
+    epoch, start = int(epoch), int(start)
+    order, positions = splits.epoch_batches(
+        len(train), global_batch_size, settings.seed, epoch, start,
+        process_index, process_count)
+    return (train[order].astype(np.int64), positions.astype(np.int64),
+            splits.seed_words(settings.seed, epoch, splits.AUGMENT_TAG))
+
+  def make_epoch(epoch, start):
+    order, positions, seed = tf.numpy_function(
+        epoch_arrays, [epoch, start], (tf.int64, tf.int64, tf.int64),
+        stateful=False)
+    order.set_shape([None])
+    positions.set_shape([None])
+    seed.set_shape([2])
+    return _in_memory_epoch(settings, order, positions, seed,
+                            steps * global_batch_size, local)
+
+  ds = chain_epochs(start_step // steps, start_step % steps, make_epoch)
+  return ds.map(_in_memory_batch_fn(settings, images, labels,
+                                    normalize=False),
+                num_parallel_calls=tf.data.AUTOTUNE)

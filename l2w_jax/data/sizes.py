@@ -1,0 +1,77 @@
+"""How many images each split serves, the input spec the devices
+normalise with, and iterations per epoch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow_datasets as tfds
+
+from l2w_jax.data.catalogue import DataInfo, IMAGENET_EVAL_RATIO
+from l2w_jax.data.in_memory import long_tail_pool
+from l2w_jax.data.settings import Settings, settings_from_config
+from l2w_jax.data.tfds_source import dataset_builder, split_size
+
+
+def split_sizes(settings: Settings,
+           builder: tfds.core.DatasetBuilder) -> tuple[int, int, int]:
+  """(num_train, num_holdout, num_test) from metadata and the split rules."""
+  name = settings.name
+  if settings.kind.embedded:
+    return (split_size(builder, 'train'), split_size(builder, 'validation'),
+            split_size(builder, 'test'))
+  if settings.kind.long_tailed:
+    # Needs the labels: the split is loaded (and cached for the pipelines).
+    pool = len(long_tail_pool(settings))
+  else:
+    pool = split_size(builder, 'train')
+  test = split_size(builder, settings.kind.test_split)
+  if not 0 <= settings.holdout < pool:
+    raise ValueError(f'dataset.holdout: must be in [0, {pool}) for {name}, '
+                     f'got {settings.holdout}')
+  return pool - settings.holdout, settings.holdout, test
+
+
+def data_info(config) -> DataInfo:
+  """Sizes and shapes from the metadata; raises DatasetNotFoundError first."""
+  settings = settings_from_config(config)
+  num_train, num_holdout, num_test = split_sizes(settings,
+                                                dataset_builder(settings))
+  return DataInfo(
+      name=settings.name,
+      num_classes=settings.kind.num_classes,
+      image_shape=settings.image_shape,
+      num_train=num_train,
+      num_holdout=num_holdout,
+      num_test=num_test)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+  """What a model of the dataset takes: (H, W, 3) images normalised as
+  (x / 255 - mean) / std per channel, after the evaluation transform
+  (`eval_transform`: 'none', or ImageNet's resize of the shorter side to
+  256 and center crop to 224)."""
+  name: str
+  image_shape: tuple
+  mean: tuple
+  std: tuple
+  eval_transform: str
+
+
+def input_spec(config) -> InputSpec:
+  """The model input of config.dataset, from the config alone (the dataset
+  need not be prepared)."""
+  settings = settings_from_config(config)
+  transform = (f'resize the shorter side to '
+               f'{int(round(settings.image_size * IMAGENET_EVAL_RATIO))}, '
+               f'center crop {settings.image_size}'
+               if settings.kind.streaming else 'none')
+  return InputSpec(name=settings.name, image_shape=settings.image_shape,
+                   mean=settings.mean, std=settings.std,
+                   eval_transform=transform)
+
+
+def steps_per_epoch(info: DataInfo, global_batch_size: int) -> int:
+  """Full global batches in an epoch (the remainder is dropped)."""
+  return info.num_train // global_batch_size

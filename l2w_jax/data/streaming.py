@@ -1,0 +1,189 @@
+"""The streaming pipeline (ImageNet): records read in a seeded order,
+decoded and augmented with stateless per-position seeds (see
+`pipeline`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from l2w_jax.data import augment
+from l2w_jax.data import splits
+from l2w_jax.data.batches import (chain_epochs, check_steps, EvalRows,
+                                  local_batch_size)
+from l2w_jax.data.catalogue import IMAGENET_EVAL_RATIO
+from l2w_jax.data.settings import Settings
+from l2w_jax.data.sizes import split_sizes
+from l2w_jax.data.tfds_source import dataset_builder
+
+
+def _streaming_split(settings: Settings, process_index: int,
+                     process_count: int) -> str:
+  """This process's contiguous share of the training records."""
+  return tfds.split_for_jax_process(
+      f'train[{settings.holdout}:]', process_index=process_index,
+      process_count=process_count)
+
+
+def _streaming_epoch_seeds(seed: int, epoch: int) -> np.ndarray:
+  """int64 (3,): the epoch's file shuffle, buffer shuffle and augmentation
+  seeds."""
+  return np.array([
+      splits.seed_words(seed, epoch, splits.FILE_SHUFFLE_TAG, num=1)[0],
+      splits.seed_words(seed, epoch, splits.BUFFER_SHUFFLE_TAG, num=1)[0],
+      splits.seed_words(seed, epoch, splits.AUGMENT_TAG)[0],
+  ], np.int64)
+
+
+def _streaming_epoch(settings: Settings, builder: tfds.core.DatasetBuilder,
+                     split: str, seeds, start, steps: int,
+                     local: int) -> tf.data.Dataset:
+  """One epoch of a process's training records, still encoded, in batches.
+
+  Args:
+    settings: the dataset settings.
+    builder: the prepared tfds builder.
+    split: this process's tfds split (`_streaming_split`).
+    seeds: (file, buffer, augment) seeds of the epoch
+      (`_streaming_epoch_seeds`): Python ints for `train_batches`, int64
+      scalar tensors computed in the pipeline for `train_stream` (tfds and
+      tf.data take either, with the same result).
+    start: the first batch (int or int64 scalar tensor).
+    steps: batches in the epoch.
+    local: this process's batch size.
+
+  Returns:
+    Batches of `local` records {'key': int64, 'position': int64 (the
+    record's index in the process's epoch), 'image': string, 'label':
+    int64}, from batch `start` on; only full batches.
+  """
+  file_seed, buffer_seed, augment_key = seeds
+  ds = builder.as_dataset(
+      split=split, shuffle_files=True,
+      read_config=tfds.ReadConfig(shuffle_seed=file_seed,
+                                  try_autocache=False),
+      decoders={'image': tfds.decode.SkipDecoding()})
+  # An explicit op seed makes the buffer's order a function of the input order
+  # (as long as nobody sets TF's global seed, which nothing here does).
+  ds = ds.shuffle(settings.shuffle_buffer, seed=buffer_seed,
+                  reshuffle_each_iteration=False)
+  # Every process yields the same number of batches, whatever its share.
+  ds = ds.take(steps * local).enumerate()
+  ds = ds.skip(start * local)  # still encoded: skipping is cheap
+  key = tf.cast(augment_key, tf.int64)
+  ds = ds.map(lambda position, example: {
+      'key': key, 'position': position, 'image': example['image'],
+      'label': example['label']})
+  return ds.batch(local, drop_remainder=True)
+
+
+def _imagenet_image(settings: Settings, encoded: tf.Tensor,
+                    seed: tf.Tensor | None) -> tf.Tensor:
+  """Encoded image -> uint8 (size, size, 3): the training transform seeded
+  by `seed` (int64 (2,)), or without a seed the evaluation one."""
+  size = settings.image_size
+  if seed is None or settings.augment == 'none':
+    resize = int(round(size * IMAGENET_EVAL_RATIO))
+    return augment.imagenet_eval(augment.decode_image(encoded), size, resize)
+  return augment.imagenet_train_encoded(encoded, seed, size,
+                                        settings.jpeg_decode)
+
+
+def _streaming_batches(settings: Settings, records: tf.data.Dataset,
+                       stride: int, offset: int,
+                       local: int) -> tf.data.Dataset:
+  """Training batches from batches of records (`_streaming_epoch`).
+
+  The record batches are split and the images decoded and augmented one by
+  one, in parallel, then batched again: every record batch is full, so the
+  batches are the same as each epoch's own, while decoding runs on without a
+  break at epoch boundaries. The augmentation of the record at `position` is
+  seeded by (key, position * stride + offset): process p of P keys its
+  records p, p + P, ...
+  """
+
+  def preprocess(record):
+    seed = tf.stack([record['key'], record['position'] * stride + offset])
+    image = tf.ensure_shape(_imagenet_image(settings, record['image'], seed),
+                            settings.image_shape)
+    return {'image': image, 'label': tf.cast(record['label'], tf.int32)}
+
+  ds = records.unbatch().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(local, drop_remainder=True)
+
+
+def streaming_train(settings: Settings, epoch: int, start_step: int,
+                     global_batch_size: int, process_index: int,
+                     process_count: int) -> tf.data.Dataset:
+  builder = dataset_builder(settings)
+  num_train, _, _ = split_sizes(settings, builder)
+  local = local_batch_size(global_batch_size, process_index, process_count)
+  steps = check_steps(num_train, global_batch_size, start_step)
+  seeds = [int(w) for w in _streaming_epoch_seeds(settings.seed, epoch)]
+  records = _streaming_epoch(
+      settings, builder, _streaming_split(settings, process_index,
+                                          process_count),
+      seeds, start_step, steps, local)
+  return _streaming_batches(settings, records, process_count, process_index,
+                            local)
+
+
+def streaming_stream(settings: Settings, start_step: int,
+                      global_batch_size: int, process_index: int,
+                      process_count: int) -> tf.data.Dataset:
+  """`streaming_train` of every epoch from `start_step` on, one pipeline:
+  the epochs' record streams are chained (`chain_epochs`) and decoded by
+  one parallel map."""
+  builder = dataset_builder(settings)
+  num_train, _, _ = split_sizes(settings, builder)
+  local = local_batch_size(global_batch_size, process_index, process_count)
+  steps = check_steps(num_train, global_batch_size, 0)
+  split = _streaming_split(settings, process_index, process_count)
+
+  def make_epoch(epoch, start):
+    # numpy's SeedSequence derives the seeds, as for train_batches.
+    seeds = tf.numpy_function(
+        lambda e: _streaming_epoch_seeds(settings.seed, int(e)), [epoch],
+        tf.int64, stateful=False)
+    seeds.set_shape([3])
+    return _streaming_epoch(settings, builder, split, tf.unstack(seeds),
+                            start, steps, local)
+
+  records = chain_epochs(start_step // steps, start_step % steps,
+                          make_epoch)
+  return _streaming_batches(settings, records, process_count, process_index,
+                            local)
+
+
+def streaming_eval(settings: Settings, split: str, rows: EvalRows,
+                    augment_key: np.ndarray | None,
+                    normalize: bool) -> tf.data.Dataset:
+  builder = dataset_builder(settings)
+  num_train, num_holdout, num_test = split_sizes(settings, builder)
+  tfds_split, count = {
+      'train': (f'train[{settings.holdout}:]', num_train),
+      'holdout': (f'train[:{settings.holdout}]', num_holdout),
+      'test': (settings.kind.test_split, num_test),
+  }[split]
+  ds = builder.as_dataset(
+      split=tfds_split, shuffle_files=False,
+      read_config=tfds.ReadConfig(try_autocache=False),
+      decoders={'image': tfds.decode.SkipDecoding()})
+  key = None if augment_key is None else tf.constant(augment_key[0], tf.int64)
+
+  def preprocess(position, example):
+    seed = None if key is None else tf.stack([key, position])
+    image = tf.ensure_shape(_imagenet_image(settings, example['image'], seed),
+                            settings.image_shape)
+    if normalize:
+      image = augment.to_float_normalized(image, settings.mean, settings.std)
+    return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+
+  # take: a no-op on real data; bounds mocked splits that ignore slicing.
+  # Every process reads the records but decodes only its own rows.
+  ds = ds.take(count).enumerate().filter(
+      lambda position, _: rows.owns(position))
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  return rows.padded(ds.batch(rows.local), count, settings.image_shape,
+                     tf.float32 if normalize else tf.uint8)
