@@ -170,6 +170,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.meta.inner_steps = 1
   config.meta.first_order = False
   config.meta.virtual_params = 'all'
+  # The meta step's pieces by name (`l2w_jax.meta.pieces`; `module:name` for
+  # one registered outside the package): L2W-DEN's weight net, its
+  # confidence-allocated meta objective, the real optimizer as the virtual
+  # step.
+  config.meta.weight_net = 'mlp'
+  config.meta.objective = 'allocation'
+  config.meta.inner_update = 'optimizer'
   # Rematerialise the backbone's layers (flax remat = jax.checkpoint): the
   # same values, 40 % less peak memory for the CIFAR-100 meta step at 8-14 %
   # more time (README, benchmarks/meta_memory.py).

@@ -6,7 +6,10 @@ on the embedded digits with the project's meta-gradient.
 The weight net reads each exit's confidence and a learned embedding of the
 exit (L2W-DEN's reads the per-exit losses); the meta objective is the mean
 cross-entropy over every exit on the meta half (L2W-DEN's allocates each
-meta sample to one exit by confidence). The backbone (the digits MSDNet),
+meta sample to one exit by confidence); both are defined in
+`examples/confidence_weight_net.py`, which also registers them so that
+`experiments.main` trains them from the config. This file is the API path:
+a loop of its own around `l2w_jax.meta.api.meta_gradient`. The backbone (the digits MSDNet),
 the optimizers, the data and the differentiation through the virtual step
 (`l2w_jax.meta.api.meta_gradient`) are the project's. Prints one JSON line:
 test top-1 per exit, the last meta loss and the mean weight per exit.
@@ -21,53 +24,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
-import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import digits  # pylint: disable=g-import-not-at-top,wrong-import-position
+from examples.confidence_weight_net import (  # pylint: disable=g-import-not-at-top,wrong-import-position
+    ConfidenceExitNet, confidence_weights, mean_exit_loss)
 from l2w_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from l2w_jax.meta import api, weighting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from l2w_jax.models import build_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 from l2w_jax.optim import apply_optimizer, torch_adam, torch_sgd  # pylint: disable=g-import-not-at-top,wrong-import-position
-from l2w_jax.training.step import model_input  # pylint: disable=g-import-not-at-top,wrong-import-position
+from l2w_jax.models.inputs import model_input  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _STEPS = flags.DEFINE_integer('steps', 150, 'Training iterations.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data_dir (default: '
                                 'tfds\'s).')
 
 
-class ConfidenceExitNet(nn.Module):
-  """Confidences (B, K) -> weights (B, K) in (0, 2): a small MLP on each
-  exit's confidence and a learned 8-d embedding of that exit."""
-  num_exits: int
-  hidden: int = 32
-
-  @nn.compact
-  def __call__(self, confidences):
-    embedding = self.param('exit_embedding', nn.initializers.normal(0.1),
-                           (self.num_exits, 8))
-    x = jnp.concatenate([confidences[..., None], jnp.broadcast_to(
-        embedding, confidences.shape + (8,))], axis=-1)
-    return 1.0 + jnp.tanh(nn.Dense(1)(jnp.tanh(nn.Dense(self.hidden)(x))))[
-        ..., 0]
-
-
-def mean_exit_loss(exit_logits, losses, labels):
-  """The new meta objective: mean CE over every exit and meta sample."""
-  del exit_logits, labels
-  return jnp.mean(losses), None
-
-
 def make_half_step(model, weight_net, tx, meta_tx):
   """One half of an iteration: the meta step through the virtual step, then
   the real step with the updated weight net's weights."""
 
-  def weight_fn(meta_params, losses, exit_logits):
-    del losses
-    return weight_net.apply({'params': meta_params},
-                            weighting.exit_confidences(exit_logits))
+  weight_fn = confidence_weights(weight_net)
 
   def half_step(state, train_batch, meta_batch, lr, meta_lr):
     params, stats, opt, meta_params, meta_opt = state

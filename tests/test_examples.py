@@ -1,18 +1,27 @@
 """The examples run (reduced: a few iterations)."""
 
+import functools
 import importlib.util
 import json
-import subprocess
-import sys
 
+import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from l2w_jax import data
+from l2w_jax.evaluation import cascade_report
+from l2w_jax.meta import api
 from l2w_jax.meta.weighting import NUM_BUDGETS
+from l2w_jax.methods import l2w
 from l2w_jax.training import train
-from tests.conftest import PROJECT_ROOT, subprocess_env
-from tests.tiny import tiny_train_config
+from l2w_jax.training.forward import backbone_losses, split_halves
+from l2w_jax.training.learner import (build_learner, init_train_state,
+                                      method_model)
+from l2w_jax.training.workdir import restore_variables
+from tests.conftest import PROJECT_ROOT
+from tests.tiny import TINY_IMAGE, tiny_config, tiny_train_config
 
 
 def _load(name: str):
@@ -34,19 +43,14 @@ def test_custom_weight_net_example_trains_with_its_own_pieces(tmp_path):
   assert all(0 < w < 2 for w in weights) and len(set(weights)) == 4
 
 
-def _cascade(tmp_path, *flags) -> list:
-  """`experiments.evaluate --mode=cascade` at budgets 5 and 39 on the run
-  in tmp_path/run; its rows."""
-  out = subprocess.run(
-      [sys.executable, '-m', 'experiments.evaluate',
-       '--config=tests/tiny_digits_config.py', *flags,
-       f'--workdir={tmp_path / "run"}', '--mode=cascade', '--budgets=5,39',
-       '--batch_size=16', '--latency_images=4',
-       f'--config.dataset.data_dir={tmp_path / "data"}'],
-      cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True,
-      timeout=600)
-  assert out.returncode == 0, out.stderr[-2000:]
-  return json.loads((tmp_path / 'run' / 'cascade.json').read_text())
+def _cascade(config, workdir) -> list:
+  """The cascade's rows at budgets 5 and 39 for the run in `workdir`, as
+  `experiments.evaluate --mode=cascade` measures them (in this process)."""
+  info = data.data_info(config)
+  variables, _ = restore_variables(config, str(workdir))
+  return cascade_report.measure(config, method_model(config), variables,
+                                info, budgets=[5, 39], batch_size=16,
+                                latency_images=4)
 
 
 def test_sdn_coefficients_are_the_originals_schedule():
@@ -69,7 +73,7 @@ def test_sdn_coefficients_are_the_originals_schedule():
 def test_sdn_from_outside_the_package_trains_and_evaluates(tmp_path):
   """`config.method='examples.shallow_deep:sdn'`: trained by the project's
   loop, its loss the tau-weighted sum, evaluated budgeted and in the
-  cascade by `experiments.evaluate`."""
+  cascade."""
   config = tiny_train_config('sklearn_digits', num_steps=3,
                              method='examples.shallow_deep:sdn')
   config.dataset.data_dir = str(tmp_path / 'data')
@@ -85,7 +89,7 @@ def test_sdn_from_outside_the_package_trains_and_evaluates(tmp_path):
   # network's two internal classifiers.
   for k, c in enumerate((0.45, 0.9, 1.0)):
     assert logged[0][f'train/weight_exit{k + 1}'] == pytest.approx(c)
-  cascade = _cascade(tmp_path, '--config.method=examples.shallow_deep:sdn')
+  cascade = _cascade(config, tmp_path / 'run')
   assert cascade[0]['same_predictions'] == 1.0
   assert cascade[0]['same_exits'] == 1.0
 
@@ -108,8 +112,100 @@ def test_tiny_backbone_from_outside_the_package_trains_and_evaluates(
   rows = [json.loads(line) for line in
           (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert any('train/meta_loss' in r for r in rows)
-  cascade = _cascade(tmp_path,
-                     '--config.model.name=examples.tiny_backbone:tiny_cnn')
+  cascade = _cascade(config, tmp_path / 'run')
   assert [r['budget_index'] for r in cascade] == [5, 39]
   for row in cascade:
     assert row['same_predictions'] == 1.0 and row['same_exits'] == 1.0
+
+
+def _confidence_config(**overrides):
+  config = tiny_config(**overrides)
+  config.meta.weight_net = 'examples.confidence_weight_net:confidence'
+  config.meta.objective = 'examples.confidence_weight_net:mean_ce'
+  return config
+
+
+def test_weight_net_and_objective_from_the_config_are_the_api_path():
+  """`meta.weight_net` / `meta.objective` = the example's pieces: the
+  method's meta step is `api.meta_gradient` with the example's weight
+  function and mean-CE objective (its loss, weights and meta-gradient),
+  and the real step weights the losses with the example's weights."""
+  from examples import confidence_weight_net as example  # pylint: disable=g-import-not-at-top
+  learner = build_learner(_confidence_config())
+  assert isinstance(learner.weight_net, example.ConfidenceExitNet)
+  state = init_train_state(learner, jax.random.PRNGKey(0), TINY_IMAGE)
+  assert 'exit_embedding' in state.meta_params
+  images = jax.random.normal(jax.random.PRNGKey(1), (8,) + TINY_IMAGE)
+  labels = jnp.arange(8) % 5
+  (xt, yt), (xm, ym) = split_halves(images, labels)
+  new, metrics = jax.jit(functools.partial(
+      l2w.l2w_half_step, learner, with_meta=True))(state, xt, yt, xm, ym,
+                                                   0.1, 1e-2)
+  (want_loss, (want_weights, _)), want_grads = api.meta_gradient(
+      state.meta_params, params=state.params, opt_state=state.opt_state,
+      losses_fn=api.backbone_loss_fn(learner.model, state.batch_stats),
+      weight_fn=example.confidence_weights(learner.weight_net),
+      objective_fn=example.mean_exit_loss, optimizer=learner.tx,
+      train_batch=(xt, yt), meta_batch=(xm, ym), learning_rate=0.1)
+  np.testing.assert_allclose(metrics['meta_loss'], want_loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics['pseudo_weights'], want_weights,
+                             rtol=1e-5)
+  chex.assert_trees_all_close(metrics['meta_grads'], want_grads, rtol=1e-4,
+                              atol=1e-7)
+  # The real step's weights: the example's net at the updated parameters.
+  losses, (logits, _) = backbone_losses(learner.model, state.params,
+                                        state.batch_stats, xt, yt)
+  np.testing.assert_allclose(
+      metrics['weights'], example.confidence_weights(learner.weight_net)(
+          new.meta_params, losses, logits), rtol=1e-5)
+  assert 0 < float(jnp.min(metrics['weights'])) and float(
+      jnp.max(metrics['weights'])) < 2
+
+
+def test_unknown_pieces_are_named():
+  config = _confidence_config()
+  config.meta.objective = 'examples.confidence_weight_net:median_ce'
+  with pytest.raises(ValueError, match="meta.objective: unknown "
+                     "'examples.confidence_weight_net:median_ce'"):
+    build_learner(config)
+  config = tiny_config()
+  config.meta.weight_net = 'transformer'
+  with pytest.raises(ValueError, match="meta.weight_net: unknown "
+                     "'transformer'; available: .*'mlp'"):
+    build_learner(config)
+
+
+@pytest.mark.long
+def test_custom_pieces_train_through_the_training_loop(tmp_path):
+  config = tiny_train_config('sklearn_digits', num_steps=2)
+  config.meta.weight_net = 'examples.confidence_weight_net:confidence'
+  config.meta.objective = 'examples.confidence_weight_net:mean_ce'
+  config.meta.interval = 1
+  config.dataset.data_dir = str(tmp_path / 'data')
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['iterations'] == 2
+  rows = [json.loads(line) for line in
+          (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  logged = [r for r in rows if 'train/meta_loss' in r]
+  assert logged and np.isfinite(logged[-1]['train/meta_loss'])
+  weights = [logged[-1][f'train/weight_exit{k + 1}'] for k in range(3)]
+  assert all(0 < w < 2 for w in weights) and len(set(weights)) == 3
+
+
+def test_module_and_name_must_match_the_registering_module():
+  """An entry found by `module:name` is the one that module registered,
+  not a namesake from another module imported earlier."""
+  from examples import shallow_deep, tiny_backbone  # pylint: disable=g-import-not-at-top,unused-import
+  from l2w_jax import models  # pylint: disable=g-import-not-at-top
+  from l2w_jax.meta import pieces  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training import registry  # pylint: disable=g-import-not-at-top
+  assert registry.get('examples.shallow_deep:sdn') is registry.get('sdn')
+  with pytest.raises(ValueError, match="method: 'examples.tiny_backbone:"
+                     "sdn': 'examples.tiny_backbone' does not register it"):
+    registry.get('examples.tiny_backbone:sdn')
+  with pytest.raises(ValueError, match='does not register it'):
+    models.get_backbone('examples.shallow_deep:tiny_cnn')
+  with pytest.raises(ValueError, match='does not register it'):
+    pieces.objective('examples.shallow_deep:allocation')
+  assert pieces.objective('l2w_jax.meta.pieces:allocation') is (
+      pieces.objective('allocation'))

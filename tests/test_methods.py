@@ -20,6 +20,7 @@ from l2w_jax.methods import imta
 from l2w_jax.models import gradient_equilibrium as ge
 from l2w_jax.models.ensemble import ensemble_logits
 from l2w_jax.models.msdnet import MSDNet
+from l2w_jax.training import config_checks
 from l2w_jax.training import registry
 from l2w_jax.training import step as step_lib
 from l2w_jax.training import train
@@ -273,7 +274,7 @@ def test_boostnet_trains_and_evaluates_with_the_ensemble(tmp_path):
 @pytest.mark.parametrize('name', ['boostnet_cifar100', 'boostnet_imagenet'])
 def test_boostnet_paper_configs_build(name):
   config = importlib.import_module(f'configs.{name}').get_config()
-  train.validate_config(config)
+  config_checks.validate_config(config)
   model = build_learner(config).model
   assert model.cfg.gradient_equilibrium
   assert model.cfg.ensemble_reweight == (0.5,) * config.model.n_blocks

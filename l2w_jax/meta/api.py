@@ -116,6 +116,15 @@ def allocation_objective(target_probs) -> Callable:
   return objective_fn
 
 
+def optimizer_update(optimizer: optax.GradientTransformation) -> Callable:
+  """The inner update that is `optimizer`'s step (the real step's optax
+  optimizer, differentiated through, as the original differentiates SGD
+  with momentum and weight decay)."""
+  def inner_update(grads, opt_state, params, learning_rate):
+    return apply_optimizer(optimizer, grads, opt_state, params, learning_rate)
+  return inner_update
+
+
 def head_mask(params) -> dict:
   """{top-level module: whether it is an exit's classifier}."""
   return {name: name.startswith('classifier_') for name in params}
@@ -146,7 +155,7 @@ def meta_loss(meta_params, *, params, opt_state, losses_fn: Callable,
   if inner_update is None:
     if optimizer is None:
       raise ValueError('give the inner update or the optimizer')
-    inner_update = lambda g, s, p, lr: apply_optimizer(optimizer, g, s, p, lr)
+    inner_update = optimizer_update(optimizer)
   train_images, train_labels = train_batch
   theta, state = params, opt_state
   first_weights = None

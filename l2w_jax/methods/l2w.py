@@ -30,8 +30,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from l2w_jax.meta import api, weighting
-from l2w_jax.models import build_weight_net
+from l2w_jax.meta import api, pieces, weighting
 from l2w_jax.optim import apply_optimizer, torch_adam
 from l2w_jax.training import registry
 from l2w_jax.training.forward import (backbone_losses, split_halves,
@@ -51,6 +50,11 @@ class L2WSettings:
   target_probs: tuple[float, ...] = ()
   # How the virtual step is taken (`api.MetaOptions`).
   meta_options: api.MetaOptions = api.MetaOptions()
+  # The meta step's pieces by name (`meta.pieces`; config fields of the
+  # same names).
+  weight_net: str = 'mlp'
+  objective: str = 'allocation'
+  inner_update: str = 'optimizer'
 
 
 def l2w_learner(model, weight_net, tx, meta_tx,
@@ -69,6 +73,12 @@ def settings_from_config(config, num_exits: int) -> L2WSettings:
   weighting.centre(jnp.zeros((1, 1)), meta.constraint)  # validates the name
   if meta.interval < 1:
     raise ValueError(f'meta.interval: must be >= 1, got {meta.interval}')
+  names = {'weight_net': meta.get('weight_net', 'mlp'),
+           'objective': meta.get('objective', 'allocation'),
+           'inner_update': meta.get('inner_update', 'optimizer')}
+  pieces.weight_net(names['weight_net'])  # each raises naming its field
+  pieces.objective(names['objective'])
+  pieces.inner_update(names['inner_update'])
   return L2WSettings(
       epsilon=float(meta.epsilon),
       constraint=meta.constraint,
@@ -79,7 +89,8 @@ def settings_from_config(config, num_exits: int) -> L2WSettings:
       meta_options=api.MetaOptions(
           inner_steps=meta.get('inner_steps', 1),
           first_order=bool(meta.get('first_order', False)),
-          virtual_params=meta.get('virtual_params', 'all')))
+          virtual_params=meta.get('virtual_params', 'all')),
+      **names)
 
 
 def options_from_config(config, num_exits: int) -> dict:
@@ -88,14 +99,28 @@ def options_from_config(config, num_exits: int) -> dict:
 
 
 def weight_net_from_config(config, num_exits: int):
-  """(the weight prediction network, its Adam) from `config.meta`."""
+  """(the weight net `meta.weight_net` names, its Adam) from `config.meta`."""
   meta = config.meta
-  return (build_weight_net(meta, num_exits),
+  piece = pieces.weight_net(meta.get('weight_net', 'mlp'))
+  return (piece.build(meta, num_exits),
           torch_adam(meta.lr, meta.weight_decay))
 
 
+def init_weight_net(learner: Learner, rng: jax.Array, dtype):
+  """The weight net's initial parameters (its piece's `init`)."""
+  piece = pieces.weight_net(learner.option(OPTION).weight_net)
+  return piece.init(learner.weight_net, rng, learner.model.num_exits, dtype)
+
+
+def weight_fn(learner: Learner):
+  """weight_fn(meta_params, losses (B, K), exit_logits) -> weights (B, K)
+  of the configured weight net (`meta.pieces`)."""
+  s = learner.option(OPTION)
+  return pieces.weight_net(s.weight_net).weight_fn(learner.weight_net, s)
+
+
 def predict_weights(learner: Learner, meta_params, inputs) -> jax.Array:
-  """Weight-net inputs (B, K or 2K) -> loss weights (B, K)."""
+  """L2W-DEN's MLP ('mlp'): its inputs (B, K or 2K) -> weights (B, K)."""
   raw = learner.weight_net.apply({'params': meta_params}, inputs)
   s = learner.option(OPTION)
   return weighting.sample_weights(raw, s.constraint, s.epsilon)
@@ -105,9 +130,9 @@ def meta_pieces(learner: Learner, state: TrainState) -> dict:
   """The keyword arguments of `api.meta_loss` / `api.meta_gradient` that
   make L2W-DEN's meta step for `learner` at `state`: the backbone in train
   mode on the batch statistics (the training half label-smoothed as
-  configured, the meta half never), the weight net, the confidence
-  allocation, the real optimizer as the inner update, and the configured
-  `MetaOptions`."""
+  configured, the meta half never), and the configured weight net, meta
+  objective and inner update (`meta.pieces`: by default L2W-DEN's MLP, the
+  confidence allocation and the real optimizer) and `MetaOptions`."""
   s = learner.option(OPTION)
   dtype = compute_dtype(learner.settings)
   smoothing = learner.settings.label_smoothing
@@ -117,10 +142,10 @@ def meta_pieces(learner: Learner, state: TrainState) -> dict:
                                      smoothing, dtype),
       meta_losses_fn=api.backbone_loss_fn(learner.model, state.batch_stats,
                                           0.0, dtype),
-      weight_fn=api.default_weight_fn(learner.weight_net, s.input_kind,
-                                      s.constraint, s.epsilon),
-      objective_fn=api.allocation_objective(s.target_probs),
-      optimizer=learner.tx, options=s.meta_options)
+      weight_fn=weight_fn(learner),
+      objective_fn=pieces.objective(s.objective)(s),
+      inner_update=pieces.inner_update(s.inner_update)(learner.tx),
+      options=s.meta_options)
 
 
 def train_forward(learner: Learner, state: TrainState, images, labels):
@@ -129,7 +154,7 @@ def train_forward(learner: Learner, state: TrainState, images, labels):
   Returns (losses (B, K), loss_vjp, exit_logits, new_batch_stats,
   weight_inputs): `loss_vjp(cotangent (B, K))` gives the gradient of
   sum(cotangent * losses) w.r.t. the backbone parameters, and weight_inputs
-  (B, K or 2K) are what the weight net sees, as constants.
+  = (losses, exit_logits) as constants, what the weight function reads.
   """
   s = learner.settings
   losses, loss_vjp, (exit_logits, new_batch_stats) = jax.vjp(
@@ -137,9 +162,7 @@ def train_forward(learner: Learner, state: TrainState, images, labels):
                                 labels, s.label_smoothing,
                                 compute_dtype(s)),
       state.params, has_aux=True)
-  confidences = weighting.exit_confidences(exit_logits)
-  weight_inputs = jax.lax.stop_gradient(weighting.weight_net_inputs(
-      losses, confidences, learner.option(OPTION).input_kind))
+  weight_inputs = jax.lax.stop_gradient((losses, exit_logits))
   return losses, loss_vjp, exit_logits, new_batch_stats, weight_inputs
 
 
@@ -161,10 +184,11 @@ def meta_gradient(learner: Learner, state: TrainState, first_forward,
 def real_gradient(learner: Learner, meta_params, loss_vjp: Callable,
                   weight_inputs):
   """This device's gradient of sum_k mean_b(w_bk L_bk) w.r.t. the backbone,
-  with weights (B, K) from the weight net at `meta_params` as constants.
-  Returns (gradient, weights)."""
+  with weights (B, K) from the weight net at `meta_params` on
+  `weight_inputs` (`train_forward`'s) as constants. Returns (gradient,
+  weights)."""
   weights = jax.lax.stop_gradient(
-      predict_weights(learner, meta_params, weight_inputs))
+      weight_fn(learner)(meta_params, *weight_inputs))
   grads, = loss_vjp(weights / weights.shape[0])
   return grads, weights
 
@@ -235,4 +259,5 @@ def l2w_iteration(half_step: Callable, state: TrainState, images, labels,
 
 registry.register('l2w', l2w_half_step, uses_meta_step=True,
                   options=options_from_config,
-                  weight_net=weight_net_from_config)
+                  weight_net=weight_net_from_config,
+                  init_weight_net=init_weight_net)

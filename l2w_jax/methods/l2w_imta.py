@@ -58,5 +58,6 @@ def _options(config, num_exits: int) -> dict:
 registry.register('l2w_imta', uses_meta_step=True,
                   backbone=imta.gradient_equilibrium, network=imta.network,
                   options=_options, weight_net=l2w.weight_net_from_config,
+                  init_weight_net=l2w.init_weight_net,
                   phases=(registry.PhaseStep(
                       'stage1', half_step=l2w_stage1_half_step), imta.STAGE2))

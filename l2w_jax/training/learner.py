@@ -61,14 +61,15 @@ def init_train_state(learner: Learner, rng: jax.Array, image_shape,
                                  jnp.zeros((1,) + tuple(image_shape), dtype),
                                  train=False)
   params = variables['params']
-  meta_params = meta_opt_state = None
-  if learner.weight_net is not None:
-    meta_params = learner.weight_net.init(
-        meta_rng, jnp.zeros((1, learner.weight_net.num_inputs),
-                            dtype))['params']
-    meta_opt_state = learner.meta_tx.init(meta_params)
   method = (registry.get(learner.method_name) if learner.method_name else
             None)
+  meta_params = meta_opt_state = None
+  if learner.weight_net is not None:
+    if method is None:
+      raise ValueError('init_train_state: a learner with a weight net needs '
+                       'the method_name that initialises it')
+    meta_params = method.init_weight_net(learner, meta_rng, dtype)
+    meta_opt_state = learner.meta_tx.init(meta_params)
   method_state = (method.initial_state(learner, dtype) if method and
                   method.initial_state else None)
   return TrainState(

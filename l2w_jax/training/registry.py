@@ -83,6 +83,10 @@ class Method:
   # (config, num_exits) -> (weight net module, its optax optimizer), for a
   # method with a meta step; None: the state carries no weight net.
   weight_net: Callable | None = None
+  # (learner, rng, dtype) -> the weight net's initial parameters.
+  init_weight_net: Callable | None = None
+  # The module that registered it (`module:name` must name it).
+  module: str = ''
 
   @property
   def phases(self) -> tuple[str, ...]:
@@ -113,7 +117,8 @@ def register(name: str, half_step: Callable | None = None, *,
              network: Callable | None = None,
              options: Callable | None = None,
              initial_state: Callable | None = None,
-             weight_net: Callable | None = None) -> Method:
+             weight_net: Callable | None = None,
+             init_weight_net: Callable | None = None) -> Method:
   """Makes a method available as `config.method = name` (or
   `module:name` from outside the package): one step (exactly one of
   `half_step` and `batch_step`) or the `phases`' steps in order. The other
@@ -126,11 +131,12 @@ def register(name: str, half_step: Callable | None = None, *,
     steps = tuple(phases)
   else:
     steps = (PhaseStep(name, half_step, batch_step),)
-  if uses_meta_step and weight_net is None:
+  if uses_meta_step and (weight_net is None or init_weight_net is None):
     raise ValueError(f'method {name!r}: a method with a meta step needs a '
-                     'weight_net')
+                     'weight_net and init_weight_net')
   method = Method(name, steps, uses_meta_step, backbone, network, options,
-                  initial_state, weight_net)
+                  initial_state, weight_net, init_weight_net,
+                  plugins.caller_module())
   _METHODS[name] = method
   return method
 
@@ -167,7 +173,9 @@ def get(name: str) -> Method:
     where = ' (its module does not register it)' if ':' in name else ''
     raise ValueError(f'method: unknown training method {name!r}{where}; '
                      f'available: {available()}')
-  return _METHODS[registered]
+  method = _METHODS[registered]
+  plugins.check_registered_by(name, method.module, 'method')
+  return method
 
 
 def phase_plan(config, total: int) -> tuple[Phase, ...]:
