@@ -61,9 +61,8 @@ def _bucket(n: int, sizes: Sequence[int]) -> int:
   return next(s for s in sizes if s >= n)
 
 
-def _start(model: nn.Module, images):
+def _start(images):
   """The carry of stage 0 (see `MultiExitBackbone.cascade_stage`)."""
-  del model
   return images, None
 
 
@@ -182,8 +181,7 @@ class Cascade(_Thresholded):
     active = np.arange(n)  # the original positions of the active samples
     slots = np.arange(n)  # and their rows in `carry`
     rows = _bucket(n, self.buckets)
-    carry = _start(self.model,
-                   jnp.asarray(_pad_rows(np.asarray(images), rows)))
+    carry = _start(jnp.asarray(_pad_rows(np.asarray(images), rows)))
     sizes, computed = [], []
     for k in range(self.num_exits):
       sizes.append(len(active))
@@ -210,7 +208,7 @@ class Cascade(_Thresholded):
     smaller one, so that no call compiles afterwards."""
     never = jnp.full((self.num_exits,), jnp.inf, jnp.float32)
     for size in self.buckets:
-      carry = _start(self.model, jnp.zeros((size,) + tuple(image_shape)))
+      carry = _start(jnp.zeros((size,) + tuple(image_shape)))
       for k in range(self.num_exits):
         carry, _, _ = self._stages[k](carry, never)
         if carry is not None:
@@ -232,7 +230,7 @@ def _exit_early(model: nn.Module, variables, image, thresholds):
         lambda f: (prediction[0].astype(jnp.int32), jnp.int32(k)),
         lambda f: from_stage(k + 1, f), features)
 
-  return from_stage(0, _start(model, image))
+  return from_stage(0, _start(image))
 
 
 class SingleImageCascade(_Thresholded):

@@ -113,10 +113,6 @@ def _allocation(settings) -> Callable:
   return api.allocation_objective(settings.target_probs)
 
 
-def _optimizer_update(optimizer) -> Callable:
-  return api.optimizer_update(optimizer)
-
-
 register_weight_net('mlp', build_weight_net, _mlp_init, _mlp_weight_fn)
 register_objective('allocation', _allocation)
-register_inner_update('optimizer', _optimizer_update)
+register_inner_update('optimizer', api.optimizer_update)
