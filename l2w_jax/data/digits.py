@@ -33,6 +33,15 @@ MEAN = (0.3049, 0.3049, 0.3049)
 STD = (0.3234, 0.3234, 0.3234)
 
 
+def image_features() -> dict[str, tfds.features.FeatureConnector]:
+  """The features every digits dataset has: `image`, uint8 (32, 32, 3),
+  and `label`, one of 10 classes."""
+  return {
+      'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
+      'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+  }
+
+
 def digit_images(raw: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
   """(N, 8, 8) values 0..16 -> uint8 (N, size, size, 3) values 0..255.
 
@@ -100,10 +109,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
             'channels. Stratified splits with a fixed seed: train 70%, '
             'validation 10% (held out for early-exit thresholds), test 20%. '
             'Prepared locally, no download.'),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
-            'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-        }),
+        features=tfds.features.FeaturesDict(image_features()),
         supervised_keys=('image', 'label'),
         homepage='https://scikit-learn.org/stable/modules/generated/'
                  'sklearn.datasets.load_digits.html',

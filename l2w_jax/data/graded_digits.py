@@ -33,10 +33,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from l2w_jax.data import digits
+# The canvas of the digits dataset.
+from l2w_jax.data.digits import IMAGE_SIZE
 
 NAME = 'graded_digits'
-IMAGE_SIZE = 32
-NUM_CLASSES = 10
 VARIANTS = 3
 RENDER_SEED = 2022
 
@@ -177,8 +177,7 @@ class GradedDigits(tfds.core.GeneratorBasedBuilder):
             'as s grows. Splits by source digit (stratified 70/10/20, seed '
             '0). Prepared locally, no download.'),
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
-            'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+            **digits.image_features(),
             'severity': tfds.features.Scalar(np.float32),
             'source': tfds.features.Scalar(np.int64),
             'variant': tfds.features.Scalar(np.int64),

@@ -67,14 +67,24 @@ def train_batches(config, *, epoch: int, start_step: int = 0,
                   process_count: int = 1) -> Iterator[dict]:
   """Augmented training batches of epoch `epoch`, from batch `start_step` on.
 
-  Each batch is {'image': uint8 (B, H, W, 3), 'label': int32 (B,)} with
-  B = config.train.batch_size // process_count; only full batches. The
-  images travel to the devices as bytes: the training step normalises them
-  there with `input_spec(config)`'s mean and std, as ToTensor + Normalize
-  (`augment.to_float_normalized`) would. The same
-  (config, epoch) gives the same batches in any run; process p of P gets its
-  own part of every global batch (see the module docstring). A new pipeline
-  per call: a training loop reads `train_stream` instead.
+  The images travel to the devices as bytes: the training step normalises
+  them there with `input_spec(config)`'s mean and std, as ToTensor +
+  Normalize (`augment.to_float_normalized`) would. The same (config, epoch)
+  gives the same batches in any run. A new pipeline per call: a training
+  loop reads `train_stream` instead.
+
+  Args:
+    config: the experiment config (config.dataset, config.seed,
+      config.train.batch_size).
+    epoch: the epoch (>= 0); it seeds the order and the augmentation.
+    start_step: the first batch of the epoch to give.
+    process_index: this process.
+    process_count: processes reading their parts of every global batch
+      (process p of P gets its own rows of each, see the module docstring).
+
+  Returns:
+    An iterator of {'image': uint8 (B, H, W, 3), 'label': int32 (B,)},
+    B = config.train.batch_size // process_count; only full batches.
   """
   settings = settings_from_config(config)
   if epoch < 0:

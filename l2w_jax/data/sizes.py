@@ -33,7 +33,19 @@ def split_sizes(settings: Settings,
 
 
 def data_info(config) -> DataInfo:
-  """Sizes and shapes from the metadata; raises DatasetNotFoundError first."""
+  """Sizes and shapes of config.dataset, from the tfds metadata.
+
+  Args:
+    config: the experiment config (config.dataset).
+
+  Returns:
+    `DataInfo`: name, num_classes, image_shape (H, W, 3), and the examples
+    in the training set (without the holdout), the holdout and the test set.
+
+  Raises:
+    DatasetNotFoundError: the dataset is not prepared (the message says how
+      to prepare it), before anything is read.
+  """
   settings = settings_from_config(config)
   num_train, num_holdout, num_test = split_sizes(settings,
                                                 dataset_builder(settings))
@@ -60,8 +72,16 @@ class InputSpec:
 
 
 def input_spec(config) -> InputSpec:
-  """The model input of config.dataset, from the config alone (the dataset
-  need not be prepared)."""
+  """What a model of config.dataset takes, from the config alone (the
+  dataset need not be prepared).
+
+  Args:
+    config: the experiment config (config.dataset).
+
+  Returns:
+    `InputSpec`: name, image_shape (H, W, 3), per-channel mean (3,) and std
+    (3,) in ToTensor units, and the evaluation transform in words.
+  """
   settings = settings_from_config(config)
   transform = (f'resize the shorter side to '
                f'{int(round(settings.image_size * IMAGENET_EVAL_RATIO))}, '
@@ -73,5 +93,14 @@ def input_spec(config) -> InputSpec:
 
 
 def steps_per_epoch(info: DataInfo, global_batch_size: int) -> int:
-  """Full global batches in an epoch (the remainder is dropped)."""
+  """Training iterations in an epoch.
+
+  Args:
+    info: the dataset's `DataInfo` (`data_info`).
+    global_batch_size: examples per iteration over all processes.
+
+  Returns:
+    num_train // global_batch_size: full global batches only (the remainder
+    is dropped).
+  """
   return info.num_train // global_batch_size

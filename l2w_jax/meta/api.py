@@ -76,8 +76,23 @@ class MetaOptions:
 
 def backbone_loss_fn(model, batch_stats, label_smoothing: float = 0.0,
                      compute_dtype=None) -> Callable:
-  """`losses_fn` of a multi-exit Flax module: train mode, `batch_stats` as
-  constants (the moved statistics are dropped), per-sample per-exit CE."""
+  """The `losses_fn` of a multi-exit Flax module.
+
+  The module runs in train mode with `batch_stats` as constants (the moved
+  statistics are dropped).
+
+  Args:
+    model: a multi-exit Flax module; `apply(variables, images, train=True)`
+      returns K exit logits, each (B, C).
+    batch_stats: the module's BatchNorm statistics, held constant.
+    label_smoothing: the smoothing of each exit's cross-entropy.
+    compute_dtype: the dtype the module runs in (images cast to it, logits
+      back to float32); None: the images' dtype.
+
+  Returns:
+    `losses_fn(params, images (B, H, W, 3), labels (B,))` ->
+    (losses (B, K) per-sample per-exit CE, exit_logits K x (B, C)).
+  """
   def losses_fn(params, images, labels):
     if compute_dtype is not None:
       images = images.astype(compute_dtype)
@@ -93,8 +108,19 @@ def backbone_loss_fn(model, batch_stats, label_smoothing: float = 0.0,
 
 def default_weight_fn(weight_net, input_kind: str, constraint: str,
                       epsilon: float) -> Callable:
-  """L2W-DEN's weights: the weight net on per-exit losses ('loss'),
-  confidences ('confidence') or both ('both'), then `sample_weights`."""
+  """L2W-DEN's `weight_fn`: the weight net, then `sample_weights`.
+
+  Args:
+    weight_net: a Flax module mapping (B, K x inputs) to raw weights (B, K).
+    input_kind: what the weight net reads per exit: 'loss', 'confidence'
+      (the softmax maximum) or 'both'.
+    constraint: how raw outputs become weights (`weighting.sample_weights`).
+    epsilon: the constraint's floor.
+
+  Returns:
+    `weight_fn(meta_params, losses (B, K), exit_logits K x (B, C))` ->
+    weights (B, K).
+  """
   def weight_fn(meta_params, losses, exit_logits):
     inputs = weighting.weight_net_inputs(
         losses, weighting.exit_confidences(exit_logits), input_kind)
@@ -104,9 +130,20 @@ def default_weight_fn(weight_net, input_kind: str, constraint: str,
 
 
 def allocation_objective(target_probs) -> Callable:
-  """L2W-DEN's meta loss: each meta sample allocated to one exit by
-  confidence (the exits' quotas from `target_probs`), the mean of the
-  allocated CE. aux: the allocation (B,)."""
+  """L2W-DEN's meta objective: each meta sample allocated to one exit.
+
+  Samples go to exits by confidence (`weighting.allocate_to_exits`) within
+  the exits' quotas; the objective is the mean CE of each sample at its
+  exit.
+
+  Args:
+    target_probs: (K,) the share of samples each exit should take (sums
+      to 1).
+
+  Returns:
+    `objective_fn(exit_logits K x (B, C), losses (B, K), labels (B,))` ->
+    (scalar meta loss, assignment (B,) int exit index).
+  """
   def objective_fn(exit_logits, losses, labels):
     confidences = jax.lax.stop_gradient(
         weighting.exit_confidences(exit_logits))
@@ -117,16 +154,31 @@ def allocation_objective(target_probs) -> Callable:
 
 
 def optimizer_update(optimizer: optax.GradientTransformation) -> Callable:
-  """The inner update that is `optimizer`'s step (the real step's optax
-  optimizer, differentiated through, as the original differentiates SGD
-  with momentum and weight decay)."""
+  """The inner update that is `optimizer`'s step, differentiated through
+  (as the original differentiates SGD with momentum and weight decay).
+
+  Args:
+    optimizer: the real step's optax optimizer, built with
+      `optax.inject_hyperparams` so that its learning rate can be set.
+
+  Returns:
+    `inner_update(grads, opt_state, params, learning_rate)` ->
+    (params, opt_state), the trees of `params` and `opt_state`.
+  """
   def inner_update(grads, opt_state, params, learning_rate):
     return apply_optimizer(optimizer, grads, opt_state, params, learning_rate)
   return inner_update
 
 
 def head_mask(params) -> dict:
-  """{top-level module: whether it is an exit's classifier}."""
+  """Which top-level modules are exit classifiers.
+
+  Args:
+    params: a backbone's parameter tree.
+
+  Returns:
+    {top-level module name: True for `classifier_*`, False otherwise}.
+  """
   return {name: name.startswith('classifier_') for name in params}
 
 
@@ -144,14 +196,32 @@ def meta_loss(meta_params, *, params, opt_state, losses_fn: Callable,
               meta_losses_fn: Callable | None = None,
               options: MetaOptions = MetaOptions(),
               first_forward=None) -> tuple[jax.Array, tuple[Any, Any]]:
-  """The meta objective as a function of `meta_params` (see the module
-  docstring). `train_batch`, `meta_batch`: (images, labels). One of
-  `inner_update` and `optimizer` (whose update is then the inner update).
-  `meta_losses_fn` (default `losses_fn`) runs the meta half, e.g. without
-  the training half's label smoothing. `first_forward`: (losses, loss_vjp,
-  exit_logits) of `losses_fn` at `params` on the training half, reused for
-  the first inner step. Returns (meta loss, (the first inner step's weights
-  (B, K), objective_fn's aux))."""
+  """The meta objective as a function of `meta_params` (module docstring).
+
+  Args:
+    meta_params: the weight net's parameters phi.
+    params: the backbone's parameters theta_0.
+    opt_state: the backbone optimizer's state s_0.
+    losses_fn: `(params, images, labels) -> (losses (B, K), exit_logits)`.
+    weight_fn: `(meta_params, losses (B, K), exit_logits) -> (B, K)`.
+    objective_fn: `(exit_logits, losses (B, K), labels (B,)) -> (scalar,
+      aux)`.
+    train_batch: (images (B, H, W, 3), labels (B,)), the virtual steps'.
+    meta_batch: (images (B', H, W, 3), labels (B',)), the objective's.
+    learning_rate: scalar, the virtual step's.
+    inner_update: `(grads, opt_state, params, learning_rate) -> (params,
+      opt_state)`; give this or `optimizer`.
+    optimizer: an optax optimizer whose step is the inner update.
+    meta_losses_fn: runs the meta half (default `losses_fn`), e.g. without
+      the training half's label smoothing.
+    options: `MetaOptions`.
+    first_forward: (losses (B, K), loss_vjp, exit_logits) of `losses_fn` at
+      `params` on the training half, reused for the first inner step.
+
+  Returns:
+    (meta loss (scalar), (the first inner step's weights (B, K),
+    objective_fn's aux)).
+  """
   if inner_update is None:
     if optimizer is None:
       raise ValueError('give the inner update or the optimizer')
@@ -188,7 +258,16 @@ def meta_loss(meta_params, *, params, opt_state, losses_fn: Callable,
 
 
 def meta_gradient(meta_params, **kwargs):
-  """((meta loss, aux), d meta loss / d meta_params) of `meta_loss` (same
-  keyword arguments): the gradient through the virtual steps."""
+  """The meta-gradient: `meta_loss` differentiated through the virtual
+  steps.
+
+  Args:
+    meta_params: the weight net's parameters phi.
+    **kwargs: `meta_loss`'s keyword arguments.
+
+  Returns:
+    ((meta loss, (weights (B, K), aux)), d meta loss / d meta_params, a
+    tree like `meta_params`).
+  """
   return jax.value_and_grad(lambda mp: meta_loss(mp, **kwargs),
                             has_aux=True)(meta_params)

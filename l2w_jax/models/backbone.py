@@ -82,6 +82,21 @@ class BackboneFields:
       bad('ensemble_reweight', f'needs one value per exit ({self.num_exits}),'
           f' got {len(self.ensemble_reweight)}')
 
+  def check_dense_widths(self, *counts: str) -> None:
+    """ValueError naming the field: each of `counts` >= 1, `reduction` in
+    [0, 1], `classifier_width` >= 0 (the fields of a densely connected
+    multi-scale backbone)."""
+    for field in counts:
+      if int(getattr(self, field)) < 1:
+        raise ValueError(f'model.{field}: must be >= 1, got '
+                         f'{getattr(self, field)}')
+    if not 0.0 <= self.reduction <= 1.0:
+      raise ValueError(f'model.reduction: must be in [0, 1], got '
+                       f'{self.reduction}')
+    if int(self.classifier_width) < 0:
+      raise ValueError("model.classifier_width: must be >= 0 (0: the "
+                       f"original's), got {self.classifier_width}")
+
 
 class MultiExitBackbone(nn.Module):
   """A network of K stages, each followed by an exit.

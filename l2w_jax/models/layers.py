@@ -228,8 +228,45 @@ class ConvBasic(nn.Module):
     return relu(bn(conv(x), train))
 
 
+def stem_input_layer(stem: str, width: int, init: str,
+                     bn_axis: str | None):
+  """The stem's first layer, from the image's 3 channels to `width`: a 3x3
+  ConvBasic on the CIFAR stem, the 7x7/2 conv -> BN -> ReLU -> 3x3/2 max
+  pool on the ImageNet stem (a list, so that its parameters keep the
+  original's `layers_0_0` ... names). Call from a module's `setup`."""
+  if stem == 'cifar':
+    return ConvBasic(3, width, 3, 1, 1, init=init, bn_axis=bn_axis)
+  return [Conv2d(3, width, 7, 2, 3, use_bias=True, init=init),
+          BatchNorm2d(width, axis_name=bn_axis), ReLU(), MaxPool2d(3, 2, 1)]
+
+
+def run_stem(layers, x: jax.Array, train: bool) -> list[jax.Array]:
+  """Runs a stem's layers in a chain (the first from `stem_input_layer`).
+
+  Args:
+    layers: the stem's layers, each ConvBasic-like or a list from
+      `stem_input_layer`.
+    x: images, (B, H, W, 3).
+    train: batch statistics in BatchNorm (and their update) when True.
+  Returns:
+    every layer's output, in order: (B, H_i, W_i, C_i) each.
+  """
+  outputs = []
+  for layer in layers:
+    if isinstance(layer, (list, tuple)):
+      conv, bn, relu, pool = layer
+      x = pool(relu(bn(conv(x), train)))
+    else:
+      x = layer(x, train)
+    outputs.append(x)
+  return outputs
+
+
 class ConvBN(nn.Module):
-  """[1x1 bottleneck -> BN -> ReLU ->] 3x3 conv (stride 1 or 2) -> BN -> ReLU."""
+  """A dense layer's conv: [1x1 bottleneck -> BN -> ReLU ->] 3x3 conv
+  (stride 1 or 2) -> BN -> ReLU; with `bn_after=False` (RANet's bnAfter
+  off, bottleneck always) pre-activated: BN -> ReLU -> 1x1 -> BN -> ReLU ->
+  3x3."""
   n_in: int
   n_out: int
   kind: str  # 'normal' or 'down'
@@ -237,18 +274,22 @@ class ConvBN(nn.Module):
   bn_width: int
   init: str = 'torch_default'
   bn_axis: str | None = None
+  bn_after: bool = True
 
   def setup(self):
-    net = []
-    n_inner = self.n_in
-    if self.bottleneck:
-      n_inner = min(n_inner, self.bn_width * self.n_out)
-      net += [Conv2d(self.n_in, n_inner, 1, 1, 0, init=self.init),
-              BatchNorm2d(n_inner, axis_name=self.bn_axis), ReLU()]
     stride = 2 if self.kind == 'down' else 1
-    net += [Conv2d(n_inner, self.n_out, 3, stride, 1, init=self.init),
-            BatchNorm2d(self.n_out, axis_name=self.bn_axis), ReLU()]
-    self.net = net
+    bn_relu = lambda n: [BatchNorm2d(n, axis_name=self.bn_axis), ReLU()]
+    n_inner = self.n_in
+    if self.bottleneck or not self.bn_after:
+      n_inner = min(n_inner, self.bn_width * self.n_out)
+    squeeze = lambda: [Conv2d(self.n_in, n_inner, 1, 1, 0, init=self.init)]
+    conv = lambda: [Conv2d(n_inner, self.n_out, 3, stride, 1, init=self.init)]
+    if not self.bn_after:
+      self.net = bn_relu(self.n_in) + squeeze() + bn_relu(n_inner) + conv()
+    elif self.bottleneck:
+      self.net = squeeze() + bn_relu(n_inner) + conv() + bn_relu(self.n_out)
+    else:
+      self.net = conv() + bn_relu(self.n_out)
 
   def __call__(self, x, train: bool):
     for layer in self.net:

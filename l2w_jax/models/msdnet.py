@@ -28,8 +28,8 @@ import jax
 
 from l2w_jax.models.backbone import (BackboneFields, MultiExitBackbone,
                                      parse_factors)
-from l2w_jax.models.layers import (BatchNorm2d, Conv2d, ConvBasic, ConvBN,
-                                   ExitHead, MaxPool2d, ReLU)
+from l2w_jax.models.layers import (ConvBasic, ConvBN, ExitHead, run_stem,
+                                   stem_input_layer)
 
 Features = list  # list of (B, H_s, W_s, C_s) arrays, finest scale first.
 
@@ -91,15 +91,8 @@ class MSDNetConfig(BackboneFields):
       bad('gr_factor', f'factors must be >= 1, got {self.gr_factor}')
     if any(f < 1 for f in self.bn_factor):
       bad('bn_factor', f'factors must be >= 1, got {self.bn_factor}')
-    for field in ('n_blocks', 'n_channels', 'growth_rate', 'step', 'base',
-                  'num_classes'):
-      if int(getattr(self, field)) < 1:
-        bad(field, f'must be >= 1, got {getattr(self, field)}')
-    if not 0.0 <= self.reduction <= 1.0:
-      bad('reduction', f'must be in [0, 1], got {self.reduction}')
-    if int(self.classifier_width) < 0:
-      bad('classifier_width', f"must be >= 0 (0: the original's), got "
-          f'{self.classifier_width}')
+    self.check_dense_widths('n_blocks', 'n_channels', 'growth_rate', 'step',
+                            'base', 'num_classes')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,48 +152,33 @@ def msdnet_topology(cfg: MSDNetConfig) -> tuple[list[list[LayerSpec]],
   return blocks, classifier_in
 
 
-class ConvDownNormal(nn.Module):
-  """Output at scale s: [x_s, down(x_{s-1}), normal(x_s)] along channels."""
-  n_in1: int
-  n_in2: int
+class ScaleUnit(nn.Module):
+  """One scale of an MSDN layer. With a finer input (`n_in_fine` > 0) the
+  output is [x_s, down(x_{s-1}), normal(x_s)] along channels, each conv
+  making half the growth; at the finest kept scale it is [x_s, normal(x_s)]
+  (the original's ConvDownNormal and ConvNormal)."""
+  n_in_fine: int  # channels of x_{s-1}; 0: none
+  n_in: int  # channels of x_s
   n_out: int
   bottleneck: bool
-  bn_width1: int
-  bn_width2: int
-  init: str = 'torch_default'
-  bn_axis: str | None = None
-
-  def setup(self):
-    self.conv_down = ConvBN(self.n_in1, self.n_out // 2, 'down',
-                            self.bottleneck, self.bn_width1, self.init,
-                            self.bn_axis)
-    self.conv_normal = ConvBN(self.n_in2, self.n_out // 2, 'normal',
-                              self.bottleneck, self.bn_width2, self.init,
-                              self.bn_axis)
-
-  def __call__(self, xs, train: bool):
-    coarse = xs[1]
-    return jax.numpy.concatenate(
-        [coarse, self.conv_down(xs[0], train),
-         self.conv_normal(coarse, train)], axis=-1)
-
-
-class ConvNormal(nn.Module):
-  """Output at the finest kept scale: [x, normal(x)] along channels."""
-  n_in: int
-  n_out: int
-  bottleneck: bool
+  bn_width_fine: int
   bn_width: int
   init: str = 'torch_default'
   bn_axis: str | None = None
 
   def setup(self):
-    self.conv_normal = ConvBN(self.n_in, self.n_out, 'normal', self.bottleneck,
+    growth = self.n_out // 2 if self.n_in_fine else self.n_out
+    if self.n_in_fine:
+      self.conv_down = ConvBN(self.n_in_fine, growth, 'down', self.bottleneck,
+                              self.bn_width_fine, self.init, self.bn_axis)
+    self.conv_normal = ConvBN(self.n_in, growth, 'normal', self.bottleneck,
                               self.bn_width, self.init, self.bn_axis)
 
   def __call__(self, xs, train: bool):
-    x = xs[0]
-    return jax.numpy.concatenate([x, self.conv_normal(x, train)], axis=-1)
+    x = xs[-1]
+    down = [self.conv_down(xs[0], train)] if self.n_in_fine else []
+    return jax.numpy.concatenate(
+        [x] + down + [self.conv_normal(x, train)], axis=-1)
 
 
 class MSDNFirstLayer(nn.Module):
@@ -210,13 +188,7 @@ class MSDNFirstLayer(nn.Module):
   def setup(self):
     cfg, n = self.cfg, self.cfg.n_channels
     width = n * cfg.gr_factor[0]
-    if cfg.stem == 'cifar':
-      first = ConvBasic(3, width, 3, 1, 1, init=cfg.init,
-                  bn_axis=cfg.bn_axis_name)
-    else:
-      first = [Conv2d(3, width, 7, 2, 3, use_bias=True, init=cfg.init),
-               BatchNorm2d(width, axis_name=cfg.bn_axis_name), ReLU(),
-               MaxPool2d(3, 2, 1)]
+    first = stem_input_layer(cfg.stem, width, cfg.init, cfg.bn_axis_name)
     layers = [first]
     for i in range(1, cfg.n_scales):
       layers.append(ConvBasic(n * cfg.gr_factor[i - 1], n * cfg.gr_factor[i],
@@ -225,15 +197,7 @@ class MSDNFirstLayer(nn.Module):
     self.layers = layers
 
   def __call__(self, x, train: bool) -> Features:
-    outputs = []
-    for i, layer in enumerate(self.layers):
-      if isinstance(layer, (list, tuple)):
-        conv, bn, relu, pool = layer
-        x = pool(relu(bn(conv(x), train)))
-      else:
-        x = layer(x, train)
-      outputs.append(x)
-    return outputs
+    return run_stem(self.layers, x, train)
 
 
 class MSDNLayer(nn.Module):
@@ -246,20 +210,16 @@ class MSDNLayer(nn.Module):
     g, b = cfg.gr_factor, cfg.bn_factor
     n_in, n_out = spec.n_in, spec.n_out
     offset = cfg.n_scales - spec.out_scales
+    # Scale i reads x_{i-1} too, except the finest kept scale of an
+    # unpruned layer.
+    first_fine = offset if spec.in_scales > spec.out_scales else offset + 1
     layers = []
-    if spec.in_scales > spec.out_scales:
-      layers.append(ConvDownNormal(n_in * g[offset - 1], n_in * g[offset],
-                                   n_out * g[offset], cfg.bottleneck,
-                                   b[offset - 1], b[offset], cfg.init,
-                                   cfg.bn_axis_name))
-    else:
-      layers.append(ConvNormal(n_in * g[offset], n_out * g[offset],
-                               cfg.bottleneck, b[offset], cfg.init,
-                               cfg.bn_axis_name))
-    for i in range(offset + 1, cfg.n_scales):
-      layers.append(ConvDownNormal(n_in * g[i - 1], n_in * g[i], n_out * g[i],
-                                   cfg.bottleneck, b[i - 1], b[i], cfg.init,
-                                   cfg.bn_axis_name))
+    for i in range(offset, cfg.n_scales):
+      fine = i >= first_fine
+      layers.append(ScaleUnit(n_in * g[i - 1] if fine else 0, n_in * g[i],
+                              n_out * g[i], cfg.bottleneck,
+                              b[i - 1] if fine else 0, b[i], cfg.init,
+                              cfg.bn_axis_name))
     self.layers = layers
 
   def __call__(self, xs: Features, train: bool) -> Features:

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from l2w_jax.models.backbone import MultiExitBackbone
-from l2w_jax.models.layers import (BatchNorm2d, Conv2d, ConvBasic, ConvBN,
-                                   ExitHead, MaxPool2d, ReLU)
+from l2w_jax.models.layers import (ConvBasic, ConvBN, ExitHead, run_stem,
+                                   stem_input_layer)
 from l2w_jax.models.ranet_config import (BlockSpec, RANetConfig,
                                          exit_positions, ranet_topology)
 
@@ -53,36 +53,10 @@ def interpolate_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   return jnp.einsum('oh,pw,bhwc->bopc', rows, cols, x)
 
 
-class PreActConvBN(nn.Module):
-  """The original's ConvBN with bnAfter=False: BN -> ReLU -> 1x1 -> BN ->
-  ReLU -> 3x3 (stride 1 or 2)."""
-  n_in: int
-  n_out: int
-  kind: str
-  bn_width: int
-  init: str = 'msdnet'
-  bn_axis: str | None = None
-
-  def setup(self):
-    n_inner = min(self.n_in, self.bn_width * self.n_out)
-    stride = 2 if self.kind == 'down' else 1
-    self.net = [BatchNorm2d(self.n_in, axis_name=self.bn_axis), ReLU(),
-                Conv2d(self.n_in, n_inner, 1, 1, 0, init=self.init),
-                BatchNorm2d(n_inner, axis_name=self.bn_axis), ReLU(),
-                Conv2d(n_inner, self.n_out, 3, stride, 1, init=self.init)]
-
-  def __call__(self, x, train: bool):
-    for layer in self.net:
-      x = layer(x, train) if isinstance(layer, BatchNorm2d) else layer(x)
-    return x
-
-
 def _conv_bn(cfg: RANetConfig, n_in: int, n_out: int, kind: str,
              bn_width: int) -> nn.Module:
-  if cfg.bn_after:
-    return ConvBN(n_in, n_out, kind, True, bn_width, cfg.init,
-                  cfg.bn_axis_name)
-  return PreActConvBN(n_in, n_out, kind, bn_width, cfg.init, cfg.bn_axis_name)
+  return ConvBN(n_in, n_out, kind, True, bn_width, cfg.init, cfg.bn_axis_name,
+                bn_after=cfg.bn_after)
 
 
 class RAConvNormal(nn.Module):
@@ -181,13 +155,7 @@ class RAFirstLayer(nn.Module):
     cfg = self.cfg
     gr, scales = cfg.gr_factor[::-1], cfg.scale_list[::-1]
     width = cfg.n_channels * gr[0]
-    if cfg.stem == 'cifar':
-      first = ConvBasic(3, width, 3, 1, 1, init=cfg.init,
-                        bn_axis=cfg.bn_axis_name)
-    else:
-      first = [Conv2d(3, width, 7, 2, 3, use_bias=True, init=cfg.init),
-               BatchNorm2d(width, axis_name=cfg.bn_axis_name), ReLU(),
-               MaxPool2d(3, 2, 1)]
+    first = stem_input_layer(cfg.stem, width, cfg.init, cfg.bn_axis_name)
     layers, s = [first], scales[0]
     for i in range(1, cfg.n_scales):
       stride = 1 if scales[i] == s else 2
@@ -198,15 +166,7 @@ class RAFirstLayer(nn.Module):
     self.layers = layers
 
   def __call__(self, x, train: bool) -> list[jax.Array]:
-    out = []
-    for layer in self.layers:
-      if isinstance(layer, (list, tuple)):
-        conv, bn, relu, pool = layer
-        x = pool(relu(bn(conv(x), train)))
-      else:
-        x = layer(x, train)
-      out.append(x)
-    return out[::-1]
+    return run_stem(self.layers, x, train)[::-1]
 
 
 class RANet(MultiExitBackbone):

@@ -82,19 +82,14 @@ class RANetConfig(BackboneFields):
       bad('scale_list', 'must start at 1 and grow by 0 or 1 from scale to '
           f'scale (the stem halves the resolution between them), got '
           f'{self.scale_list}')
-    for field in ('n_blocks', 'n_channels', 'growth_rate', 'step',
-                  'num_classes'):
-      if int(getattr(self, field)) < 1:
-        bad(field, f'must be >= 1, got {getattr(self, field)}')
+    self.check_dense_widths('n_blocks', 'n_channels', 'growth_rate', 'step',
+                            'num_classes')
     if self.block_step < 0:
       bad('block_step', f'must be >= 0, got {self.block_step}')
     if self.n_scales > 1 and self.step < 2:
       bad('step', 'RANet fusion blocks need at least 2 layers (step >= 2)')
-    if not 0.0 < self.reduction <= 1.0:
-      bad('reduction', f'must be in (0, 1], got {self.reduction}')
-    if int(self.classifier_width) < 0:
-      bad('classifier_width', f"must be >= 0 (0: the original's), got "
-          f'{self.classifier_width}')
+    if self.reduction == 0.0:  # RANet's transitions always compress
+      bad('reduction', 'must be in (0, 1], got 0.0')
     if not 0.0 <= self.compress_factor < 1.0:
       bad('compress_factor', f'must be in [0, 1), got {self.compress_factor}')
     for ii in range(1, self.n_scales):

@@ -223,18 +223,22 @@ def check_replaceable(path: str, overwrite: bool) -> None:
 def write_artifact(path: str, config, variables, results: dict, *,
                    overwrite: bool = False, programs: bool = False,
                    platforms=('cpu', 'cuda', 'tpu')) -> str:
-  """Writes the artifact of a run to the directory `path`; returns it.
+  """Writes the artifact of a run to the directory `path`.
 
   Args:
-    path: the artifact directory (its parent is created if needed).
+    path: the artifact directory, local or `gs://` (its parent is created
+      if needed).
     config: the run's ConfigDict.
-    variables: {'params', 'batch_stats'} (e.g. `train.restore_variables`).
+    variables: {'params', 'batch_stats'} (e.g. `workdir.restore_variables`).
     results: the run's results.json dict (`budgeted`, `mflops_per_exit`,
       `params_sha256`, ...), which must have been evaluated on `variables`.
     overwrite: replace an existing artifact at `path`.
     programs: also write the StableHLO programs (`serving.stablehlo`),
       lowered for `platforms`, and list them in serving.json.
     platforms: the platforms they are lowered for.
+
+  Returns:
+    the absolute path written.
 
   Everything is written to a temporary directory next to `path` and renamed
   into place, so `path` is either absent, the old artifact or the complete
@@ -330,9 +334,21 @@ def _read_variables(path: str, digest: str) -> dict:
 
 
 def read_artifact(path: str) -> Artifact:
-  """The checked parts of the artifact at `path` (no model is built, and
-  nothing imports TensorFlow); FileNotFoundError or ValueError naming the
-  problem and the fix."""
+  """Reads and checks an artifact (no model is built, and nothing imports
+  TensorFlow).
+
+  Args:
+    path: an artifact directory, local or `gs://`.
+
+  Returns:
+    `Artifact(config, variables {'params', 'batch_stats'} as numpy,
+    serving: serving.json's dict)`.
+
+  Raises:
+    FileNotFoundError, ValueError: naming the problem and the fix (no
+      artifact, a missing file, another format version, variables whose
+      hash is not the recorded one).
+  """
   path = os.fspath(path)
   if not paths.is_dir(path):
     raise FileNotFoundError(f'no serving artifact at {path}: export one with '

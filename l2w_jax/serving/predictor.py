@@ -54,7 +54,15 @@ class Prediction:
 
 
 def budgets_from_rows(rows: list[dict]) -> tuple[Budget, ...]:
-  """serving.json's budget rows -> Budget records."""
+  """Budget records from serving.json's rows.
+
+  Args:
+    rows: serving.json's `budgets`, dicts with `budget_index`, `thresholds`
+      (K,), `mflops`, `val_top1`, `test_top1`, `test_exit_counts` (K,).
+
+  Returns:
+    one `Budget` per row, in the rows' order.
+  """
   return tuple(Budget(index=int(r['budget_index']),
                       thresholds=tuple(float(t) for t in r['thresholds']),
                       mflops=float(r['mflops']),
@@ -66,9 +74,20 @@ def budgets_from_rows(rows: list[dict]) -> tuple[Budget, ...]:
 
 
 def most_accurate_within(budgets, max_mflops: float) -> int:
-  """The index of the budget with the best held-out top-1 among those whose
-  expected MFLOPs are <= max_mflops (ties: the cheaper, then the lower
-  index); ValueError if none fits."""
+  """The most accurate budget that fits a cost.
+
+  Args:
+    budgets: `Budget` records.
+    max_mflops: the highest expected MFLOPs per image allowed.
+
+  Returns:
+    the index (1-based) of the budget with the best held-out top-1 among
+    those whose expected MFLOPs are <= max_mflops (ties: the cheaper, then
+    the lower index).
+
+  Raises:
+    ValueError: no budget fits.
+  """
   fitting = [b for b in budgets if b.mflops <= max_mflops]
   if not fitting:
     cheapest = min(budgets, key=lambda b: b.mflops)
@@ -81,16 +100,31 @@ def most_accurate_within(budgets, max_mflops: float) -> int:
 class Predictor:
   """Early-exit prediction with the thresholds of a run's budgets.
 
-  Models the real cascade runs stage by stage (MSDNet, RANet, plain or
-  boosted) exit for real, a single image in one program with the exits
-  decided on the device (`SingleImageCascade`); for the others (IMTA, whose heads read earlier
-  heads' outputs; `Cascade` refuses them) every exit is computed and the
-  exits are simulated afterwards (`budgeted.exit_indices`), which gives the
-  same labels, exits and MFLOPs accounting without the saving in compute
-  (`uses_cascade` is False and `fallback_reason` says why).
+  Models the real cascade runs stage by stage (every `MultiExitBackbone`,
+  with or without an ensemble carry) exit for real, a single image in one
+  program with the exits decided on the device (`SingleImageCascade`). For
+  the others (heads that read earlier heads' outputs, which `Cascade`
+  refuses) every exit is computed and the exits are simulated afterwards
+  (`budgeted.exit_indices`), which gives the same labels, exits and MFLOPs
+  accounting without the saving in compute (`uses_cascade` is False and
+  `fallback_reason` says why).
 
   Calls are serialised by a lock: the cascade is shared between budgets and
   its thresholds are set for each call.
+
+  Args:
+    artifact: a read artifact (`artifact.read_artifact`).
+    max_batch: images per program call; larger batches go in chunks.
+    where: how error messages name the artifact.
+    variables_as_constants: the cascade's programs hold the variables as
+      constants (fastest; one copy of a stage's weights per bucket), or take
+      them per call.
+
+  Attributes:
+    image_shape: (H, W, C) of the images it takes.
+    budgets: K-threshold `Budget` records, index 1..39.
+    mflops_per_exit: (K,) the MFLOPs spent by a sample leaving at each exit.
+    num_exits: K.
   """
 
   def __init__(self, artifact: artifact_lib.Artifact,
@@ -138,11 +172,17 @@ class Predictor:
   @classmethod
   def load(cls, path: str, max_batch: int = DEFAULT_MAX_BATCH,
            variables_as_constants: bool = True) -> Predictor:
-    """The predictor of the artifact directory `path` (`write_artifact`,
-    `python -m experiments.export`); batches above `max_batch` images are
-    predicted in chunks of that size. The cascade's programs hold the
-    variables as constants (fastest; one copy of a stage's weights per
-    bucket), or with `variables_as_constants=False` take them per call."""
+    """The predictor of an artifact directory.
+
+    Args:
+      path: a directory written by `write_artifact` (`python -m
+        experiments.export`), local or `gs://`.
+      max_batch: images per program call; larger batches go in chunks.
+      variables_as_constants: see the class docstring.
+
+    Returns:
+      the `Predictor`.
+    """
     return cls(artifact_lib.read_artifact(path), max_batch,
                where=os.fspath(path),
                variables_as_constants=variables_as_constants)
@@ -153,11 +193,19 @@ class Predictor:
     return self._cascade is not None
 
   def normalize(self, images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, C) -> float32, as the evaluation pipeline does."""
+    """Normalises images as the evaluation pipeline does.
+
+    Args:
+      images: uint8 (N, H, W, C), already at `image_shape`.
+
+    Returns:
+      float32 (N, H, W, C): (x / 255 - mean) / std per channel.
+    """
     return artifact_lib.normalize(images, self.mean, self.std)
 
   def budget_for(self, max_mflops: float) -> int:
-    """The budget index `max_mflops=` picks (see `most_accurate_within`)."""
+    """The budget index (1-based) `max_mflops=` picks
+    (`most_accurate_within`)."""
     return most_accurate_within(self.budgets, float(max_mflops))
 
   def _budget_index(self, budget, max_mflops) -> int:
@@ -220,9 +268,18 @@ class Predictor:
 
   def __call__(self, images, budget: int | None = None, *,
                max_mflops: float | None = None) -> Prediction:
-    """Normalised float32 images (N, H, W, C) -> their Prediction at budget
-    index `budget` (1..39), or at the most accurate budget within
-    `max_mflops` expected MFLOPs."""
+    """Predicts with early exits.
+
+    Args:
+      images: float32 (N, H, W, C), normalised (`normalize`).
+      budget: a budget index, 1..39; give this or `max_mflops`.
+      max_mflops: use the most accurate budget whose expected MFLOPs per
+        image fit.
+
+    Returns:
+      `Prediction`: labels (N,) int64, exits (N,) int64 (0-based), mflops
+      (N,) float64, and the budget index used.
+    """
     index = self._budget_index(budget, max_mflops)
     images = self._check_images(images)
     thresholds = self._thresholds(index)

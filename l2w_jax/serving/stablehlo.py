@@ -37,9 +37,18 @@ DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 
 
 def first_confident_exit(confidence, prediction, thresholds):
-  """(K, N) confidences and predictions, (K,) thresholds -> (labels, exits)
-  (N,) int32: the first exit whose confidence reaches its threshold, the
-  last exit for everyone else (as `budgeted.exit_indices`)."""
+  """Where each sample exits and what it predicts there.
+
+  Args:
+    confidence: (K, N) each exit's softmax maximum.
+    prediction: (K, N) each exit's arg-max class.
+    thresholds: (K,) the budget's thresholds (the last exit takes everyone).
+
+  Returns:
+    (labels (N,) int32, exits (N,) int32 0-based): the first exit whose
+    confidence reaches its threshold, the last exit for everyone else (as
+    `budgeted.exit_indices`).
+  """
   reaches = confidence >= thresholds[:, None]
   reaches = reaches.at[-1].set(True)
   exits = jnp.argmax(reaches, axis=0).astype(jnp.int32)
@@ -56,8 +65,20 @@ def _batch(model, variables, images, thresholds):
 
 def export_programs(model, variables, image_shape,
                     platforms=DEFAULT_PLATFORMS) -> dict:
-  """{'batch': Exported, 'latency': Exported (if the model stages)} of
-  `model` with `variables` on (H, W, C) float32 images."""
+  """The served programs of a model, as `jax.export.Exported`.
+
+  Args:
+    model: a multi-exit Flax module.
+    variables: its variables, embedded in the programs as constants.
+    image_shape: (H, W, C) of the normalised float32 images.
+    platforms: the platforms the programs are lowered for.
+
+  Returns:
+    {'batch': (images (b, H, W, C), thresholds (K,)) -> (labels (b,),
+    exits (b,)) with a symbolic batch b, every exit computed; 'latency':
+    the same for one image (1, H, W, C) through the real cascade, present
+    only if the model stages (`cascade.Cascade` accepts it)}.
+  """
   num_exits = model.num_exits
   thresholds = jax.ShapeDtypeStruct((num_exits,), jnp.float32)
   batch, = jax.export.symbolic_shape('b')
@@ -80,8 +101,16 @@ def export_programs(model, variables, image_shape,
 
 def write_programs(directory: str, model, variables, image_shape,
                    platforms=DEFAULT_PLATFORMS) -> dict:
-  """Writes the programs into `directory`; returns serving.json's
-  description of them ({name: {'file', 'platforms'}})."""
+  """Writes `export_programs`' programs into `directory`.
+
+  Args:
+    directory: where to write (local or `gs://`).
+    model, variables, image_shape, platforms: as `export_programs`.
+
+  Returns:
+    serving.json's description of them: {name: {'file': file name,
+    'platforms': [platform, ...]}}.
+  """
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
   files = {'batch': BATCH_FILE, 'latency': LATENCY_FILE}
   written = {}
