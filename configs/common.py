@@ -164,6 +164,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.meta.lr = 1e-4
   config.meta.weight_decay = 1e-4
   config.meta.target_p_index = 15
+  # The exits' shares of the meta samples, (K,); empty: from target_p_index
+  # (q_k = p^k normalised, p = index / 20). Set them to reproduce a run
+  # whose float32 shares differ in the last bit (the original computes them
+  # with a float32 exp whose rounding depends on the CPU).
+  config.meta.target_probs = ()
   # The virtual step (`l2w_jax.meta.api`): unrolled inner steps; first_order
   # treats each inner gradient as a constant of the backbone parameters;
   # virtual_params 'all' or 'heads' (only the exits' classifiers move).

@@ -67,6 +67,13 @@ def sgd_momentum(opt_state):
   return opt_state.inner_state[1].trace
 
 
+def adam_moments(opt_state):
+  """(step count, first moments, second moments) of a `torch_adam` state;
+  the moments are params-shaped trees."""
+  adam = opt_state.inner_state[1]
+  return adam.count, adam.mu, adam.nu
+
+
 def with_sgd_momentum(opt_state, momentum_tree):
   """A `torch_sgd` state whose momentum buffers are `momentum_tree`."""
   inner = list(opt_state.inner_state)

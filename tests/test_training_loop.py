@@ -18,7 +18,9 @@ from l2w_jax.training import config_checks
 from l2w_jax.training import train
 from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
-from l2w_jax.training.schedules import cosine_learning_rate, learning_rate
+from l2w_jax.training import registry
+from l2w_jax.training.schedules import (cosine_learning_rate,
+                                        iteration_schedule, learning_rate)
 from tests.tiny import tiny_train_config
 
 pytestmark = pytest.mark.long
@@ -67,6 +69,33 @@ def test_multistep_learning_rate_divides_at_epoch_milestones():
   config.train.lr_milestones = (0.0,)
   with pytest.raises(ValueError, match='train.lr_milestones'):
     config_checks.validate_config(config)
+
+
+def test_iteration_schedule_restarts_the_meta_interval_every_epoch():
+  """L2W-DEN's rule (the l2w_training fixture's pattern): a meta step iff
+  the index within the epoch is a multiple of meta.interval; both rates
+  cosine over the run, per iteration."""
+  config = _config()
+  config.meta.lr = 1e-3
+  plan = registry.phase_plan(config, 6)
+  schedule = [iteration_schedule(config, plan, t, 3) for t in range(6)]
+  assert [s.with_meta for s in schedule] == [True, False, True, True, False,
+                                             True]
+  assert [s.lr for s in schedule] == [
+      cosine_learning_rate(config.train.lr, t, 6) for t in range(6)]
+  assert [s.meta_lr for s in schedule] == [
+      cosine_learning_rate(1e-3, t, 6) for t in range(6)]
+  assert not any(s.starts_phase for s in schedule)
+  # A two-phase method: the second phase restarts the backbone's schedule
+  # (and its optimizer), the weight net's cosine spans the run.
+  config.method = 'regime_disjoint'
+  plan = registry.phase_plan(config, 6)
+  second = plan[1]
+  first_of_second = iteration_schedule(config, plan, second.start, 3)
+  assert first_of_second.starts_phase and first_of_second.phase == second
+  assert first_of_second.lr == config.train.lr
+  assert not iteration_schedule(config, plan, second.start + 1,
+                                3).starts_phase
 
 
 def _config():

@@ -29,6 +29,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from l2w_jax.meta import api, pieces, weighting
 from l2w_jax.optim import apply_optimizer, torch_adam
@@ -67,6 +68,21 @@ def l2w_learner(model, weight_net, tx, meta_tx,
                  method_options=((OPTION, l2w),), **kwargs)
 
 
+def _target_probs(meta, num_exits: int) -> tuple[float, ...]:
+  """`meta.target_probs` as float32 values, or those of
+  `meta.target_p_index`; ValueError naming the field."""
+  given = tuple(meta.get('target_probs', ()) or ())
+  if not given:
+    return tuple(float(q) for q in weighting.target_probs(
+        num_exits, meta.target_p_index))
+  probs = np.asarray(given, np.float64)
+  if (probs.shape != (num_exits,) or not np.all(np.isfinite(probs)) or
+      np.any(probs < 0) or abs(probs.sum() - 1.0) > 1e-6):
+    raise ValueError(f'meta.target_probs: {num_exits} shares >= 0 that sum '
+                     f'to 1 (or () for meta.target_p_index), got {given}')
+  return tuple(float(q) for q in probs.astype(np.float32))
+
+
 def settings_from_config(config, num_exits: int) -> L2WSettings:
   """`config.meta` as `L2WSettings`; ValueError naming a bad field."""
   meta = config.meta
@@ -83,9 +99,7 @@ def settings_from_config(config, num_exits: int) -> L2WSettings:
       epsilon=float(meta.epsilon),
       constraint=meta.constraint,
       input_kind=meta.input,
-      target_probs=tuple(
-          float(q) for q in weighting.target_probs(num_exits,
-                                                   meta.target_p_index)),
+      target_probs=_target_probs(meta, num_exits),
       meta_options=api.MetaOptions(
           inner_steps=meta.get('inner_steps', 1),
           first_order=bool(meta.get('first_order', False)),
@@ -203,7 +217,8 @@ def l2w_half_step(learner: Learner, state: TrainState, train_images,
   not advanced (an iteration has two halves). Both gradients pass through
   `learner.reduce_grads` before their optimizer steps, the moved running
   statistics through `learner.reduce_batch_stats`. Metrics: `losses` (B, K)
-  per-sample CE of the train half, `weights` (B, K), `train_loss`,
+  per-sample CE of the train half, `weights` (B, K), `confidences` (B, K)
+  each exit's softmax maximum, `train_loss`,
   `loss_per_exit` and `weight_per_exit` (K,) batch means, `correct` (K,)
   top-1 hits, and with a meta step `meta_loss`, `pseudo_weights` (B, K),
   `exit_assignment` (B_meta,), `meta_grads` (as applied).
@@ -232,6 +247,8 @@ def l2w_half_step(learner: Learner, state: TrainState, train_images,
   metrics.update(
       losses=losses, weights=weights,
       train_loss=weighted_loss(weights, losses),
+      confidences=weighting.exit_confidences(
+          jax.lax.stop_gradient(exit_logits)),
       loss_per_exit=jnp.mean(losses, axis=0),
       weight_per_exit=jnp.mean(weights, axis=0),
       correct=top1_hits(exit_logits, train_labels))

@@ -20,8 +20,10 @@ def _runners() -> dict[str, Callable]:
                                            run_ge_gradients_fixture)
   from l2w_jax.reference.imta_stage2 import run_imta_stage2_fixture
   from l2w_jax.reference.l2w_iteration import run_l2w_iteration_fixture
+  from l2w_jax.reference.l2w_training import run_l2w_training_fixture
   return {'forward': run_forward_fixture,
           'l2w_iteration': run_l2w_iteration_fixture,
+          'l2w_training': run_l2w_training_fixture,
           'dynamic_eval': run_dynamic_eval_fixture,
           'ge_gradients': run_ge_gradients_fixture,
           'boostnet_gradients': run_boostnet_gradients_fixture,
@@ -45,7 +47,7 @@ class FixtureResult:
     return all(c.passed for c in self.checks)
 
   def summary(self) -> dict:
-    return {
+    out = {
         'fixture': self.fixture.path,
         'kind': self.fixture.kind,
         'passed': self.passed,
@@ -53,6 +55,27 @@ class FixtureResult:
         'checks': {c.name: c.as_json() for c in self.checks},
         'not_compared': {n.name: n.reason for n in self.not_compared},
     }
+    worst = self.worst_per_iteration()
+    if worst:
+      out['worst_per_iteration'] = worst
+    return out
+
+  def worst_per_iteration(self) -> dict:
+    """For checks named `iterationN/...`: per iteration, the check closest
+    to its tolerance (largest error / tolerance; exact checks count only
+    when they fail)."""
+    worst = {}
+    for check in self.checks:
+      head, _, rest = check.name.partition('/')
+      if not head.startswith('iteration') or not rest:
+        continue
+      ratio = (check.error / check.tolerance if check.tolerance > 0 else
+               (0.0 if check.error == 0 else float('inf')))
+      if head not in worst or ratio > worst[head][0]:
+        worst[head] = (ratio, check)
+    return {head: {'check': c.name[len(head) + 1:], 'error': float(c.error),
+                   'tolerance': c.tolerance}
+            for head, (_, c) in worst.items()}
 
   def save(self, path: str) -> None:
     """Writes the fixture's inputs plus everything computed, as a new fixture."""

@@ -60,16 +60,39 @@ def init_train_state(learner: Learner, rng: jax.Array, image_shape,
   variables = learner.model.init(model_rng,
                                  jnp.zeros((1,) + tuple(image_shape), dtype),
                                  train=False)
-  params = variables['params']
-  method = (registry.get(learner.method_name) if learner.method_name else
-            None)
-  meta_params = meta_opt_state = None
+  meta_params = None
   if learner.weight_net is not None:
-    if method is None:
-      raise ValueError('init_train_state: a learner with a weight net needs '
-                       'the method_name that initialises it')
-    meta_params = method.init_weight_net(learner, meta_rng, dtype)
-    meta_opt_state = learner.meta_tx.init(meta_params)
+    meta_params = _method_of(learner).init_weight_net(learner, meta_rng, dtype)
+  return train_state_from(learner, variables, meta_params, dtype)
+
+
+def _method_of(learner: Learner):
+  if not learner.method_name:
+    raise ValueError('a learner with a weight net or method state needs the '
+                     'method_name that initialises them')
+  return registry.get(learner.method_name)
+
+
+def train_state_from(learner: Learner, variables: dict, meta_params=None,
+                     dtype=jnp.float32) -> TrainState:
+  """The state a run starts from, given its networks.
+
+  Args:
+    learner: the run's `Learner`.
+    variables: the backbone's {'params', 'batch_stats'}.
+    meta_params: the weight net's parameters (None: the method has none).
+    dtype: the dtype of the method's own state (e.g. BoostNet's averages).
+
+  Returns:
+    A `TrainState` at iteration 0 with fresh optimizer states (zero SGD
+    momentum, which is PyTorch's first-step rule; Adam at step 0), as the
+    original's optimizers start.
+  """
+  params = variables['params']
+  method = registry.get(learner.method_name) if learner.method_name else None
+  if (learner.weight_net is None) != (meta_params is None):
+    raise ValueError('train_state_from: give meta_params exactly when the '
+                     'learner has a weight net')
   method_state = (method.initial_state(learner, dtype) if method and
                   method.initial_state else None)
   return TrainState(
@@ -78,5 +101,6 @@ def init_train_state(learner: Learner, rng: jax.Array, image_shape,
       batch_stats=variables['batch_stats'],
       opt_state=learner.tx.init(params),
       meta_params=meta_params,
-      meta_opt_state=meta_opt_state,
+      meta_opt_state=(None if meta_params is None else
+                      learner.meta_tx.init(meta_params)),
       method_state=method_state)

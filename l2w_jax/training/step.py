@@ -43,18 +43,39 @@ from l2w_jax.training.state import Learner
 AXIS = parallel.DATA_AXIS
 
 
+# Per-sample metrics a method's step may give, (B, ...) on each device.
+PER_SAMPLE_METRICS = ('losses', 'weights', 'confidences', 'pseudo_weights',
+                      'exit_assignment')
+
+
 def reduce_metrics(metrics: dict, num_local: int,
-                   mean: Callable = parallel.pmean()) -> dict:
-  """Per-device half-step metrics -> the loop's replicated summaries: means
-  (by `mean`, see `parallel.pmean`) of losses and weights, summed hits and
-  image counts (integers: exact in any order). Per-sample arrays are
-  dropped (they never leave the device)."""
+                   mean: Callable = parallel.pmean(),
+                   per_sample: bool = False) -> dict:
+  """Per-device step metrics -> the loop's replicated summaries.
+
+  Args:
+    metrics: one device's metrics of a half step or a batch step.
+    num_local: the images of that step on the device.
+    mean: how values are averaged over devices (`parallel.pmean`).
+    per_sample: also keep `PER_SAMPLE_METRICS`, gathered over the devices
+      in batch order ((B_global, ...)), and the meta-gradient (already
+      reduced); for inspection. Otherwise they never leave the device.
+
+  Returns:
+    Means of losses and weights, summed top-1 hits and image counts
+    (integers: exact in any order), and with `per_sample` the above.
+  """
   means = {name: metrics[name] for name in ('train_loss', 'loss_per_exit',
                                             'weight_per_exit', 'meta_loss')
            if name in metrics}
   out = mean(means)
   out.update(correct=jax.lax.psum(metrics['correct'], AXIS),
              num_images=jax.lax.psum(jnp.asarray(num_local, jnp.int32), AXIS))
+  if per_sample:
+    out.update({name: jax.lax.all_gather(metrics[name], AXIS, tiled=True)
+                for name in PER_SAMPLE_METRICS if name in metrics})
+    if 'meta_grads' in metrics:
+      out['meta_grads'] = metrics['meta_grads']
   return out
 
 
@@ -96,7 +117,7 @@ def sharded_half_step(half_step: Callable, learner: Learner,
 
 def _both_halves(half_step: Callable, learner: Learner, state, images,
                  labels, lr, meta_lr, with_meta: bool, to_input: Callable,
-                 mean: Callable, unroll: bool):
+                 mean: Callable, unroll: bool, per_sample: bool = False):
   """(train p1, meta p2) then (train p2, meta p1) on one device's shard,
   halved as `torch.chunk(2)`; `to_input` makes each half the network's
   input, `mean` averages the metrics over devices; `unroll` unrolls the
@@ -108,7 +129,7 @@ def _both_halves(half_step: Callable, learner: Learner, state, images,
   def half(state, xt, yt, xm, ym):
     state, metrics = half_step(learner, state, to_input(xt), yt,
                                to_input(xm), ym, lr, meta_lr, with_meta)
-    return state, reduce_metrics(metrics, xt.shape[0], mean)
+    return state, reduce_metrics(metrics, xt.shape[0], mean, per_sample)
 
   if 2 * first != n:  # unequal halves: two shapes, two traced calls
     (x1, y1), (x2, y2) = split_halves(images, labels)
@@ -140,7 +161,8 @@ def unroll_halves(mesh) -> bool:
 def iteration_program(phase_step: registry.PhaseStep, learner: Learner,
                       mesh, uses_meta_step: bool,
                       input_norm: tuple | None = None,
-                      reduction: str = 'all_reduce') -> Callable:
+                      reduction: str = 'all_reduce',
+                      per_sample_metrics: bool = False) -> Callable:
   """The whole iteration of one phase as one jitted `shard_map`:
   program(state, images, labels, lr, meta_lr, with_meta) -> (state with
   step + 1, tuple of metrics dicts); `with_meta` is static, the state is
@@ -158,13 +180,15 @@ def iteration_program(phase_step: registry.PhaseStep, learner: Learner,
     if phase_step.batch_step is not None:
       state, metrics = phase_step.batch_step(learner, state,
                                              to_input(images), labels, lr)
-      metrics = (reduce_metrics(metrics, images.shape[0], metrics_mean),)
+      metrics = (reduce_metrics(metrics, images.shape[0], metrics_mean,
+                                per_sample_metrics),)
     else:
       # Halved as bytes; each half is normalised where it is used.
       state, metrics = _both_halves(phase_step.half_step, learner, state,
                                     images, labels, lr, meta_lr,
                                     with_meta and uses_meta_step, to_input,
-                                    metrics_mean, unroll_halves(mesh))
+                                    metrics_mean, unroll_halves(mesh),
+                                    per_sample_metrics)
     return state.replace(step=state.step + 1), metrics
 
   def program(state, images, labels, lr, meta_lr, with_meta):
@@ -182,18 +206,20 @@ def iteration_program(phase_step: registry.PhaseStep, learner: Learner,
 def make_iteration(method_name: str, learner: Learner, mesh,
                    bn_stats: str = 'device0',
                    input_norm: tuple | None = None,
-                   reduction: str = 'all_reduce') -> Callable:
+                   reduction: str = 'all_reduce',
+                   per_sample_metrics: bool = False) -> Callable:
   """The whole iteration of `method_name` on `mesh` (see module doc); a
   phased method's iteration takes the phase's name as `phase` (each phase
   compiles when first reached). `input_norm` = (mean, std) of the dataset,
   needed when the images arrive as uint8; `reduction` says how values are
   averaged over devices (`parallel.REDUCTIONS`, config
-  `distributed.reduction`)."""
+  `distributed.reduction`); `per_sample_metrics` keeps the per-sample
+  metrics and the meta-gradient (`reduce_metrics`), for inspection."""
   method = registry.get(method_name)
   learner = data_parallel_learner(learner, bn_stats, reduction)
   programs = {step.name: iteration_program(step, learner, mesh,
                                            method.uses_meta_step, input_norm,
-                                           reduction)
+                                           reduction, per_sample_metrics)
               for step in method.steps}
   # Whether `with_meta` changes a phase's program (else one program, False).
   meta_matters = {step.name: method.uses_meta_step and

@@ -34,7 +34,6 @@ from l2w_jax.training.divergence import check_finite, check_state_finite
 from l2w_jax.training.final_evaluation import final_evaluation, write_eval
 from l2w_jax.training.learner import build_learner, init_train_state
 from l2w_jax.training.preemption import Preemption
-from l2w_jax.training.schedules import cosine_learning_rate
 from l2w_jax.training.workdir import check_workdir, network_from, open_workdir
 
 RESULTS_FILE = report.RESULTS_FILE
@@ -235,20 +234,18 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
   try:
     if step < total:
       for batch in parallel.prefetch_to_mesh(stream, mesh):
-        in_epoch = step % steps_per_epoch
-        phase = registry.phase_at(plan, step)
-        if step == phase.start and phase.index > 0:
+        scheduled = schedules.iteration_schedule(config, plan, step,
+                                                 steps_per_epoch)
+        phase, lr, meta_lr = scheduled.phase, scheduled.lr, scheduled.meta_lr
+        if scheduled.starts_phase:
           # A new phase trains other parameters with a fresh optimizer, as
           # the original's separate jobs do.
           state = state.replace(opt_state=fresh_opt_state(state.params))
           log(f'phase {phase.index + 1}/{len(plan)} ({phase.name}) from '
               f'iteration {step}')
-        lr = schedules.learning_rate(config.train, step - phase.start,
-                                     phase.length, steps_per_epoch)
-        meta_lr = cosine_learning_rate(config.meta.lr, step, total)
-        with_meta = in_epoch % config.meta.interval == 0
         state, halves = iteration(state, batch['image'], batch['label'], lr,
-                                  meta_lr, with_meta, phase=phase.name)
+                                  meta_lr, scheduled.with_meta,
+                                  phase=phase.name)
         step += 1
         if not startup:
           startup.update(_startup(state, compile_log, log))
