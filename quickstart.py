@@ -28,7 +28,9 @@ ROOT = pathlib.Path(__file__).resolve().parent
 VENV = pathlib.Path(os.environ.get('L2W_VENV', ROOT / '.venv'))
 COMMANDS = {
     'demo': ['-m', 'experiments.demo', '--workdir=workdir/demo'],
-    'test': ['-m', 'pytest', '-q', '--numprocesses=auto', '--maxprocesses=4'],
+    # The 15 slowest tests are listed at the end, to keep the suite short.
+    'test': ['-m', 'pytest', '-q', '--numprocesses=auto', '--maxprocesses=4',
+             '--durations=15'],
     'run': ['-m'],
 }
 # --accelerator=NAME -> the extra of pyproject.toml installed with it.

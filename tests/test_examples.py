@@ -95,23 +95,33 @@ def test_sdn_from_outside_the_package_trains_and_evaluates(tmp_path):
 
 
 @pytest.mark.long
-def test_tiny_backbone_from_outside_the_package_trains_and_evaluates(
+def test_tiny_backbone_and_weight_net_from_outside_the_package_train(
     tmp_path):
-  """`config.model.name='examples.tiny_backbone:tiny_cnn'`: L2W-DEN trains
-  it (meta step included), the budgeted evaluation and FLOPs count its
-  three exits, and the cascade exits early on it as simulated."""
+  """`config.model.name='examples.tiny_backbone:tiny_cnn'` with the weight
+  net and meta objective of `examples.confidence_weight_net` named in
+  `config.meta`: the training loop runs L2W-DEN on them (meta step
+  included), the budgeted evaluation and FLOPs count the three exits, and
+  the cascade exits early on the backbone as simulated. (One run for both
+  plug-ins keeps the suite short.)"""
   config = tiny_train_config('sklearn_digits', num_steps=3)
   config.model.name = 'examples.tiny_backbone:tiny_cnn'
+  config.meta.weight_net = 'examples.confidence_weight_net:confidence'
+  config.meta.objective = 'examples.confidence_weight_net:mean_ce'
   config.meta.interval = 1
   config.dataset.data_dir = str(tmp_path / 'data')
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['iterations'] == 3
   assert len(results['anytime']['top1']) == 3
   assert len(results['budgeted']) == NUM_BUDGETS
   flops = results['mflops_per_exit']
   assert flops[0] < flops[1] < flops[2]
   rows = [json.loads(line) for line in
           (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
-  assert any('train/meta_loss' in r for r in rows)
+  logged = [r for r in rows if 'train/meta_loss' in r]
+  assert logged and np.isfinite(logged[-1]['train/meta_loss'])
+  # The example's weights lie in (0, 2) and differ between exits.
+  weights = [logged[-1][f'train/weight_exit{k + 1}'] for k in range(3)]
+  assert all(0 < w < 2 for w in weights) and len(set(weights)) == 3
   cascade = _cascade(config, tmp_path / 'run')
   assert [r['budget_index'] for r in cascade] == [5, 39]
   for row in cascade:
@@ -173,23 +183,6 @@ def test_unknown_pieces_are_named():
   with pytest.raises(ValueError, match="meta.weight_net: unknown "
                      "'transformer'; available: .*'mlp'"):
     build_learner(config)
-
-
-@pytest.mark.long
-def test_custom_pieces_train_through_the_training_loop(tmp_path):
-  config = tiny_train_config('sklearn_digits', num_steps=2)
-  config.meta.weight_net = 'examples.confidence_weight_net:confidence'
-  config.meta.objective = 'examples.confidence_weight_net:mean_ce'
-  config.meta.interval = 1
-  config.dataset.data_dir = str(tmp_path / 'data')
-  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert results['iterations'] == 2
-  rows = [json.loads(line) for line in
-          (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
-  logged = [r for r in rows if 'train/meta_loss' in r]
-  assert logged and np.isfinite(logged[-1]['train/meta_loss'])
-  weights = [logged[-1][f'train/weight_exit{k + 1}'] for k in range(3)]
-  assert all(0 < w < 2 for w in weights) and len(set(weights)) == 3
 
 
 def test_module_and_name_must_match_the_registering_module():
