@@ -187,3 +187,17 @@ def test_half_step_compiles_once_per_meta_setting():
 def test_meta_interval_below_one_is_refused():
   with pytest.raises(ValueError, match='meta.interval: must be >= 1, got 0'):
     build_learner(tiny_config(interval=0))
+
+
+def test_target_probs_default_to_the_index_rule_and_are_checked():
+  from_index = build_learner(tiny_config()).option(l2w.OPTION).target_probs
+  np.testing.assert_allclose(sum(from_index), 1.0, rtol=1e-6)
+  num_exits = len(from_index)
+  given = tuple([0.5] + [0.5 / (num_exits - 1)] * (num_exits - 1))
+  learner = build_learner(tiny_config(target_probs=given))
+  assert learner.option(l2w.OPTION).target_probs == tuple(
+      float(q) for q in np.float32(given))
+  for bad in (given[:-1], (1.5,) + (-0.5,) + given[2:],
+              (0.5,) * num_exits):
+    with pytest.raises(ValueError, match='meta.target_probs: '):
+      build_learner(tiny_config(target_probs=bad))

@@ -89,10 +89,10 @@ def train_state_from(learner: Learner, variables: dict, meta_params=None,
     original's optimizers start.
   """
   params = variables['params']
-  method = registry.get(learner.method_name) if learner.method_name else None
   if (learner.weight_net is None) != (meta_params is None):
     raise ValueError('train_state_from: give meta_params exactly when the '
                      'learner has a weight net')
+  method = _method_of(learner) if learner.method_name else None
   method_state = (method.initial_state(learner, dtype) if method and
                   method.initial_state else None)
   return TrainState(
