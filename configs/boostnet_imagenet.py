@@ -26,4 +26,6 @@ def get_config():
   config.train.schedule = 'multistep'
   config.train.lr_milestones = (1 / 3, 2 / 3)  # epochs 30 and 60 of 90
   config.train.epochs = 90
+  config.eval.protocol = 'holdout'  # --use-valid: 50,000 held out
+  config.eval.threshold_images = 0
   return config

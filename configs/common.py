@@ -130,9 +130,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.image_size = 32
   config.dataset.data_dir = config_dict.placeholder(str)  # tfds default
   config.dataset.manual_dir = config_dict.placeholder(str)  # ImageNet tars
-  # Training images held out for the early-exit thresholds (MSDNet's
-  # --use-valid: 5000 on CIFAR); 0 trains on everything.
-  config.dataset.holdout = 5000
+  # Training images held out under eval.protocol='holdout' (unset: the
+  # dataset's, MSDNet's --use-valid: 5,000 on CIFAR, 50,000 on ImageNet,
+  # 1,000 on CIFAR-100-LT; a fixed random draw). Must stay unset with
+  # eval.protocol='train', which trains on every image.
+  config.dataset.holdout = config_dict.placeholder(int)
   config.dataset.augment = 'crop_flip'  # crop_flip | crop | imagenet | none
 
   config.model = ml_collections.ConfigDict()
@@ -191,6 +193,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.batch_size = 1024
   config.train.epochs = 300
   config.train.num_steps = -1  # > 0 overrides epochs
+  # 'keep': an epoch ends with the partial batch that is left, as the
+  # originals' DataLoaders (no drop_last): CIFAR at 1024 runs 49 iterations
+  # per epoch, ImageNet at 4096 313. Padded to a multiple of the devices by
+  # repeating images, as DistributedSampler pads to one of the GPUs
+  # (`data.last_batch_size`); it compiles the step once more, for the last
+  # batch's shape. 'drop': full batches only (48 / 312), one program.
+  config.train.last_batch = 'keep'
   config.train.lr = 0.8
   # 'cosine' (per iteration, L2W-DEN) or 'multistep' (per epoch: x lr_gamma
   # at each of lr_milestones, fractions of the run; MSDNet, IMTA, BoostNet).
@@ -259,7 +268,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500
-  # 'holdout': thresholds from dataset.holdout; 'train': from the augmented
-  # training set, as the original L2W-DEN scripts do.
-  config.eval.threshold_source = 'holdout'
+  # Which images train and which set the early-exit thresholds
+  # (docs/faithfulness.md, "Data protocol"):
+  # 'train' (L2W-DEN's scripts): training on every training image,
+  # thresholds searched on them (all of them, or eval.threshold_images drawn
+  # once at random, as the original's eval_imagenet.py takes 50,000 on
+  # ImageNet); 'holdout' (MSDNet's --use-valid, which the BoostNet and IMTA
+  # scripts pass): dataset.holdout images held out of training, thresholds
+  # searched on them.
+  config.eval.protocol = 'train'
+  config.eval.threshold_images = 0
+  # The threshold images pass through the training augmentation, as every
+  # original's do (L2W-DEN reads the training loader; MSDNet's holdout is a
+  # subset of the augmented training set); False: the evaluation transform.
+  config.eval.threshold_augment = True
   return config

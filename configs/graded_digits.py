@@ -24,6 +24,11 @@ def get_config():
   config.dataset.name = 'graded_digits'
   config.dataset.num_classes = 10
   config.dataset.augment = 'crop'  # no flips for digits
+  # As configs/digits.py: thresholds on the fixed validation split as it
+  # is, full batches only.
+  config.eval.protocol = 'holdout'
+  config.eval.threshold_augment = False
+  config.train.last_batch = 'drop'
 
   common.use_model(config, 'msdnet')  # MODEL_PRESETS['msdnet', 'digits']
   config.model.step_mode = 'lin_grow'

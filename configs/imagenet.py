@@ -22,7 +22,10 @@ def get_config():
   config.dataset.num_classes = 1000
   config.dataset.image_size = 224
   config.dataset.augment = 'imagenet'  # RandomResizedCrop(224) + flip
-  config.dataset.holdout = 50000  # MSDNet's --use-valid
+  # Thresholds on 50,000 training images drawn once at random, augmented:
+  # the original's eval_imagenet.py (its training script's final evaluation
+  # reads the whole training loader).
+  config.eval.threshold_images = 50000
 
   config.model.stem = 'imagenet'
   common.use_model(config, 'msdnet')  # MODEL_PRESETS['msdnet', 'imagenet']

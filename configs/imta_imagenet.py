@@ -37,4 +37,6 @@ def get_config():
   config.train.label_smoothing = 0.0
   config.imta.temperature = 1.0
   config.imta.gamma = 0.1
+  config.eval.protocol = 'holdout'  # --use-valid: 50,000 held out
+  config.eval.threshold_images = 0
   return config

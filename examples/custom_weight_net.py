@@ -94,7 +94,8 @@ def train(steps: int, data_dir: str | None = None) -> dict:
            tx.init(variables['params']), meta_params,
            meta_tx.init(meta_params))
   half_step = make_half_step(model, weight_net, tx, meta_tx)
-  per_epoch = data.steps_per_epoch(info, config.train.batch_size)
+  per_epoch = data.steps_per_epoch(info, config.train.batch_size,
+                                   config.train.last_batch)
   step, meta_loss, mean_weights = 0, None, None
   while step < steps:
     for batch in data.train_batches(config, epoch=step // per_epoch,

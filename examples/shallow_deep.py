@@ -110,7 +110,8 @@ def sdn_step(learner: Learner, state: TrainState, images, labels,
 def options(config, num_exits: int) -> dict:
   """The schedule of tau from the run's length (ValueError if too short)."""
   steps_per_epoch = data.steps_per_epoch(data.data_info(config),
-                                         config.train.batch_size)
+                                         config.train.batch_size,
+                                         config.train.last_batch)
   if steps_per_epoch < 1:
     raise ValueError(f'train.batch_size {config.train.batch_size} exceeds '
                      'the training set: SDN needs at least one iteration per '

@@ -8,6 +8,7 @@ digits are the real ones, prepared into a temporary data_dir.
 """
 
 import contextlib
+import importlib
 import math
 import os
 
@@ -24,19 +25,28 @@ from l2w_jax.data import catalogue
 from l2w_jax.data import digits
 from l2w_jax.data import graded_digits
 from l2w_jax.data import in_memory
+from l2w_jax.data import sizes
 from l2w_jax.data import splits
+from l2w_jax.training import schedules
 
 TEST_OFFSET = 50_000  # indices of test/validation examples start here
 
 
-def make_config(name, *, batch_size=16, seed=0, **dataset):
+def make_config(name, *, batch_size=16, seed=0, last_batch='drop',
+                protocol=None, threshold_images=0, **dataset):
+  """A data-only config; MSDNet's protocol when a holdout is given."""
   num_classes = {'sklearn_digits': 10, 'graded_digits': 10, 'cifar10': 10, 'cifar100': 100,
                  'cifar100_lt': 100, 'imagenet2012': 1000}[name]
   config = ml_collections.ConfigDict()
   config.seed = seed
   config.dataset = ml_collections.ConfigDict(
       dict(name=name, num_classes=num_classes, **dataset))
-  config.train = ml_collections.ConfigDict({'batch_size': batch_size})
+  config.train = ml_collections.ConfigDict({'batch_size': batch_size,
+                                            'last_batch': last_batch})
+  config.eval = ml_collections.ConfigDict({
+      'protocol': protocol or ('holdout' if dataset.get('holdout') else
+                               'train'),
+      'threshold_images': threshold_images})
   return config
 
 
@@ -84,14 +94,15 @@ def to_uint8(images, mean, std):
 
 
 @contextlib.contextmanager
-def fake_tfds(sizes, label_fn, encoded=False):
+def fake_tfds(sizes, label_fn, encoded=False, file_positions=None):
   """mock_data whose `_as_dataset` serves `sizes` examples per split.
 
   Honours split slicing ('train[8:]', tfds.split_for_jax_process); examples
   of split s have indices offset + [0, sizes[s]) (offset TEST_OFFSET for
   non-train splits) and labels label_fn(s, local_indices). With `encoded`,
   images are PNG bytes of varying size (ImageNet's JPEG feature read with
-  SkipDecoding), else uint8 32x32x3.
+  SkipDecoding), else uint8 32x32x3. With `file_positions` (int (n,)),
+  'train' examples carry CIFAR's 'id' feature, 'train_<file position>'.
   """
   split_infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[n],
                                            num_bytes=0)
@@ -124,6 +135,10 @@ def fake_tfds(sizes, label_fn, encoded=False):
     else:
       features = {'image': fake_images(indices),
                   'label': labels.astype(np.int64)}
+    if file_positions is not None:
+      features['id'] = np.array([
+          f'train_{file_positions[i]:05d}' if name == 'train' else
+          f'test_{i:05d}' for i, name in zip(local, names)])
     return tf.data.Dataset.from_tensor_slices(features)
 
   with tfds.testing.mock_data(as_dataset_fn=as_dataset_fn):
@@ -199,7 +214,7 @@ def test_digits_builder_serves_the_upsampled_images(digits_dir):
   info = data.data_info(make_config('sklearn_digits', data_dir=digits_dir,
                                     holdout=5000))  # holdout is ignored
   assert info == data.DataInfo('sklearn_digits', 10, (32, 32, 3), 1257, 180,
-                               360)
+                               360, num_thresholds=1257)
   raw, labels = digits.load_raw()
   expected = digits.digit_images(raw)
   assert expected.shape == (1797, 32, 32, 3) and expected.dtype == np.uint8
@@ -222,7 +237,7 @@ def test_digits_builder_serves_the_upsampled_images(digits_dir):
 def test_digits_train_epoch(digits_dir):
   config = make_config('sklearn_digits', data_dir=digits_dir, batch_size=128)
   info = data.data_info(config)
-  steps = data.steps_per_epoch(info, 128)
+  steps = data.steps_per_epoch(info, 128, 'drop')
   assert steps == 1257 // 128 == 9
   batches = all_batches(data.train_batches(config, epoch=0))
   assert len(batches) == steps
@@ -298,7 +313,7 @@ def graded_dir(tmp_path_factory):
 def test_graded_digits_builder_serves_its_splits(graded_dir):
   info = data.data_info(make_config('graded_digits', data_dir=graded_dir))
   assert info == data.DataInfo('graded_digits', 10, (32, 32, 3), 3771, 540,
-                               1080)
+                               1080, num_thresholds=3771)
   raw, labels = digits.load_raw()
   parts = digits.split_indices(labels)
   builder = tfds.builder('graded_digits', data_dir=graded_dir)
@@ -332,7 +347,7 @@ def test_train_batches_are_deterministic_and_resumable(cifar10):
   info = data.data_info(config)
   assert (info.num_train, info.num_holdout, info.num_test) == (100, 20, 30)
   full = all_batches(data.train_batches(config, epoch=3))
-  assert len(full) == data.steps_per_epoch(info, 16) == 6
+  assert len(full) == data.steps_per_epoch(info, 16, 'drop') == 6
   again = all_batches(data.train_batches(config, epoch=3))
   tail = all_batches(data.train_batches(config, epoch=3, start_step=4))
   assert len(tail) == 2
@@ -616,29 +631,232 @@ def test_imagenet_eval_transform_matches_torchvision_geometry():
 
 
 # ----------------------------------------------------------------------------
+# The training protocol: what trains, how an epoch ends, where thresholds
+# come from (docs/faithfulness.md, "Data protocol").
+
+
+def paper_config(name):
+  return importlib.import_module(f'configs.{name}').get_config()
+
+
+def run_arithmetic(config, info, num_devices=1):
+  """(iterations / epoch, iterations, meta steps in an epoch, images in the
+  last batch) of `config` on `info`, as experiments.main computes them."""
+  batch = config.train.batch_size
+  steps = data.steps_per_epoch(info, batch, config.train.last_batch)
+  total = schedules.total_iterations(config.train, steps)
+  meta = sum(i % config.meta.interval == 0 for i in range(steps))
+  last = data.last_batch_size(info.num_train, batch, config.train.last_batch,
+                              num_devices)
+  return steps, total, meta, last
+
+
+def test_cifar100_default_is_l2w_dens_protocol():
+  config = paper_config('cifar100')
+  with fake_tfds({'train': 50_000, 'test': 10_000}, cifar_labels(100)):
+    info = data.data_info(config)
+  # Every training image trains, and every one sets the thresholds.
+  assert (info.num_train, info.num_holdout, info.num_test,
+          info.num_thresholds) == (50_000, 0, 10_000, 50_000)
+  # No drop_last in main_cifar_DDP.py: 49 iterations, the last of 848.
+  assert run_arithmetic(config, info) == (49, 14_700, 49, 848)
+  assert config.train.last_batch == 'keep'
+  with fake_tfds({'train': 50_000, 'test': 10_000}, cifar_labels(100)):
+    dropped = data.data_info(make_config('cifar100', batch_size=1024))
+  assert data.steps_per_epoch(dropped, 1024, 'drop') == 48
+
+
+def test_imagenet_default_is_l2w_dens_protocol(monkeypatch):
+  config = paper_config('imagenet')
+  # ImageNet's metadata sizes, without making 1.3 million mock records.
+  monkeypatch.setattr(sizes, 'split_size', lambda builder, split: {
+      'train': 1_281_167, 'validation': 50_000}[split])
+  with tfds.testing.mock_data(num_examples=1):
+    info = data.data_info(config)
+  assert (info.num_train, info.num_holdout, info.num_test,
+          info.num_thresholds) == (1_281_167, 0, 50_000, 50_000)
+  # 313 iterations an epoch, meta steps at 0, 100, 200, 300; on 8 devices
+  # the last batch is DistributedSampler's over 8 GPUs: 3,215 images and
+  # one repeated.
+  assert run_arithmetic(config, info, num_devices=8) == (313, 31_300, 4,
+                                                         3216)
+  assert 1_281_167 - 312 * 4096 == 3215
+
+
+class _Outputs:
+  """Records which split `threshold_outputs` asks for."""
+
+  def outputs(self, config, variables, split, augment=False):
+    del config, variables
+    return split, augment
+
+
+@pytest.mark.parametrize('name, split, augmented', [
+    ('cifar100', 'thresholds', True),     # L2W-DEN: the training loader
+    ('imagenet', 'thresholds', True),     # eval_imagenet.py: 50,000 of it
+    ('cifar100_lt', 'thresholds', True),
+    ('cifar10', 'thresholds', True),
+    ('l2w_imta_imagenet', 'holdout', True),  # built on IMTA's script
+    ('ranet_cifar10', 'holdout', True),    # --use-valid, augmented
+    ('boostnet_cifar100', 'holdout', True),
+    ('imta_imagenet', 'holdout', True),
+    ('digits', 'holdout', False),          # the fixed validation split
+])
+def test_each_config_searches_thresholds_as_its_original(name, split,
+                                                         augmented):
+  from l2w_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  config = paper_config(name)
+  assert report.threshold_outputs(config, _Outputs(), None) == (split,
+                                                                augmented)
+
+
+def test_threshold_split_is_every_training_image_augmented(cifar10):
+  config = make_config('cifar10', batch_size=16)
+  info = data.data_info(config)
+  assert (info.num_train, info.num_holdout, info.num_thresholds) == (120, 0,
+                                                                     120)
+
+  def images(split, augment):
+    batches = all_batches(data.eval_batches(config, split, 32,
+                                            augment=augment))
+    return to_uint8(stack(batches, 'image')[stack(batches, 'mask')],
+                    catalogue.CIFAR10_MEAN, catalogue.CIFAR10_STD)
+
+  plain, augmented = images('thresholds', False), images('thresholds', True)
+  np.testing.assert_array_equal(index_of(plain), np.arange(120))
+  np.testing.assert_array_equal(index_of(augmented), np.arange(120))
+  assert not np.array_equal(plain, augmented)
+  np.testing.assert_array_equal(augmented, images('thresholds', True))
+
+
+def test_threshold_images_are_a_fixed_random_subset(cifar10):
+  config = make_config('cifar10', batch_size=16, threshold_images=30)
+  assert data.data_info(config).num_thresholds == 30
+  batches = all_batches(data.eval_batches(config, 'thresholds', 32))
+  chosen = index_of(to_uint8(stack(batches, 'image')[stack(batches, 'mask')],
+                             catalogue.CIFAR10_MEAN, catalogue.CIFAR10_STD))
+  assert len(set(chosen)) == 30 and not np.array_equal(chosen, np.arange(30))
+  np.testing.assert_array_equal(chosen,
+                                splits.threshold_subset(np.arange(120), 30))
+  reseeded = make_config('cifar10', batch_size=16, threshold_images=30,
+                         seed=5)
+  again = all_batches(data.eval_batches(reseeded, 'thresholds', 32))
+  np.testing.assert_array_equal(stack(again, 'label'), stack(batches, 'label'))
+
+
+def test_imagenet_threshold_images_are_a_fixed_random_subset(imagenet):
+  config = make_config('imagenet2012', image_size=32, shuffle_buffer=16,
+                       threshold_images=12)
+  info = data.data_info(config)
+  assert (info.num_train, info.num_holdout, info.num_thresholds) == (60, 0,
+                                                                     12)
+  found = []
+  for _ in range(2):
+    batches = all_batches(data.eval_batches(config, 'thresholds', 8))
+    found.append(imagenet_indices(batches, stack(batches, 'mask')))
+  np.testing.assert_array_equal(found[0], found[1])
+  np.testing.assert_array_equal(found[0],
+                                splits.threshold_subset(np.arange(60), 12))
+  assert not np.array_equal(found[0], np.arange(12))
+
+
+@pytest.mark.parametrize('fields, match', [
+    (dict(holdout=20, protocol='train'), 'eval.protocol=train never uses'),
+    (dict(holdout=0, protocol='holdout'), 'needs held-out images'),
+    (dict(protocol='msdnet'), 'unknown protocol'),
+    (dict(holdout=20, threshold_images=5), 'eval.threshold_images'),
+    (dict(threshold_images=-1), 'eval.threshold_images'),
+    (dict(last_batch='pad'), 'train.last_batch'),
+])
+def test_impossible_protocols_are_named(cifar10, fields, match):
+  with pytest.raises(ValueError, match=match):
+    data.data_info(make_config('cifar10', **fields))
+
+
+def test_keep_last_batch_serves_every_image_once_padded_to_the_devices(
+    cifar10):
+  # 120 training images at 16: 7 full batches and 8 left.
+  config = make_config('cifar10', batch_size=16, last_batch='keep')
+  info = data.data_info(config)
+  assert data.steps_per_epoch(info, 16, 'keep') == 8
+
+  def seen(batches):
+    return index_of(to_uint8(stack(batches, 'image'), catalogue.CIFAR10_MEAN,
+                             catalogue.CIFAR10_STD))
+
+  epoch = all_batches(data.train_batches(config, epoch=2))
+  assert [len(b['label']) for b in epoch] == [16] * 7 + [8]
+  assert sorted(seen(epoch)) == list(range(120))
+  # On 8 devices the last batch is 16 (2 a device, for the two halves): the
+  # 8 left, then the epoch's first 8 again, as DistributedSampler pads.
+  padded = all_batches(data.train_batches(config, epoch=2, num_devices=8))
+  assert [len(b['label']) for b in padded] == [16] * 8
+  chex.assert_trees_all_equal(padded[:7], epoch[:7])
+  np.testing.assert_array_equal(seen(padded[-1:])[:8], seen(epoch[-1:]))
+  np.testing.assert_array_equal(seen(padded[-1:])[8:], seen(epoch[:1])[:8])
+  # Two processes: each holds its half of the last batch.
+  halves = [all_batches(data.train_batches(config, epoch=2, process_index=p,
+                                           process_count=2, num_devices=2))
+            for p in range(2)]
+  assert [len(b['label']) for b in halves[0]] == [8] * 7 + [4]
+  np.testing.assert_array_equal(
+      np.concatenate([halves[0][-1]['label'], halves[1][-1]['label']]),
+      epoch[-1]['label'])
+  # Resuming at the partial batch serves it alone.
+  tail = all_batches(data.train_batches(config, epoch=2, start_step=7))
+  chex.assert_trees_all_equal(tail, epoch[7:])
+
+
+# ----------------------------------------------------------------------------
 # Long-tailed CIFAR-100.
 
 
-def test_long_tail_counts_follow_the_exponential_profile():
+def test_long_tail_counts_are_ldam_drws():
   counts = splits.long_tail_counts(100, 100)
-  assert counts[0] == 500 and counts[-1] == 5 and counts.sum() == 10847
-  for c in (0, 17, 50, 99):
-    assert counts[c] == math.floor(500 * (1 / 100) ** (c / 99))
-  assert splits.long_tail_counts(100, 10).sum() == 19573
+  assert counts[0] == 500 and counts[-1] == 5
   assert np.all(np.diff(counts) <= 0)
+  # LDAM-DRW's get_img_num_per_cls (imb_factor = 1 / factor), in Python
+  # floats; the totals are the CIFAR-100-LT sizes papers report.
+  for factor, total in ((100, 10_847), (50, 12_608), (10, 19_573)):
+    expected = [int(500 * ((1 / factor) ** (c / (100 - 1.0))))
+                for c in range(100)]
+    np.testing.assert_array_equal(splits.long_tail_counts(100, factor),
+                                  expected)
+    assert sum(expected) == total
 
 
-def test_cifar100_lt_keeps_the_first_images_of_each_class():
-  labels = np.random.default_rng(0).permutation(np.repeat(np.arange(100),
-                                                          500))
+def ldam_subset(file_labels, imb_factor):
+  """LDAM-DRW's IMBALANCECIFAR100 (imb_type 'exp', rand_number 0), written
+  out as its code does it: file positions kept."""
+  img_max = 500
+  counts = [int(img_max * (imb_factor ** (c / (100 - 1.0))))
+            for c in range(100)]
+  np.random.seed(0)
+  kept = []
+  for the_class, the_img_num in zip(np.unique(file_labels), counts):
+    idx = np.where(file_labels == the_class)[0]
+    np.random.shuffle(idx)
+    kept.append(idx[:the_img_num])
+  return np.concatenate(kept)
+
+
+@pytest.mark.parametrize('with_ids', [True, False])
+def test_cifar100_lt_is_ldam_drws_subset_in_file_order(with_ids):
+  rng = np.random.default_rng(0)
+  file_labels = rng.permutation(np.repeat(np.arange(100), 500))
+  # tfds holds the file's records shuffled: tfds position i is file record
+  # file_positions[i] (without ids, tfds order stands for the file's).
+  file_positions = (rng.permutation(50_000) if with_ids else
+                    np.arange(50_000))
+  labels = file_labels[file_positions]
   with fake_tfds({'train': 50_000, 'test': 100},
                  lambda split, local: labels[local] if split == 'train'
-                 else local % 100):
+                 else local % 100,
+                 file_positions=file_positions if with_ids else None):
     config = make_config('cifar100_lt', imbalance_factor=50, holdout=500,
                          batch_size=100)
     info = data.data_info(config)
-    expected = splits.long_tail_counts(100, 50)
-    assert info.num_train + info.num_holdout == expected.sum()
+    assert info.num_train + info.num_holdout == 12_608  # LDAM's factor 50
     assert (info.num_holdout, info.num_test) == (500, 100)
     kept = []
     for split in ('train', 'holdout'):
@@ -652,11 +870,8 @@ def test_cifar100_lt_keeps_the_first_images_of_each_class():
     assert len(kept[0]) == info.num_train and len(kept[1]) == 500
     assert not set(kept[0]) & set(kept[1])
     union = np.sort(np.concatenate(kept))
-    np.testing.assert_array_equal(np.bincount(labels[union], minlength=100),
-                                  expected)
-    for c in (0, 42, 99):  # the first n_c of class c in tfds order
-      np.testing.assert_array_equal(
-          union[labels[union] == c], np.flatnonzero(labels == c)[:expected[c]])
+    np.testing.assert_array_equal(np.sort(file_positions[union]),
+                                  np.sort(ldam_subset(file_labels, 1 / 50)))
     assert len(all_batches(data.train_batches(config, epoch=0))) == (
         info.num_train // 100)
 

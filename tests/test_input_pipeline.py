@@ -290,9 +290,10 @@ def imagenet_dir(tmp_path_factory):
 
 def imagenet_config(data_dir, **kwargs):
   # 48 - 8 = 40 training images: 5 steps of 8.
+  kwargs = {'batch_size': 8, **kwargs}
   return test_data.make_config('imagenet2012', image_size=16, holdout=8,
-                               shuffle_buffer=16, batch_size=8,
-                               data_dir=data_dir, **kwargs)
+                               shuffle_buffer=16, data_dir=data_dir,
+                               **kwargs)
 
 
 def test_tfds_imagenet_stores_only_rgb_jpegs(imagenet_dir):
@@ -390,6 +391,19 @@ def test_in_memory_stream_is_the_epochs_concatenated(cifar10, augment_name):
 
 
 
+def test_in_memory_stream_keeps_the_last_batch(cifar10):
+  # 100 training images at 16: 6 full batches and the last of 4 (8 on 4
+  # devices, padded).
+  config = test_data.make_config('cifar10', holdout=20, batch_size=16,
+                                 last_batch='keep')
+  want = check_stream(config, 7, (0, 6, 7, 13))
+  assert [len(b['label']) for b in want[:7]] == [16] * 6 + [4]
+  padded = check_stream(config, 7, (6, 8), num_devices=4)
+  assert [len(b['label']) for b in padded[:7]] == [16] * 6 + [8]
+  check_stream(config, 7, (6,), process_index=1, process_count=2,
+               num_devices=4)
+
+
 def test_stream_without_the_deprecated_interleave(cifar10, monkeypatch):
   """The fallback for a TensorFlow without
   tf.data.experimental.parallel_interleave gives the same batches."""
@@ -408,6 +422,20 @@ def test_streaming_stream_is_the_epochs_concatenated(imagenet_dir):
   assert sorted(labels[0]) == sorted(labels[1]) == sorted(labels[2])
   for process in range(2):
     check_stream(config, 5, (7,), process_index=process, process_count=2)
+
+
+def test_streaming_stream_keeps_the_last_batch(imagenet_dir):
+  # 40 training images at 12: 3 full batches and the last of 4 (8 on 4
+  # devices: the epoch's first 4 records read again).
+  config = imagenet_config(imagenet_dir, batch_size=12, last_batch='keep')
+  want = check_stream(config, 4, (0, 3, 4, 9))
+  assert [len(b['label']) for b in want[:4]] == [12] * 3 + [4]
+  padded = check_stream(config, 4, (3,), num_devices=4)
+  assert [len(b['label']) for b in padded[:4]] == [12] * 3 + [8]
+  np.testing.assert_array_equal(padded[3]['label'][:4], want[3]['label'])
+  np.testing.assert_array_equal(padded[3]['label'][4:], want[0]['label'][:4])
+  labels = np.concatenate([b['label'] for b in want[:4]])
+  assert len(labels) == 40  # every training image once
 
 
 def test_stream_builds_one_pipeline(imagenet_dir, monkeypatch):

@@ -1,7 +1,7 @@
 """Configuration options that change values: the weight net's output and
 depth (`meta.output`, `meta.num_layers`), what it sees (`meta.input`),
 `train.label_smoothing` through a training step, and the split thresholds are
-searched on (`eval.threshold_source`).
+searched on (`eval.protocol`).
 
 Each test compares against a plain numpy recomputation, so that an option
 that is ignored or mis-implemented changes the asserted values.
@@ -348,7 +348,7 @@ def test_unknown_compute_dtype_is_named():
 
 
 # ----------------------------------------------------------------------------
-# eval.threshold_source.
+# eval.protocol: where thresholds are searched.
 
 
 @pytest.fixture(scope='session')
@@ -357,10 +357,11 @@ def digits_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('data'))
 
 
-def _digits_config(data_dir, threshold_source):
+def _digits_config(data_dir, protocol):
   config = tiny_train_config('sklearn_digits', num_steps=1)
   config.dataset.data_dir = data_dir
-  config.eval.threshold_source = threshold_source
+  config.eval.protocol = protocol
+  config.eval.threshold_augment = protocol == 'train'
   return config
 
 
@@ -398,7 +399,8 @@ def test_threshold_outputs_come_from_the_augmented_training_split(digits_dir):
   assert not np.allclose(np.concatenate(seen), np.concatenate(
       [b['image'] for b in plain]))
 
-  config.eval.threshold_source = 'holdout'
+  config.eval.protocol = 'holdout'
+  config.eval.threshold_augment = False
   outputs = report.threshold_outputs(config, _fake_statistics([]), None)
   assert outputs.num_samples == info.num_holdout
   np.testing.assert_array_equal(

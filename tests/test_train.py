@@ -125,8 +125,8 @@ def test_bad_config_fields_are_named(tmp_path):
   with pytest.raises(ValueError, match='method'):
     train.train_and_evaluate(config, str(tmp_path))
   config = tiny_train_config()
-  config.eval.threshold_source = 'moon'
-  with pytest.raises(ValueError, match='eval.threshold_source'):
+  config.eval.protocol = 'moon'
+  with pytest.raises(ValueError, match='eval.protocol'):
     train.train_and_evaluate(config, str(tmp_path))
 
 

@@ -227,3 +227,30 @@ def test_resuming_at_an_epoch_end_is_bit_identical(runs):
   assert resumed['params_sha256'] == whole['params_sha256']
   assert resumed['anytime'] == whole['anytime']
   assert resumed['budgeted'] == whole['budgeted']
+
+
+@pytest.mark.long
+def test_kept_last_batch_trains_and_resumes_on_two_devices(tmp_path, capsys):
+  """The originals' epoch (no drop_last): 40 training images at 16 are 3
+  iterations, the last of 8 (4 a device); a run stopped before it resumes
+  to the same parameters."""
+  config = tiny_train_config('cifar10', num_steps=-1)
+  config.train.epochs = 2
+  config.train.batch_size = 16
+  config.train.last_batch = 'keep'
+  config.distributed.num_devices = 2
+  with pytest.MonkeyPatch.context() as monkeypatch, \
+      tfds.testing.mock_data(num_examples=48):
+    _saving_synchronously(monkeypatch)
+    whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
+    assert '40 training images, 3 iterations/epoch (the last of 8 images)' \
+        in capsys.readouterr().out
+    stopped = train.train_and_evaluate(config, str(tmp_path / 'split'),
+                                       interrupt_at_step=2)
+    resumed = train.train_and_evaluate(config, str(tmp_path / 'split'))
+  assert stopped == {'interrupted_at': 2}
+  assert whole['iterations'] == resumed['iterations'] == 6
+  assert resumed['params_sha256'] == whole['params_sha256']
+  losses = [r['train/loss'] for r in _rows(tmp_path / 'whole')
+            if 'train/loss' in r]
+  assert losses and all(math.isfinite(x) for x in losses)

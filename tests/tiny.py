@@ -60,7 +60,12 @@ def tiny_train_config(dataset: str = 'sklearn_digits', num_steps: int = 3,
   config.method = method
   config.dataset.name = dataset
   config.dataset.image_size = 16
+  # MSDNet's protocol on 8 held-out images, as they are; full batches (one
+  # program): the tests of the defaults set them back.
+  config.eval.protocol = 'holdout'
+  config.eval.threshold_augment = False
   config.dataset.holdout = 8
+  config.train.last_batch = 'drop'
   config.dataset.augment = 'crop_flip'
   config.dataset.num_classes = {'sklearn_digits': 10, 'cifar10': 10,
                                 'cifar100': 100, 'cifar100_lt': 100,

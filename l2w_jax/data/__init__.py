@@ -24,9 +24,11 @@ from l2w_jax.data.sizes import data_info
 from l2w_jax.data.sizes import input_spec
 from l2w_jax.data.sizes import InputSpec
 from l2w_jax.data.sizes import steps_per_epoch
+from l2w_jax.data.splits import last_batch_size
 
 __all__ = [
     'DATASETS', 'DataInfo', 'DatasetNotFoundError', 'InputSpec', 'data_info',
-    'eval_batches', 'host_cpus', 'input_spec', 'steps_per_epoch',
+    'eval_batches', 'host_cpus', 'input_spec', 'last_batch_size',
+    'steps_per_epoch',
     'train_batches', 'train_stream',
 ]

@@ -10,6 +10,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from l2w_jax.data import splits
+
 
 # pylint: disable=g-direct-tensorflow-import,g-import-not-at-top
 try:  # Private; it only silences a deprecation warning (`chain_epochs`).
@@ -31,10 +33,10 @@ def local_batch_size(global_batch_size: int, process_index: int,
   return global_batch_size // process_count
 
 
-def check_steps(num_train: int, global_batch_size: int,
-                 start_step: int) -> int:
-  steps = num_train // global_batch_size
-  if steps == 0:
+def check_steps(num_train: int, global_batch_size: int, start_step: int,
+                last_batch: str) -> int:
+  steps = splits.epoch_steps(num_train, global_batch_size, last_batch)
+  if num_train < global_batch_size and last_batch == 'drop':
     raise ValueError(f'train.batch_size {global_batch_size} is larger than '
                      f'the {num_train} training images')
   if not 0 <= start_step <= steps:

@@ -12,7 +12,9 @@ from l2w_jax.data import graded_digits
 DATASETS = ('sklearn_digits', 'graded_digits', 'cifar10', 'cifar100',
             'cifar100_lt', 'imagenet2012')
 AUGMENTS = ('crop_flip', 'crop', 'none', 'imagenet')
-EVAL_SPLITS = ('holdout', 'test', 'train')
+# 'thresholds': the training images thresholds are searched on under
+# eval.protocol=train (all, or eval.threshold_images of them).
+EVAL_SPLITS = ('holdout', 'test', 'train', 'thresholds')
 
 # Normalisation constants of the original (MSDNet's CIFAR values, torchvision's
 # ImageNet ones); the embedded digits: see `digits.MEAN`,
@@ -42,8 +44,10 @@ class DataInfo:
     image_shape: (H, W, 3) of the model input.
     num_train: images the training epochs draw from (all processes together),
       after removing the holdout and the long-tail subsampling.
-    num_holdout: images of the threshold split (0 if none).
+    num_holdout: images held out of training (0 if none).
     num_test: images of the test split.
+    num_thresholds: training images the 'thresholds' split serves (all of
+      them, or eval.threshold_images).
   """
   name: str
   num_classes: int
@@ -51,6 +55,7 @@ class DataInfo:
   num_train: int
   num_holdout: int
   num_test: int
+  num_thresholds: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +67,7 @@ class DatasetKind:
   mean: tuple
   std: tuple
   augment: str
-  holdout: int
+  holdout: int  # held out under eval.protocol=holdout (MSDNet's --use-valid)
   streaming: bool
   # Prepared here on first use, with its own fixed train / validation (the
   # holdout) / test splits: the datasets built from scikit-learn's digits.
@@ -88,10 +93,10 @@ KINDS = {
                            'crop_flip', 5000, False),
     'cifar100': DatasetKind('cifar100', 100, 32, CIFAR100_MEAN, CIFAR100_STD,
                             'crop_flip', 5000, False),
-    # No holdout by default: at imbalance 100 the LT training set has 10,847
-    # images, and 5,000 of them would be half of it.
+    # Under eval.protocol=holdout: 1,000 of the 10,847 images of the
+    # imbalance-100 pool (5,000 would be half of it).
     'cifar100_lt': DatasetKind('cifar100', 100, 32, CIFAR100_MEAN,
-                               CIFAR100_STD, 'crop_flip', 0, False,
+                               CIFAR100_STD, 'crop_flip', 1000, False,
                                long_tailed=True),
     'imagenet2012': DatasetKind('imagenet2012', 1000, 224, IMAGENET_MEAN,
                                 IMAGENET_STD, 'imagenet', 50000, True,

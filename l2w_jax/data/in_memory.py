@@ -39,6 +39,7 @@ def _load_split(tfds_name: str, data_dir: str | None,
 def clear_cache() -> None:
   """Forgets the splits loaded in memory (e.g. between mocked datasets)."""
   _load_split.cache_clear()
+  _file_order.cache_clear()
 
 
 def in_memory_source(settings: Settings,
@@ -50,11 +51,15 @@ def in_memory_source(settings: Settings,
   """
   tfds_name = settings.kind.tfds_name
   if settings.kind.embedded:
-    split = {'train': 'train', 'holdout': 'validation', 'test': 'test'}[role]
+    split = {'train': 'train', 'thresholds': 'train', 'holdout': 'validation',
+             'test': 'test'}[role]
   else:
     split = settings.kind.test_split if role == 'test' else 'train'
   images, labels = _load_split(tfds_name, settings.data_dir, split)
   indices = np.arange(len(labels))
+  if settings.kind.embedded and role == 'thresholds':
+    return images, labels, splits.threshold_subset(indices,
+                                                   settings.threshold_images)
   if settings.kind.embedded or role == 'test':
     return images, labels, indices
   if settings.kind.long_tailed:
@@ -62,14 +67,46 @@ def in_memory_source(settings: Settings,
     # subset of it, by the same rule as for the balanced sets.
     indices = long_tail_pool(settings)
   train, holdout = splits.holdout_split(indices, settings.holdout)
+  if role == 'thresholds':
+    return images, labels, splits.threshold_subset(train,
+                                                   settings.threshold_images)
   return images, labels, (train if role == 'train' else holdout)
 
 
 def long_tail_pool(settings: Settings) -> np.ndarray:
-  """Indices into tfds cifar100 'train' of the long-tailed subset."""
+  """Indices into tfds cifar100 'train' of the long-tailed subset.
+
+  LDAM-DRW's subset (`splits.long_tail_indices`) is defined on the order of
+  the CIFAR-100 files; tfds stores the records shuffled but names each by
+  its position in the file ('id': 'train_00042'), so the labels are put in
+  file order first. Records without such ids (mocked data) keep tfds order.
+  """
   _, labels = _load_split(settings.kind.tfds_name, settings.data_dir, 'train')
-  return splits.long_tail_indices(labels, settings.kind.num_classes,
+  order = _file_order(settings.kind.tfds_name, settings.data_dir, len(labels))
+  kept = splits.long_tail_indices(labels[order], settings.kind.num_classes,
                                   settings.imbalance_factor)
+  return np.sort(order[kept])
+
+
+@functools.lru_cache(maxsize=2)
+def _file_order(tfds_name: str, data_dir: str | None, num: int) -> np.ndarray:
+  """int64 (num,): the tfds 'train' positions of the file's records 0, 1,
+  ...; the identity when the ids are not 'train_<position>'."""
+  builder = tfds.builder(tfds_name, data_dir=data_dir)
+  ds = builder.as_dataset(
+      split='train', shuffle_files=False,
+      read_config=tfds.ReadConfig(try_autocache=False),
+      decoders=tfds.decode.PartialDecoding({'id': True}))
+  try:
+    ids = [record['id'] for record in tfds.as_numpy(ds)]
+    positions = np.array([int(bytes(i).decode().rsplit('_', 1)[1])
+                          for i in ids], np.int64)
+  except (KeyError, ValueError, IndexError, TypeError):
+    return np.arange(num, dtype=np.int64)
+  if len(positions) != num or not np.array_equal(np.sort(positions),
+                                                 np.arange(num)):
+    return np.arange(num, dtype=np.int64)
+  return np.argsort(positions).astype(np.int64)
 
 
 def crop_params(settings: Settings, seed, num: int) -> tf.Tensor:
@@ -140,7 +177,8 @@ def _in_memory_epoch(settings: Settings, order, positions, augment_seed,
       the keys of their augmentation.
     augment_seed: int64 (2,), the epoch's augmentation seed.
     table_size: positions in the global epoch (steps * global batch).
-    local: this process's batch size.
+    local: this process's batch size (of the full batches; the epoch's last
+      batch holds what is left of `order`).
 
   The arrays are numpy for `train_batches` and tensors computed inside the
   pipeline for `train_stream`: the same ops either way, so the same batches.
@@ -158,18 +196,19 @@ def _in_memory_epoch(settings: Settings, order, positions, augment_seed,
     table = crop_params(settings, augment_seed, table_size)
     ds = tf.data.Dataset.from_tensor_slices(
         (order, tf.gather(table, positions)))
-  return ds.batch(local, drop_remainder=True)
+  return ds.batch(local)
 
 
 def in_memory_train(settings: Settings, epoch: int, start_step: int,
                      global_batch_size: int, process_index: int,
-                     process_count: int) -> tf.data.Dataset:
+                     process_count: int, num_devices: int) -> tf.data.Dataset:
   images, labels, train = in_memory_source(settings, 'train')
   local = local_batch_size(global_batch_size, process_index, process_count)
-  steps = check_steps(len(train), global_batch_size, start_step)
+  steps = check_steps(len(train), global_batch_size, start_step,
+                      settings.last_batch)
   order, positions = splits.epoch_batches(
       len(train), global_batch_size, settings.seed, epoch, start_step,
-      process_index, process_count)
+      process_index, process_count, settings.last_batch, num_devices)
   ds = _in_memory_epoch(
       settings, train[order].astype(np.int64), positions,
       splits.seed_words(settings.seed, epoch, splits.AUGMENT_TAG),
@@ -181,7 +220,7 @@ def in_memory_train(settings: Settings, epoch: int, start_step: int,
 
 def in_memory_stream(settings: Settings, start_step: int,
                       global_batch_size: int, process_index: int,
-                      process_count: int) -> tf.data.Dataset:
+                      process_count: int, num_devices: int) -> tf.data.Dataset:
   """`in_memory_train` of every epoch from `start_step` on, one pipeline.
 
   Each epoch's permutation is numpy's (`splits.epoch_batches`), so it is
@@ -190,13 +229,13 @@ def in_memory_stream(settings: Settings, start_step: int,
   """
   images, labels, train = in_memory_source(settings, 'train')
   local = local_batch_size(global_batch_size, process_index, process_count)
-  steps = check_steps(len(train), global_batch_size, 0)
+  steps = check_steps(len(train), global_batch_size, 0, settings.last_batch)
 
   def epoch_arrays(epoch, start):
     epoch, start = int(epoch), int(start)
     order, positions = splits.epoch_batches(
         len(train), global_batch_size, settings.seed, epoch, start,
-        process_index, process_count)
+        process_index, process_count, settings.last_batch, num_devices)
     return (train[order].astype(np.int64), positions.astype(np.int64),
             splits.seed_words(settings.seed, epoch, splits.AUGMENT_TAG))
 

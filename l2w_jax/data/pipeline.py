@@ -63,8 +63,8 @@ from l2w_jax.data.tfds_source import dataset_builder, tf_data_options
 
 
 def train_batches(config, *, epoch: int, start_step: int = 0,
-                  process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
+                  process_index: int = 0, process_count: int = 1,
+                  num_devices: int = 1) -> Iterator[dict]:
   """Augmented training batches of epoch `epoch`, from batch `start_step` on.
 
   The images travel to the devices as bytes: the training step normalises
@@ -81,10 +81,15 @@ def train_batches(config, *, epoch: int, start_step: int = 0,
     process_index: this process.
     process_count: processes reading their parts of every global batch
       (process p of P gets its own rows of each, see the module docstring).
+    num_devices: the devices of all processes that split every batch: with
+      config.train.last_batch='keep' the epoch's last batch is padded to a
+      multiple of them (`splits.last_batch_size`).
 
   Returns:
     An iterator of {'image': uint8 (B, H, W, 3), 'label': int32 (B,)},
-    B = config.train.batch_size // process_count; only full batches.
+    B = config.train.batch_size // process_count; the epoch's last batch
+    is smaller with train.last_batch='keep' when the batches do not divide
+    the training set.
   """
   settings = settings_from_config(config)
   if epoch < 0:
@@ -94,7 +99,7 @@ def train_batches(config, *, epoch: int, start_step: int = 0,
   if not settings.kind.streaming:
     dataset_builder(settings)  # DatasetNotFoundError before loading anything
   ds = make(settings, epoch, start_step, global_batch_size, process_index,
-            process_count)
+            process_count, num_devices)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(tf_data_options(settings))
   return ds.as_numpy_iterator()
 
@@ -138,7 +143,7 @@ def _close_open_streams() -> None:
 
 
 def train_stream(config, *, start_step: int = 0, process_index: int = 0,
-                 process_count: int = 1) -> _Stream:
+                 process_count: int = 1, num_devices: int = 1) -> _Stream:
   """All training batches from global iteration `start_step` on, without end.
 
   Batch for batch what `train_batches` gives for epoch e = start_step // S
@@ -156,11 +161,12 @@ def train_stream(config, *, start_step: int = 0, process_index: int = 0,
       of the first batch.
     process_index: this process.
     process_count: processes reading their parts of every global batch.
+    num_devices: the devices that split every batch (see `train_batches`).
 
   Returns:
     An iterator of {'image': uint8 (B, H, W, 3), 'label': int32 (B,)}
-    (see `train_batches`), B = config.train.batch_size // process_count;
-    `close()` stops it.
+    (see `train_batches`, also for the last batch of an epoch), B =
+    config.train.batch_size // process_count; `close()` stops it.
   """
   settings = settings_from_config(config)
   if start_step < 0:
@@ -172,7 +178,7 @@ def train_stream(config, *, start_step: int = 0, process_index: int = 0,
     dataset_builder(settings)  # DatasetNotFoundError before loading anything
     make = in_memory_stream
   ds = make(settings, start_step, global_batch_size, process_index,
-            process_count)
+            process_count, num_devices)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(tf_data_options(settings))
   return _Stream(ds)
 
@@ -185,8 +191,10 @@ def eval_batches(config, split: str, batch_size: int, *,
 
   Args:
     config: the experiment config.
-    split: 'holdout' (the threshold split), 'test' or 'train' (the training
-      images, without the holdout).
+    split: 'holdout' (held out of training), 'test', 'train' (the training
+      images, without the holdout) or 'thresholds' (the training images
+      thresholds are searched on under eval.protocol=train: all of them, or
+      a fixed random eval.threshold_images of them).
     batch_size: examples per (global) batch; the last one is padded.
     augment: the training augmentation with a fixed seed (derived from
       config.seed, the same in every call), for thresholds searched on the

@@ -7,7 +7,11 @@ import dataclasses
 import os
 
 from l2w_jax.data import augment
+from l2w_jax.data import splits
 from l2w_jax.data.catalogue import DatasetKind, DATASETS, KINDS
+
+
+PROTOCOLS = ('train', 'holdout')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +31,11 @@ class Settings:
   shuffle_buffer: int
   num_threads: int
   jpeg_decode: str
+  # config.train.last_batch: 'keep' (the originals') or 'drop'.
+  last_batch: str = 'keep'
+  # config.eval.threshold_images: thresholds on a fixed random subset of
+  # that many training images (0: all of them).
+  threshold_images: int = 0
 
   @property
   def image_shape(self) -> tuple:
@@ -54,10 +63,32 @@ def settings_from_config(config) -> Settings:
   if augment_name not in allowed:
     raise ValueError(f'dataset.augment: {augment_name!r} does not apply to '
                      f'{name}; use one of {allowed}')
+  protocol = protocol_of(config)
   holdout = dataset.get('holdout', None)
-  holdout = kind.holdout if holdout is None else int(holdout)
+  if holdout is None:
+    holdout = kind.holdout if protocol == 'holdout' else 0
+  holdout = int(holdout)
   if holdout < 0:
     raise ValueError(f'dataset.holdout: must be >= 0, got {holdout}')
+  if protocol == 'train' and holdout and not kind.embedded:
+    raise ValueError(f'dataset.holdout={holdout} holds images out that '
+                     'eval.protocol=train never uses: set '
+                     'eval.protocol=holdout (MSDNet\'s protocol) or leave '
+                     'dataset.holdout unset')
+  if protocol == 'holdout' and holdout == 0 and not kind.embedded:
+    raise ValueError('eval.protocol=holdout needs held-out images: set '
+                     'dataset.holdout > 0 or leave it unset (the dataset\'s '
+                     f'{kind.holdout})')
+  threshold_images = int(config.get('eval', {}).get('threshold_images', 0)
+                         or 0)
+  if threshold_images < 0 or (threshold_images and protocol != 'train'):
+    raise ValueError(f'eval.threshold_images: a count >= 0 of training '
+                     f'images for eval.protocol=train, got {threshold_images}'
+                     f' with eval.protocol={protocol}')
+  last_batch = config.get('train', {}).get('last_batch', 'keep')
+  if last_batch not in splits.LAST_BATCHES:
+    raise ValueError(f'train.last_batch: must be one of '
+                     f'{splits.LAST_BATCHES}, got {last_batch!r}')
   seed = int(config.get('seed', 0))
   if seed < 0:
     raise ValueError(f'seed: must be >= 0, got {seed}')
@@ -88,7 +119,20 @@ def settings_from_config(config) -> Settings:
       seed=seed,
       shuffle_buffer=int(dataset.get('shuffle_buffer', 10000)),
       num_threads=num_threads,
-      jpeg_decode=jpeg_decode)
+      jpeg_decode=jpeg_decode,
+      last_batch=last_batch,
+      threshold_images=threshold_images)
+
+
+def protocol_of(config) -> str:
+  """config.eval.protocol: 'train' (L2W-DEN: train on every training
+  image, thresholds on them augmented) or 'holdout' (MSDNet: thresholds on
+  images held out of training)."""
+  protocol = config.get('eval', {}).get('protocol', 'train')
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'eval.protocol: unknown protocol {protocol!r}; use one '
+                     f'of {PROTOCOLS}')
+  return protocol
 
 
 def host_cpus() -> int:

@@ -7,6 +7,7 @@ import dataclasses
 
 import tensorflow_datasets as tfds
 
+from l2w_jax.data import splits
 from l2w_jax.data.catalogue import DataInfo, IMAGENET_EVAL_RATIO
 from l2w_jax.data.in_memory import long_tail_pool
 from l2w_jax.data.settings import Settings, settings_from_config
@@ -40,7 +41,8 @@ def data_info(config) -> DataInfo:
 
   Returns:
     `DataInfo`: name, num_classes, image_shape (H, W, 3), and the examples
-    in the training set (without the holdout), the holdout and the test set.
+    in the training set (without the holdout), the holdout, the test set and
+    the training images thresholds are searched on.
 
   Raises:
     DatasetNotFoundError: the dataset is not prepared (the message says how
@@ -49,13 +51,16 @@ def data_info(config) -> DataInfo:
   settings = settings_from_config(config)
   num_train, num_holdout, num_test = split_sizes(settings,
                                                 dataset_builder(settings))
+  thresholds = settings.threshold_images
   return DataInfo(
       name=settings.name,
       num_classes=settings.kind.num_classes,
       image_shape=settings.image_shape,
       num_train=num_train,
       num_holdout=num_holdout,
-      num_test=num_test)
+      num_test=num_test,
+      num_thresholds=(min(thresholds, num_train) if thresholds else
+                      num_train))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,15 +97,17 @@ def input_spec(config) -> InputSpec:
                    eval_transform=transform)
 
 
-def steps_per_epoch(info: DataInfo, global_batch_size: int) -> int:
+def steps_per_epoch(info: DataInfo, global_batch_size: int,
+                    last_batch: str) -> int:
   """Training iterations in an epoch.
 
   Args:
     info: the dataset's `DataInfo` (`data_info`).
     global_batch_size: examples per iteration over all processes.
+    last_batch: config.train.last_batch, 'keep' or 'drop'.
 
   Returns:
-    num_train // global_batch_size: full global batches only (the remainder
-    is dropped).
+    ceil(num_train / global_batch_size) with the last partial batch kept (as
+    the originals' DataLoaders), num_train // global_batch_size without.
   """
-  return info.num_train // global_batch_size
+  return splits.epoch_steps(info.num_train, global_batch_size, last_batch)

@@ -14,6 +14,13 @@ import numpy as np
 # thresholds on the same images (MSDNet's --use-valid draws it once and saves
 # it; here it is simply fixed).
 HOLDOUT_SEED = 0
+# The training images thresholds are searched on when there are fewer of
+# them than training images (eval.threshold_images; ImageNet: 50,000, the
+# original `eval_imagenet.py`'s `train_set_index[-50000:]` of a saved
+# random permutation) are drawn once, the same for every run.
+THRESHOLD_SEED = 1
+# LDAM-DRW's `rand_number`: the seed of its long-tailed CIFAR subset.
+LONG_TAIL_SEED = 0
 # Training images per class of CIFAR-100 (the head class of CIFAR-100-LT).
 CIFAR100_PER_CLASS = 500
 
@@ -63,55 +70,136 @@ def holdout_split(indices: np.ndarray, holdout: int,
   return np.sort(indices[order[:cut]]), np.sort(indices[order[cut:]])
 
 
+def threshold_subset(indices: np.ndarray, count: int,
+                     seed: int = THRESHOLD_SEED) -> np.ndarray:
+  """`count` of `indices` drawn uniformly at random with a fixed seed,
+  sorted; all of them when `count` is 0 (or not smaller)."""
+  indices = np.asarray(indices)
+  if count <= 0 or count >= len(indices):
+    return indices
+  order = np.random.default_rng(seed).permutation(len(indices))
+  return np.sort(indices[order[-count:]])
+
+
 def long_tail_counts(num_classes: int, imbalance_factor: float,
                      max_per_class: int = CIFAR100_PER_CLASS) -> np.ndarray:
   """Images kept per class, exponential profile (Cui et al., CVPR 2019).
 
-  n_c = floor(max_per_class * (1 / imbalance_factor) ** (c / (C - 1))): the
-  head class keeps `max_per_class`, the tail class max_per_class /
-  imbalance_factor. int64 (C,).
+  n_c = int(max_per_class * (1 / imbalance_factor) ** (c / (C - 1))), in
+  Python floats as LDAM-DRW's `IMBALANCECIFAR100.get_img_num_per_cls`
+  (`imb_factor` there is 1 / imbalance_factor): the head class keeps
+  `max_per_class`, the tail class max_per_class / imbalance_factor; 10,847
+  images at factor 100. int64 (C,).
   """
   if imbalance_factor < 1:
     raise ValueError(f'dataset.imbalance_factor: must be >= 1, got '
                      f'{imbalance_factor}')
-  classes = np.arange(num_classes, dtype=np.float64)
-  fractions = (1.0 / imbalance_factor) ** (classes / (num_classes - 1))
-  return np.floor(max_per_class * fractions).astype(np.int64)
+  ratio = 1.0 / float(imbalance_factor)
+  return np.array([int(max_per_class * ratio ** (c / (num_classes - 1.0)))
+                   for c in range(num_classes)], np.int64)
 
 
 def long_tail_indices(labels: np.ndarray, num_classes: int,
                       imbalance_factor: float,
-                      max_per_class: int = CIFAR100_PER_CLASS) -> np.ndarray:
-  """The first n_c images of each class c (in `labels` order), sorted.
+                      max_per_class: int = CIFAR100_PER_CLASS,
+                      seed: int = LONG_TAIL_SEED) -> np.ndarray:
+  """LDAM-DRW's `IMBALANCECIFAR100` subset (Cao et al., NeurIPS 2019).
 
-  A class with fewer than n_c images keeps all of them; CIFAR-100 has 500 of
-  every class, so that happens only with mocked data.
+  `np.random.seed(seed)`, then for every class c in ascending order: the
+  positions of c in `labels`, shuffled by that one generator, of which the
+  first n_c (`long_tail_counts`) are kept. With `labels` in the order of
+  the CIFAR-100 python files (torchvision's), this is the published subset.
+
+  Args:
+    labels: int (N,), the training labels.
+    num_classes: C.
+    imbalance_factor: n_0 / n_{C-1}.
+    max_per_class: n_0.
+    seed: LDAM-DRW's `rand_number` (0 by default).
+
+  Returns:
+    int64 (sum n_c,): the kept positions, sorted. A class with fewer than
+    n_c images keeps all of them (only mocked data has fewer than 500).
   """
   labels = np.asarray(labels)
   counts = long_tail_counts(num_classes, imbalance_factor, max_per_class)
-  kept = [np.flatnonzero(labels == c)[:n_c] for c, n_c in enumerate(counts)]
-  return np.sort(np.concatenate(kept))
+  rng = np.random.RandomState(seed)
+  kept = []
+  for c, n_c in enumerate(counts):
+    positions = np.flatnonzero(labels == c)
+    rng.shuffle(positions)
+    kept.append(positions[:n_c])
+  return np.sort(np.concatenate(kept)).astype(np.int64)
+
+
+LAST_BATCHES = ('keep', 'drop')
+
+
+def epoch_steps(num: int, global_batch_size: int, last_batch: str) -> int:
+  """Iterations in an epoch of `num` examples.
+
+  'keep' counts the last partial batch, as a DataLoader without drop_last
+  (the originals): ceil(num / B). 'drop' counts full batches: num // B.
+  """
+  if last_batch not in LAST_BATCHES:
+    raise ValueError(f'train.last_batch: must be one of {LAST_BATCHES}, got '
+                     f'{last_batch!r}')
+  if last_batch == 'keep':
+    return -(-num // global_batch_size)
+  return num // global_batch_size
+
+
+def last_batch_size(num: int, global_batch_size: int, last_batch: str,
+                    num_devices: int) -> int:
+  """Examples in the last global batch of an epoch.
+
+  With 'keep', the R = num - (S - 1) * B examples left over, rounded up to a
+  multiple of `num_devices` (and to at least 2 per device, for the two
+  halves) by repeating the first examples of the epoch's order. That is
+  DistributedSampler's padding (`indices += indices[:padding]`, up to a
+  multiple of the replicas) when the devices are the GPUs: 8 devices on
+  ImageNet at B = 4096 give 3,216 (3,215 images, one repeated), as the
+  original's 8 GPUs do. 'drop': B.
+  """
+  if last_batch == 'drop':
+    return global_batch_size
+  steps = epoch_steps(num, global_batch_size, last_batch)
+  left = num - (steps - 1) * global_batch_size
+  size = -(-left // num_devices) * num_devices
+  return min(max(size, 2 * num_devices), global_batch_size)
 
 
 def epoch_batches(num: int, global_batch_size: int, seed: int, epoch: int,
-                  start_step: int, process_index: int,
-                  process_count: int) -> tuple[np.ndarray, np.ndarray]:
+                  start_step: int, process_index: int, process_count: int,
+                  last_batch: str = 'drop',
+                  num_devices: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """This process's examples of one epoch, from batch `start_step` on.
 
-  The epoch's permutation of `num` examples, cut into full global batches
-  (the remainder dropped); process p of P takes columns
-  [p * B, (p + 1) * B) of every global batch, B = global_batch_size / P.
+  The epoch's permutation of `num` examples, cut into global batches of
+  `global_batch_size` (the last of `last_batch_size`: the remainder dropped,
+  or kept and padded with the permutation's first examples); process p of P
+  takes columns [p * b, (p + 1) * b) of every global batch, b = its size /
+  P.
 
   Returns:
-    (order, positions), both int64 ((steps - start_step) * B,): which example
-    (an index in [0, num)) and its position in the uninterrupted global epoch
-    (step * global_batch_size + column), the key of its augmentation.
+    (order, positions), both int64: which example (an index in [0, num)) and
+    its position in the uninterrupted global epoch (step * global_batch_size
+    + column), the key of its augmentation; this process's batches one after
+    the other, (steps - start_step - 1) * B / P + last / P of them.
   """
-  local = global_batch_size // process_count
-  steps = num // global_batch_size
-  order = epoch_permutation(num, seed, epoch)[:steps * global_batch_size]
-  order = order.reshape(steps, global_batch_size)
-  columns = np.arange(process_index * local, (process_index + 1) * local)
-  positions = (np.arange(steps)[:, None] * global_batch_size + columns[None])
-  return (order[start_step:, columns].reshape(-1),
-          positions[start_step:].reshape(-1))
+  steps = epoch_steps(num, global_batch_size, last_batch)
+  last = last_batch_size(num, global_batch_size, last_batch, num_devices)
+  order = epoch_permutation(num, seed, epoch)
+  size = (steps - 1) * global_batch_size + last
+  order = np.concatenate([order, order[:max(size - num, 0)]])[:size]
+  orders, positions = [], []
+  for step in range(start_step, steps):
+    width = global_batch_size if step < steps - 1 else last
+    local = width // process_count
+    columns = np.arange(process_index * local, (process_index + 1) * local)
+    orders.append(order[step * global_batch_size + columns])
+    positions.append(step * global_batch_size + columns)
+  if not orders:
+    return np.zeros((0,), np.int64), np.zeros((0,), np.int64)
+  return (np.concatenate(orders).astype(np.int64),
+          np.concatenate(positions).astype(np.int64))

@@ -20,7 +20,12 @@ from l2w_jax.data.tfds_source import dataset_builder
 
 def _streaming_split(settings: Settings, process_index: int,
                      process_count: int) -> str:
-  """This process's contiguous share of the training records."""
+  """This process's contiguous share of the training records.
+
+  The holdout is the first `settings.holdout` records: tfds orders them by
+  a salted hash of their keys (ImageNet's file names), so a fixed
+  pseudo-random subset (docs/faithfulness.md, "Data protocol").
+  """
   return tfds.split_for_jax_process(
       f'train[{settings.holdout}:]', process_index=process_index,
       process_count=process_count)
@@ -37,9 +42,9 @@ def _streaming_epoch_seeds(seed: int, epoch: int) -> np.ndarray:
 
 
 def _streaming_epoch(settings: Settings, builder: tfds.core.DatasetBuilder,
-                     split: str, seeds, start, steps: int,
+                     split: str, seeds, start, count: int,
                      local: int) -> tf.data.Dataset:
-  """One epoch of a process's training records, still encoded, in batches.
+  """One epoch of a process's training records, still encoded.
 
   Args:
     settings: the dataset settings.
@@ -50,18 +55,24 @@ def _streaming_epoch(settings: Settings, builder: tfds.core.DatasetBuilder,
       scalar tensors computed in the pipeline for `train_stream` (tfds and
       tf.data take either, with the same result).
     start: the first batch (int or int64 scalar tensor).
-    steps: batches in the epoch.
+    count: records of this process in the epoch ((steps - 1) full local
+      batches and its share of the last batch). A share with fewer records
+      is padded by reading it again (the padding `splits.last_batch_size`
+      describes).
     local: this process's batch size.
 
   Returns:
-    Batches of `local` records {'key': int64, 'position': int64 (the
-    record's index in the process's epoch), 'image': string, 'label':
-    int64}, from batch `start` on; only full batches.
+    Records {'key': int64, 'position': int64 (the record's index in the
+    process's epoch), 'image': string, 'label': int64}, from batch `start`
+    on.
   """
   file_seed, buffer_seed, augment_key = seeds
   ds = builder.as_dataset(
       split=split, shuffle_files=True,
+      # The same file order on a second pass: the last batch's padding
+      # (`repeat` below) reads the epoch's first records again.
       read_config=tfds.ReadConfig(shuffle_seed=file_seed,
+                                  shuffle_reshuffle_each_iteration=False,
                                   try_autocache=False),
       decoders={'image': tfds.decode.SkipDecoding()})
   # An explicit op seed makes the buffer's order a function of the input order
@@ -69,13 +80,23 @@ def _streaming_epoch(settings: Settings, builder: tfds.core.DatasetBuilder,
   ds = ds.shuffle(settings.shuffle_buffer, seed=buffer_seed,
                   reshuffle_each_iteration=False)
   # Every process yields the same number of batches, whatever its share.
-  ds = ds.take(steps * local).enumerate()
+  ds = ds.repeat().take(count).enumerate()
   ds = ds.skip(start * local)  # still encoded: skipping is cheap
   key = tf.cast(augment_key, tf.int64)
-  ds = ds.map(lambda position, example: {
+  return ds.map(lambda position, example: {
       'key': key, 'position': position, 'image': example['image'],
       'label': example['label']})
-  return ds.batch(local, drop_remainder=True)
+
+
+def _epoch_records(settings: Settings, num_train: int, global_batch_size: int,
+                   process_count: int, num_devices: int) -> tuple[int, int]:
+  """(steps, records per process) of a training epoch."""
+  steps = splits.epoch_steps(num_train, global_batch_size,
+                             settings.last_batch)
+  last = splits.last_batch_size(num_train, global_batch_size,
+                                settings.last_batch, num_devices)
+  local = global_batch_size // process_count
+  return steps, (steps - 1) * local + last // process_count
 
 
 def _imagenet_image(settings: Settings, encoded: tf.Tensor,
@@ -93,14 +114,12 @@ def _imagenet_image(settings: Settings, encoded: tf.Tensor,
 def _streaming_batches(settings: Settings, records: tf.data.Dataset,
                        stride: int, offset: int,
                        local: int) -> tf.data.Dataset:
-  """Training batches from batches of records (`_streaming_epoch`).
+  """Training batches of one epoch's records (`_streaming_epoch`).
 
-  The record batches are split and the images decoded and augmented one by
-  one, in parallel, then batched again: every record batch is full, so the
-  batches are the same as each epoch's own, while decoding runs on without a
-  break at epoch boundaries. The augmentation of the record at `position` is
-  seeded by (key, position * stride + offset): process p of P keys its
-  records p, p + P, ...
+  The images are decoded and augmented one by one, in parallel, and batched
+  by `local` (the epoch's last batch holds what is left). The augmentation
+  of the record at `position` is seeded by (key, position * stride +
+  offset): process p of P keys its records p, p + P, ...
   """
 
   def preprocess(record):
@@ -109,36 +128,41 @@ def _streaming_batches(settings: Settings, records: tf.data.Dataset,
                             settings.image_shape)
     return {'image': image, 'label': tf.cast(record['label'], tf.int32)}
 
-  ds = records.unbatch().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.batch(local, drop_remainder=True)
+  ds = records.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(local)
 
 
 def streaming_train(settings: Settings, epoch: int, start_step: int,
                      global_batch_size: int, process_index: int,
-                     process_count: int) -> tf.data.Dataset:
+                     process_count: int, num_devices: int) -> tf.data.Dataset:
   builder = dataset_builder(settings)
   num_train, _, _ = split_sizes(settings, builder)
   local = local_batch_size(global_batch_size, process_index, process_count)
-  steps = check_steps(num_train, global_batch_size, start_step)
+  check_steps(num_train, global_batch_size, start_step, settings.last_batch)
+  _, count = _epoch_records(settings, num_train, global_batch_size,
+                            process_count, num_devices)
   seeds = [int(w) for w in _streaming_epoch_seeds(settings.seed, epoch)]
   records = _streaming_epoch(
       settings, builder, _streaming_split(settings, process_index,
                                           process_count),
-      seeds, start_step, steps, local)
+      seeds, start_step, count, local)
   return _streaming_batches(settings, records, process_count, process_index,
                             local)
 
 
 def streaming_stream(settings: Settings, start_step: int,
                       global_batch_size: int, process_index: int,
-                      process_count: int) -> tf.data.Dataset:
+                      process_count: int, num_devices: int) -> tf.data.Dataset:
   """`streaming_train` of every epoch from `start_step` on, one pipeline:
-  the epochs' record streams are chained (`chain_epochs`) and decoded by
-  one parallel map."""
+  each epoch's records decoded and batched on their own (an epoch's last
+  batch may be short), the epochs chained (`chain_epochs`, which opens and
+  decodes the next epoch ahead)."""
   builder = dataset_builder(settings)
   num_train, _, _ = split_sizes(settings, builder)
   local = local_batch_size(global_batch_size, process_index, process_count)
-  steps = check_steps(num_train, global_batch_size, 0)
+  check_steps(num_train, global_batch_size, 0, settings.last_batch)
+  steps, count = _epoch_records(settings, num_train, global_batch_size,
+                                process_count, num_devices)
   split = _streaming_split(settings, process_index, process_count)
 
   def make_epoch(epoch, start):
@@ -147,13 +171,12 @@ def streaming_stream(settings: Settings, start_step: int,
         lambda e: _streaming_epoch_seeds(settings.seed, int(e)), [epoch],
         tf.int64, stateful=False)
     seeds.set_shape([3])
-    return _streaming_epoch(settings, builder, split, tf.unstack(seeds),
-                            start, steps, local)
+    records = _streaming_epoch(settings, builder, split, tf.unstack(seeds),
+                               start, count, local)
+    return _streaming_batches(settings, records, process_count,
+                              process_index, local)
 
-  records = chain_epochs(start_step // steps, start_step % steps,
-                          make_epoch)
-  return _streaming_batches(settings, records, process_count, process_index,
-                            local)
+  return chain_epochs(start_step // steps, start_step % steps, make_epoch)
 
 
 def streaming_eval(settings: Settings, split: str, rows: EvalRows,
@@ -163,6 +186,7 @@ def streaming_eval(settings: Settings, split: str, rows: EvalRows,
   num_train, num_holdout, num_test = split_sizes(settings, builder)
   tfds_split, count = {
       'train': (f'train[{settings.holdout}:]', num_train),
+      'thresholds': (f'train[{settings.holdout}:]', num_train),
       'holdout': (f'train[:{settings.holdout}]', num_holdout),
       'test': (settings.kind.test_split, num_test),
   }[split]
@@ -181,9 +205,17 @@ def streaming_eval(settings: Settings, split: str, rows: EvalRows,
     return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
 
   # take: a no-op on real data; bounds mocked splits that ignore slicing.
+  ds = ds.take(count)
+  if split == 'thresholds' and settings.threshold_images:
+    # A fixed random subset of the training records, in record order.
+    chosen = np.zeros((count,), bool)
+    chosen[splits.threshold_subset(np.arange(count),
+                                   settings.threshold_images)] = True
+    chosen = tf.constant(chosen)
+    ds = ds.enumerate().filter(lambda i, _: chosen[i]).map(lambda _, ex: ex)
+    count = int(chosen.numpy().sum())
   # Every process reads the records but decodes only its own rows.
-  ds = ds.take(count).enumerate().filter(
-      lambda position, _: rows.owns(position))
+  ds = ds.enumerate().filter(lambda position, _: rows.owns(position))
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   return rows.padded(ds.batch(rows.local), count, settings.image_shape,
                      tf.float32 if normalize else tf.uint8)

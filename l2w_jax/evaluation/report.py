@@ -97,11 +97,13 @@ def jitted_statistics(model, mesh=None,
 
 def threshold_outputs(config, statistics: ExitStatistics,
                       variables) -> anytime.ExitOutputs:
-  """Outputs on the split thresholds are searched on (eval.threshold_source):
-  the held-out part, or the augmented training set as the original L2W-DEN."""
-  if config.eval.threshold_source == 'holdout':
-    return statistics.outputs(config, variables, 'holdout')
-  return statistics.outputs(config, variables, 'train', augment=True)
+  """Outputs on the split thresholds are searched on (eval.protocol): the
+  held-out images (MSDNet), or the training images, all of them or
+  eval.threshold_images (L2W-DEN); with the training augmentation unless
+  eval.threshold_augment is False."""
+  augment = bool(config.eval.get('threshold_augment', True))
+  split = 'holdout' if config.eval.protocol == 'holdout' else 'thresholds'
+  return statistics.outputs(config, variables, split, augment=augment)
 
 
 def evaluate_model(config, model, variables, info, statistics=None) -> dict:
@@ -126,7 +128,7 @@ def evaluate_model(config, model, variables, info, statistics=None) -> dict:
                                      variables['batch_stats']),
       'method': config.method,
       'dataset': info.name,
-      'threshold_source': config.eval.threshold_source,
+      'threshold_source': config.eval.protocol,
       'num_test': test.num_samples,
       'num_threshold_samples': held_out.num_samples,
   }

@@ -118,7 +118,7 @@ def run_l2w_training_fixture(fixture: Fixture):
   ys = fixture.arrays['batches/y']
   num_iterations = xs.shape[0]
   steps_per_epoch = int(c['steps_per_epoch'])
-  total = config.train.epochs * steps_per_epoch
+  total = schedules.total_iterations(config.train, steps_per_epoch)
   if num_iterations > total:
     raise FixtureError(f'{fixture.name}: {num_iterations} batches but the '
                        f'run has {total} iterations')

@@ -1,5 +1,5 @@
 """Checks of a config before anything is built or compiled: every number a
-run reads, the threshold source, the reduction, the schedule and the
+run reads, the evaluation protocol, the reduction, the schedule and the
 method's name. Each failure is one line naming the field."""
 
 from __future__ import annotations
@@ -8,11 +8,10 @@ import ml_collections
 import numpy as np
 
 from l2w_jax import parallel
+from l2w_jax.data import settings as data_settings
 from l2w_jax.meta.weighting import NUM_BUDGETS
 from l2w_jax.training import registry
 from l2w_jax.training import schedules
-
-THRESHOLD_SOURCES = ('holdout', 'train')
 
 
 def _finite(v) -> bool:
@@ -58,6 +57,8 @@ _NUMERIC_FIELDS = (
      lambda v: _is_int(v) and v >= 0),
     ('train.phase_split', 'in (0, 1)', lambda v: _finite(v) and 0 < v < 1),
     ('dataset.holdout', 'an integer >= 0', lambda v: _is_int(v) and v >= 0),
+    ('eval.threshold_images', 'an integer >= 0 (0: every training image)',
+     lambda v: _is_int(v) and v >= 0),
     ('eval.batch_size', 'an integer > 0', lambda v: _is_int(v) and v > 0),
 )
 
@@ -83,10 +84,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       continue  # the global batch comes from the per-device one
     if value is not None and not ok(value):
       raise ValueError(f'{path}: must be {allowed}, got {value!r}')
-  source = config.eval.threshold_source
-  if source not in THRESHOLD_SOURCES:
-    raise ValueError(f'eval.threshold_source: unknown source {source!r}; use '
-                     f'one of {THRESHOLD_SOURCES}')
+  data_settings.settings_from_config(config)  # protocol, holdout, last batch
   if config.train.num_steps <= 0 and config.train.epochs <= 0:
     raise ValueError('train.epochs or train.num_steps must be positive')
   reduction = reduction_of(config)

@@ -72,6 +72,14 @@ class IterationSchedule:
   starts_phase: bool  # a later phase begins: fresh backbone optimizer state
 
 
+def total_iterations(train_config, steps_per_epoch: int) -> int:
+  """Iterations of a run: train.num_steps when > 0, else train.epochs
+  epochs of `steps_per_epoch` (`data.steps_per_epoch`)."""
+  if train_config.num_steps > 0:
+    return int(train_config.num_steps)
+  return int(train_config.epochs * steps_per_epoch)
+
+
 def iteration_schedule(config, plan: tuple[registry.Phase, ...], step: int,
                        steps_per_epoch: int) -> IterationSchedule:
   """The schedule of iteration `step` (0-based) of the run `plan`.

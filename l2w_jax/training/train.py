@@ -111,21 +111,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validate_config(config)
   check_workdir(workdir)  # an unwritable scheme stops before anything is built
   info = data.data_info(config)  # fails here, before compiling anything
-  if config.eval.threshold_source == 'holdout' and info.num_holdout == 0:
-    raise ValueError(
-        'eval.threshold_source=holdout but the dataset has no held-out part: '
-        'set dataset.holdout > 0, or eval.threshold_source=train to search '
-        'thresholds on the training set as the original L2W-DEN scripts do')
   mesh = parallel.make_mesh(config.distributed.num_devices)
   parallel.connect_processes(mesh)  # while the processes are in step
   layout = parallel.batch_layout(config, mesh)
   config = _with_batch_sizes(config, layout)
-  steps_per_epoch = data.steps_per_epoch(info, layout.global_batch)
+  steps_per_epoch = data.steps_per_epoch(info, layout.global_batch,
+                                         config.train.last_batch)
   if steps_per_epoch < 1:
     raise ValueError(f'train.batch_size {layout.global_batch} exceeds the '
                      f'{info.num_train} training images')
-  total = (config.train.num_steps if config.train.num_steps > 0 else
-           config.train.epochs * steps_per_epoch)
+  total = schedules.total_iterations(config.train, steps_per_epoch)
   plan = registry.phase_plan(config, total)
   learner = build_learner(config)  # a model that cannot be built stops here
   is_main = jax.process_index() == 0
@@ -175,7 +170,8 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
   `plan` (its phases, `plan[-1]` ending at the last iteration)."""
   num_exits = learner.model.num_exits
   batch_size = layout.global_batch
-  steps_per_epoch = data.steps_per_epoch(info, batch_size)
+  steps_per_epoch = data.steps_per_epoch(info, batch_size,
+                                         config.train.last_batch)
   total = plan[-1].start + plan[-1].length
   startup = {}
 
@@ -196,8 +192,10 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
     writer.write_hparams(config.to_dict())
   step = int(state.step)
   log(f'{config.method} on {info.name}: {info.num_train} training images, '
-      f'{steps_per_epoch} iterations/epoch, {total} iterations, {num_exits} '
-      f'exits; {layout.describe()}')
+      f'{steps_per_epoch} iterations/epoch '
+      f'({_last_batch_words(config, info, layout)}), {total} iterations, '
+      f'{num_exits} exits; thresholds on {_threshold_words(config, info)}; '
+      f'{layout.describe()}')
 
   spec = data.input_spec(config)
   iteration = step_lib.make_iteration(config.method, learner, mesh,
@@ -230,7 +228,8 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
   # One pipeline for the whole run; two batches in flight to the devices.
   stream = data.train_stream(config, start_step=step,
                              process_index=jax.process_index(),
-                             process_count=jax.process_count())
+                             process_count=jax.process_count(),
+                             num_devices=layout.num_devices)
   try:
     if step < total:
       for batch in parallel.prefetch_to_mesh(stream, mesh):
@@ -291,6 +290,31 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
   finally:
     stream.close()
     preemption.uninstall()
+
+
+def _last_batch_words(config, info, layout: parallel.BatchLayout) -> str:
+  """How an epoch ends, for the start line."""
+  batch = layout.global_batch
+  left = info.num_train % batch
+  if not left:
+    return 'every batch full'
+  if config.train.last_batch == 'drop':
+    return f'{left} images a epoch left out: train.last_batch=drop'
+  last = data.last_batch_size(info.num_train, batch, 'keep',
+                              layout.num_devices)
+  padded = f', {last - left} repeated' if last > left else ''
+  return f'the last of {last} images{padded}'
+
+
+def _threshold_words(config, info) -> str:
+  """Where thresholds come from, for the start line."""
+  augmented = ('augmented' if config.eval.get('threshold_augment', True)
+               else 'not augmented')
+  if config.eval.protocol == 'holdout':
+    return f'{info.num_holdout} held-out images, {augmented}'
+  if info.num_thresholds == info.num_train:
+    return f'every training image ({info.num_train}), {augmented}'
+  return f'{info.num_thresholds} random training images, {augmented}'
 
 
 def _startup(state, compile_log: compilation.CompileLog, log) -> dict:
