@@ -115,8 +115,12 @@ def test_mismatch_ignores_the_resumable_fields_and_overwrite_moves_aside(
   assert differences == []
   changed.train.lr = 0.05
   changed.seed = 3
+  # eval.* may change, but not the protocol: it decides what trains.
+  changed.eval.protocol = 'train'
   assert resume.config_differences(config.to_json(), changed) == [
-      ('seed', 0, 3), ('train.lr', 0.1, 0.05)]
+      ('eval.protocol', 'holdout', 'train'), ('seed', 0, 3),
+      ('train.lr', 0.1, 0.05)]
+  changed.eval.protocol = config.eval.protocol
   # --overwrite: the old run is renamed, a new one starts in its place.
   workdir = tmp_path / 'run'
   train.train_and_evaluate(config, str(workdir), interrupt_at_step=1)

@@ -40,6 +40,9 @@ RESUMABLE_FIELDS = (
     'train.checkpoint_every_steps', 'train.keep_checkpoints',
     'train.eval_every_epochs', 'train.init_from', 'eval.*',
     'dataset.data_dir', 'dataset.manual_dir', 'distributed.*')
+# Exceptions to the patterns above: eval.protocol decides which images train
+# (dataset.holdout follows it), so a resumed run keeps it.
+FIXED_FIELDS = ('eval.protocol',)
 
 BAD_CHECKPOINTS = 'bad_checkpoints'
 
@@ -58,6 +61,8 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
 
 
 def _resumable(path: str) -> bool:
+  if path in FIXED_FIELDS:
+    return False
   return any(fnmatch.fnmatchcase(path, pattern)
              for pattern in RESUMABLE_FIELDS)
 
