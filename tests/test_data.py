@@ -399,6 +399,11 @@ def test_holdout_is_fixed_and_disjoint_from_train(cifar10):
   holdout, train = indices(config, 'holdout'), indices(config, 'train')
   assert len(holdout) == 20 and len(train) == 100
   assert sorted(np.concatenate([holdout, train])) == list(range(120))
+  # A uniform draw, not the first or the last images.
+  np.testing.assert_array_equal(
+      holdout, np.sort(splits.holdout_split(np.arange(120), 20)[1]))
+  assert not np.array_equal(holdout, np.arange(20))
+  assert not np.array_equal(holdout, np.arange(100, 120))
   # Independent of config.seed: every run thresholds on the same images.
   reseeded = make_config('cifar10', holdout=20, seed=7)
   np.testing.assert_array_equal(indices(reseeded, 'holdout'), holdout)

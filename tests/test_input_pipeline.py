@@ -296,6 +296,20 @@ def imagenet_config(data_dir, **kwargs):
                                **kwargs)
 
 
+def test_imagenet_holdout_is_a_hash_ordered_subset(imagenet_dir):
+  """eval.protocol=holdout holds out ImageNet's first records in tfds order
+  (docs/faithfulness.md): tfds writes them in the order of a hash of their
+  file names, so the first 8 are spread over the classes, not the first
+  files of the archive."""
+  builder = tfds.builder('imagenet2012', data_dir=imagenet_dir)
+  ds = builder.as_dataset(split='train[:8]', shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  names = [r['file_name'].decode() for r in tfds.as_numpy(ds)]
+  archive_order = [f'{s}_{i}.JPEG' for s in SYNSETS for i in range(PER_CLASS)]
+  assert names != archive_order[:8]
+  assert len({name.split('_')[0] for name in names}) > 1
+
+
 def test_tfds_imagenet_stores_only_rgb_jpegs(imagenet_dir):
   """tfds's imagenet2012 keeps the archives' JPEG bytes as they are, except
   the CMYK JPEGs and the PNG, which it re-encodes as RGB JPEG: every stored
