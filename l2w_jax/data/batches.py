@@ -36,7 +36,7 @@ def local_batch_size(global_batch_size: int, process_index: int,
 def check_steps(num_train: int, global_batch_size: int, start_step: int,
                 last_batch: str) -> int:
   steps = splits.epoch_steps(num_train, global_batch_size, last_batch)
-  if num_train < global_batch_size and last_batch == 'drop':
+  if steps == 0:
     raise ValueError(f'train.batch_size {global_batch_size} is larger than '
                      f'the {num_train} training images')
   if not 0 <= start_step <= steps:

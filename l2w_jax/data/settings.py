@@ -85,10 +85,8 @@ def settings_from_config(config) -> Settings:
     raise ValueError(f'eval.threshold_images: a count >= 0 of training '
                      f'images for eval.protocol=train, got {threshold_images}'
                      f' with eval.protocol={protocol}')
-  last_batch = config.get('train', {}).get('last_batch', 'keep')
-  if last_batch not in splits.LAST_BATCHES:
-    raise ValueError(f'train.last_batch: must be one of '
-                     f'{splits.LAST_BATCHES}, got {last_batch!r}')
+  last_batch = splits.check_last_batch(
+      config.get('train', {}).get('last_batch', 'keep'))
   seed = int(config.get('seed', 0))
   if seed < 0:
     raise ValueError(f'seed: must be >= 0, got {seed}')

@@ -135,15 +135,21 @@ def long_tail_indices(labels: np.ndarray, num_classes: int,
 LAST_BATCHES = ('keep', 'drop')
 
 
+def check_last_batch(last_batch: str) -> str:
+  """config.train.last_batch, or ValueError naming the field."""
+  if last_batch not in LAST_BATCHES:
+    raise ValueError(f'train.last_batch: must be one of {LAST_BATCHES}, got '
+                     f'{last_batch!r}')
+  return last_batch
+
+
 def epoch_steps(num: int, global_batch_size: int, last_batch: str) -> int:
   """Iterations in an epoch of `num` examples.
 
   'keep' counts the last partial batch, as a DataLoader without drop_last
   (the originals): ceil(num / B). 'drop' counts full batches: num // B.
   """
-  if last_batch not in LAST_BATCHES:
-    raise ValueError(f'train.last_batch: must be one of {LAST_BATCHES}, got '
-                     f'{last_batch!r}')
+  check_last_batch(last_batch)
   if last_batch == 'keep':
     return -(-num // global_batch_size)
   return num // global_batch_size

@@ -211,9 +211,9 @@ def streaming_eval(settings: Settings, split: str, rows: EvalRows,
     chosen = np.zeros((count,), bool)
     chosen[splits.threshold_subset(np.arange(count),
                                    settings.threshold_images)] = True
+    count = int(chosen.sum())
     chosen = tf.constant(chosen)
     ds = ds.enumerate().filter(lambda i, _: chosen[i]).map(lambda _, ex: ex)
-    count = int(chosen.numpy().sum())
   # Every process reads the records but decodes only its own rows.
   ds = ds.enumerate().filter(lambda position, _: rows.owns(position))
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)

@@ -299,7 +299,7 @@ def _last_batch_words(config, info, layout: parallel.BatchLayout) -> str:
   if not left:
     return 'every batch full'
   if config.train.last_batch == 'drop':
-    return f'{left} images a epoch left out: train.last_batch=drop'
+    return f'{left} images an epoch left out: train.last_batch=drop'
   last = data.last_batch_size(info.num_train, batch, 'keep',
                               layout.num_devices)
   padded = f', {last - left} repeated' if last > left else ''
