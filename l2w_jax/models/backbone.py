@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from l2w_jax.models import conv
 from l2w_jax.models import gradient_equilibrium as ge
 from l2w_jax.models.ensemble import ensemble_logits, ensemble_step
 
@@ -50,6 +51,10 @@ class BackboneFields:
   # Rematerialise the backbone's layers in the backward pass
   # (`flax.linen.remat`, i.e. jax.checkpoint; `meta.remat`); same values.
   remat: bool = False
+  # The convolutions' derivative rules (`conv.conv2d`): 'auto' (the
+  # explicit ones on CPU, JAX's elsewhere), 'explicit' or 'lax'; the same
+  # values to float32 rounding.
+  conv_gradients: str = 'auto'
 
   @classmethod
   def from_config(cls, model_config, num_classes: int,
@@ -69,9 +74,11 @@ class BackboneFields:
                        tuple(float(r) for r in self.ensemble_reweight))
 
   def check_backbone_fields(self) -> None:
-    """ValueError naming the field: stem, init, one reweight per exit."""
+    """ValueError naming the field: stem, init, one reweight per exit,
+    the convolutions' gradients."""
     def bad(field, why):
       raise ValueError(f'model.{field}: {why}')
+    conv.check_gradients(self.conv_gradients)
     if self.stem not in ('cifar', 'imagenet'):
       bad('stem', f"unknown stem {self.stem!r}; use 'cifar' or 'imagenet'")
     if self.init not in ('torch_default', 'msdnet'):

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from l2w_jax.models import conv as conv_lib
+
 
 def torch_uniform_init(fan_in: int):
   """PyTorch's default init for conv / linear weights and biases.
@@ -60,7 +62,9 @@ def _check_width(layer: nn.Module, got: int, expected: int) -> None:
 class Conv2d(nn.Module):
   """`torch.nn.Conv2d` on NHWC inputs: (B, H, W, in) -> (B, H', W', out).
 
-  Kernel layout HWIO. `init` is 'torch_default' or 'msdnet' (see module doc).
+  Kernel layout HWIO. `init` is 'torch_default' or 'msdnet' (see module doc);
+  `gradients` chooses the derivative rules (`conv.conv2d`: 'auto', 'explicit'
+  or 'lax'; the same values to float32 rounding).
   """
   in_features: int
   features: int
@@ -69,6 +73,7 @@ class Conv2d(nn.Module):
   padding: int = 0
   use_bias: bool = False
   init: str = 'torch_default'
+  gradients: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -81,10 +86,8 @@ class Conv2d(nn.Module):
       kernel_init = torch_uniform_init(fan_in)
     kernel = self.param('kernel', kernel_init,
                         (k, k, self.in_features, self.features), x.dtype)
-    p = self.padding
-    y = lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), window_strides=(self.stride, self.stride),
-        padding=((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = conv_lib.conv2d(x, kernel.astype(x.dtype), self.stride, self.padding,
+                        self.gradients)
     if self.use_bias:
       bias = self.param('bias', torch_uniform_init(fan_in), (self.features,),
                         x.dtype)
@@ -214,11 +217,12 @@ class ConvBasic(nn.Module):
   padding: int = 1
   init: str = 'torch_default'
   bn_axis: str | None = None
+  conv_gradients: str = 'auto'
 
   def setup(self):
     self.net = [
         Conv2d(self.n_in, self.n_out, self.kernel, self.stride, self.padding,
-               init=self.init),
+               init=self.init, gradients=self.conv_gradients),
         BatchNorm2d(self.n_out, axis_name=self.bn_axis),
         ReLU(),
     ]
@@ -229,14 +233,16 @@ class ConvBasic(nn.Module):
 
 
 def stem_input_layer(stem: str, width: int, init: str,
-                     bn_axis: str | None):
+                     bn_axis: str | None, conv_gradients: str = 'auto'):
   """The stem's first layer, from the image's 3 channels to `width`: a 3x3
   ConvBasic on the CIFAR stem, the 7x7/2 conv -> BN -> ReLU -> 3x3/2 max
   pool on the ImageNet stem (a list, so that its parameters keep the
   original's `layers_0_0` ... names). Call from a module's `setup`."""
   if stem == 'cifar':
-    return ConvBasic(3, width, 3, 1, 1, init=init, bn_axis=bn_axis)
-  return [Conv2d(3, width, 7, 2, 3, use_bias=True, init=init),
+    return ConvBasic(3, width, 3, 1, 1, init=init, bn_axis=bn_axis,
+                     conv_gradients=conv_gradients)
+  return [Conv2d(3, width, 7, 2, 3, use_bias=True, init=init,
+                 gradients=conv_gradients),
           BatchNorm2d(width, axis_name=bn_axis), ReLU(), MaxPool2d(3, 2, 1)]
 
 
@@ -275,6 +281,7 @@ class ConvBN(nn.Module):
   init: str = 'torch_default'
   bn_axis: str | None = None
   bn_after: bool = True
+  conv_gradients: str = 'auto'
 
   def setup(self):
     stride = 2 if self.kind == 'down' else 1
@@ -282,8 +289,10 @@ class ConvBN(nn.Module):
     n_inner = self.n_in
     if self.bottleneck or not self.bn_after:
       n_inner = min(n_inner, self.bn_width * self.n_out)
-    squeeze = lambda: [Conv2d(self.n_in, n_inner, 1, 1, 0, init=self.init)]
-    conv = lambda: [Conv2d(n_inner, self.n_out, 3, stride, 1, init=self.init)]
+    squeeze = lambda: [Conv2d(self.n_in, n_inner, 1, 1, 0, init=self.init,
+                              gradients=self.conv_gradients)]
+    conv = lambda: [Conv2d(n_inner, self.n_out, 3, stride, 1, init=self.init,
+                           gradients=self.conv_gradients)]
     if not self.bn_after:
       self.net = bn_relu(self.n_in) + squeeze() + bn_relu(n_inner) + conv()
     elif self.bottleneck:
@@ -318,9 +327,11 @@ class ExitHead(nn.Module):
     cfg = self.cfg
     inter = classifier_width(cfg, self.n_in)
     self.m = [ConvBasic(self.n_in, inter, 3, 2, 1, init=cfg.init,
-                        bn_axis=cfg.bn_axis_name),
+                        bn_axis=cfg.bn_axis_name,
+                        conv_gradients=cfg.conv_gradients),
               ConvBasic(inter, inter, 3, 2, 1, init=cfg.init,
-                        bn_axis=cfg.bn_axis_name),
+                        bn_axis=cfg.bn_axis_name,
+                        conv_gradients=cfg.conv_gradients),
               AvgPool2d(2)]
     self.linear = Linear(inter, cfg.num_classes,
                          zero_bias=cfg.init == 'msdnet')

@@ -165,14 +165,17 @@ class ScaleUnit(nn.Module):
   bn_width: int
   init: str = 'torch_default'
   bn_axis: str | None = None
+  conv_gradients: str = 'auto'
 
   def setup(self):
     growth = self.n_out // 2 if self.n_in_fine else self.n_out
     if self.n_in_fine:
       self.conv_down = ConvBN(self.n_in_fine, growth, 'down', self.bottleneck,
-                              self.bn_width_fine, self.init, self.bn_axis)
+                              self.bn_width_fine, self.init, self.bn_axis,
+                              conv_gradients=self.conv_gradients)
     self.conv_normal = ConvBN(self.n_in, growth, 'normal', self.bottleneck,
-                              self.bn_width, self.init, self.bn_axis)
+                              self.bn_width, self.init, self.bn_axis,
+                              conv_gradients=self.conv_gradients)
 
   def __call__(self, xs, train: bool):
     x = xs[-1]
@@ -188,12 +191,14 @@ class MSDNFirstLayer(nn.Module):
   def setup(self):
     cfg, n = self.cfg, self.cfg.n_channels
     width = n * cfg.gr_factor[0]
-    first = stem_input_layer(cfg.stem, width, cfg.init, cfg.bn_axis_name)
+    first = stem_input_layer(cfg.stem, width, cfg.init, cfg.bn_axis_name,
+                             cfg.conv_gradients)
     layers = [first]
     for i in range(1, cfg.n_scales):
       layers.append(ConvBasic(n * cfg.gr_factor[i - 1], n * cfg.gr_factor[i],
                               3, 2, 1, init=cfg.init,
-                              bn_axis=cfg.bn_axis_name))
+                              bn_axis=cfg.bn_axis_name,
+                              conv_gradients=cfg.conv_gradients))
     self.layers = layers
 
   def __call__(self, x, train: bool) -> Features:
@@ -219,7 +224,7 @@ class MSDNLayer(nn.Module):
       layers.append(ScaleUnit(n_in * g[i - 1] if fine else 0, n_in * g[i],
                               n_out * g[i], cfg.bottleneck,
                               b[i - 1] if fine else 0, b[i], cfg.init,
-                              cfg.bn_axis_name))
+                              cfg.bn_axis_name, cfg.conv_gradients))
     self.layers = layers
 
   def __call__(self, xs: Features, train: bool) -> Features:
@@ -241,8 +246,9 @@ class Transition(nn.Module):
     offset = cfg.n_scales - spec.out_scales
     self.m = [ConvBasic(spec.n_in * cfg.gr_factor[offset + i],
                         spec.n_out * cfg.gr_factor[offset + i], 1, 1, 0,
-                        init=cfg.init,
-                  bn_axis=cfg.bn_axis_name) for i in range(spec.out_scales)]
+                        init=cfg.init, bn_axis=cfg.bn_axis_name,
+                        conv_gradients=cfg.conv_gradients)
+              for i in range(spec.out_scales)]
 
   def __call__(self, xs: Features, train: bool) -> Features:
     return [m(x, train) for m, x in zip(self.m, xs)]

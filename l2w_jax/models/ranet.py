@@ -56,7 +56,7 @@ def interpolate_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 def _conv_bn(cfg: RANetConfig, n_in: int, n_out: int, kind: str,
              bn_width: int) -> nn.Module:
   return ConvBN(n_in, n_out, kind, True, bn_width, cfg.init, cfg.bn_axis_name,
-                bn_after=cfg.bn_after)
+                bn_after=cfg.bn_after, conv_gradients=cfg.conv_gradients)
 
 
 class RAConvNormal(nn.Module):
@@ -123,13 +123,15 @@ class RABlock(nn.Module):
       width = s.outputs[s.n_layers]
       self.conv_last = ConvBasic(s.low_widths[s.n_layers],
                                  math.floor(width * cfg.compress_factor), 1, 1,
-                                 0, init=cfg.init, bn_axis=cfg.bn_axis_name)
+                                 0, init=cfg.init, bn_axis=cfg.bn_axis_name,
+                                 conv_gradients=cfg.conv_gradients)
     if s.trans:
       before = s.outputs[s.n_layers]
       if s.kind == 'up':
         before += math.floor(before * cfg.compress_factor)
       self.trans = ConvBasic(before, s.outputs[-1], 1, 1, 0, init=cfg.init,
-                             bn_axis=cfg.bn_axis_name)
+                             bn_axis=cfg.bn_axis_name,
+                             conv_gradients=cfg.conv_gradients)
 
   def __call__(self, x, low, train: bool):
     outputs = [x]
@@ -155,13 +157,15 @@ class RAFirstLayer(nn.Module):
     cfg = self.cfg
     gr, scales = cfg.gr_factor[::-1], cfg.scale_list[::-1]
     width = cfg.n_channels * gr[0]
-    first = stem_input_layer(cfg.stem, width, cfg.init, cfg.bn_axis_name)
+    first = stem_input_layer(cfg.stem, width, cfg.init, cfg.bn_axis_name,
+                             cfg.conv_gradients)
     layers, s = [first], scales[0]
     for i in range(1, cfg.n_scales):
       stride = 1 if scales[i] == s else 2
       s = scales[i]
       layers.append(ConvBasic(width, cfg.n_channels * gr[i], 3, stride, 1,
-                              init=cfg.init, bn_axis=cfg.bn_axis_name))
+                              init=cfg.init, bn_axis=cfg.bn_axis_name,
+                              conv_gradients=cfg.conv_gradients))
       width = cfg.n_channels * gr[i]
     self.layers = layers
 

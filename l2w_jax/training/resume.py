@@ -33,13 +33,14 @@ from l2w_jax.training.checkpoint import CheckpointError
 
 # Fields that may differ on resume: how long the run goes on, how often it
 # logs, checkpoints and evaluates, how it evaluates, where the data and
-# processes are. Everything else (model, method, optimizer, schedule shape,
+# processes are, how the convolutions are differentiated (the same values). Everything else (model, method, optimizer, schedule shape,
 # data order via `seed`, batch size) must match the checkpoint.
 RESUMABLE_FIELDS = (
     'train.num_steps', 'train.epochs', 'train.log_every_steps',
     'train.checkpoint_every_steps', 'train.keep_checkpoints',
     'train.eval_every_epochs', 'train.init_from', 'eval.*',
-    'dataset.data_dir', 'dataset.manual_dir', 'distributed.*')
+    'dataset.data_dir', 'dataset.manual_dir', 'distributed.*',
+    'model.conv_gradients')
 # Exceptions to the patterns above: eval.protocol decides which images train
 # (dataset.holdout follows it), so a resumed run keeps it.
 FIXED_FIELDS = ('eval.protocol',)

@@ -1,0 +1,105 @@
+"""The convolutions' explicit derivative rules (`models/conv.py`) against
+JAX's own: the same forward, first- and second-order derivatives to float64
+rounding, for every kernel, stride and padding the backbones use, and the
+same L2W half step (meta-gradient included) on a whole MSDNet and RANet."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from l2w_jax.methods import l2w
+from l2w_jax.models import conv
+from l2w_jax.training import forward
+from l2w_jax.training.learner import build_learner
+from tests.tiny import float64_step_setup, tiny_config, tiny_ranet_config
+
+# (input (B, H, W, I), kernel k, O, stride, padding): MSDNet's and RANet's
+# 1x1, 3x3 / 1 and 3x3 / 2 convs, the ImageNet stem's 7x7 / 2, odd sizes
+# (the stride leaves rows unread), a strided 1x1.
+CASES = [((2, 6, 6, 3), 1, 4, 1, 0), ((2, 7, 5, 3), 3, 4, 1, 1),
+         ((2, 8, 8, 3), 3, 5, 2, 1), ((2, 7, 9, 2), 3, 3, 2, 1),
+         ((1, 11, 11, 3), 7, 2, 2, 3), ((2, 5, 5, 3), 1, 2, 2, 0),
+         ((2, 4, 4, 2), 3, 3, 2, 0)]
+
+
+def _inputs(shape, k, out, dtype=jnp.float64):
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(sum(shape) + k), 3)
+  x = jax.random.normal(kx, shape, dtype)
+  w = jax.random.normal(kw, (k, k, shape[-1], out), dtype)
+  return x, w, kg
+
+
+def _close(a, b, rtol=1e-12):
+  for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
+                  strict=True):
+    scale = float(jnp.max(jnp.abs(v))) or 1.0
+    np.testing.assert_allclose(u, v, rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize('shape,k,out,stride,padding', CASES)
+def test_first_and_second_derivatives_match_jax(float64, shape, k, out,
+                                                 stride, padding):
+  """Forward, gradient, and the gradient of a function of the gradient
+  (what the meta step differentiates: reverse over reverse) w.r.t. the
+  input, the kernel and the cotangent."""
+  del float64
+  x, w, kg = _inputs(shape, k, out)
+
+  def value(gradients, x, w):
+    return conv.conv2d(x, w, stride, padding, gradients)
+
+  y = value('lax', x, w)
+  dy = jax.random.normal(kg, y.shape, y.dtype)
+  _close(value('explicit', x, w), y, 0)
+
+  def grads(gradients, x, w, dy):
+    _, vjp = jax.vjp(functools.partial(value, gradients), x, w)
+    return vjp(dy)
+
+  _close(grads('explicit', x, w, dy), grads('lax', x, w, dy))
+
+  def second(gradients, x, w, dy):
+    gx, gw = grads(gradients, x, w, dy)
+    return jnp.sum(jnp.sin(gx)) + jnp.sum(jnp.cos(gw) * gw)
+
+  want = jax.grad(functools.partial(second, 'lax'), argnums=(0, 1, 2))(
+      x, w, dy)
+  got = jax.grad(functools.partial(second, 'explicit'), argnums=(0, 1, 2))(
+      x, w, dy)
+  _close(got, want)
+
+
+def test_auto_is_explicit_on_cpu_and_names_are_checked():
+  assert jax.default_backend() == 'cpu'
+  assert conv.uses_explicit_gradients('auto')
+  assert not conv.uses_explicit_gradients('lax')
+  config = tiny_config()
+  config.model.conv_gradients = 'fast'
+  with pytest.raises(ValueError, match='model.conv_gradients: unknown'):
+    build_learner(config)
+
+
+def _l2w_half_step(config):
+  learner, state, images, labels = float64_step_setup(config)
+  (xt, yt), (xm, ym) = forward.split_halves(images, labels)
+  new_state, metrics = jax.jit(
+      functools.partial(l2w.l2w_half_step, learner),
+      static_argnames='with_meta')(state, xt, yt, xm, ym, 0.1, 1e-2,
+                                   with_meta=True)
+  return new_state.params, metrics['meta_grads'], new_state.batch_stats
+
+
+@pytest.mark.parametrize('make_config', [tiny_config, tiny_ranet_config])
+def test_l2w_half_step_is_the_same_with_either_rules(float64, make_config):
+  """The whole second-order meta step on a backbone: explicit rules give
+  JAX's parameters, meta-gradient and statistics to float64 rounding."""
+  del float64
+  runs = {}
+  for gradients in ('lax', 'explicit'):
+    config = make_config()
+    config.model.conv_gradients = gradients
+    runs[gradients] = _l2w_half_step(config)
+  _close(runs['explicit'], runs['lax'], 1e-10)
