@@ -23,13 +23,13 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from benchmarks import step_problem
 from configs import common
 
 from l2w_jax import parallel
 from l2w_jax.methods import l2w, uniform
 from l2w_jax.training.forward import split_halves
 from l2w_jax.training import step as step_lib
-from l2w_jax.training.learner import build_learner, init_train_state
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar100.py')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per iteration.')
@@ -45,15 +45,8 @@ def _timed(fn, *args):
 
 def main(argv):
   del argv
-  config = common.config_from_flag(_CONFIG)
-  config.method = 'l2w'  # its learner runs both steps, whatever the config's
-  learner = build_learner(config)
-  size = config.dataset.image_size
-  state = init_train_state(learner, jax.random.PRNGKey(0), (size, size, 3))
-  key_x, key_y = jax.random.split(jax.random.PRNGKey(1))
-  images = jax.random.normal(key_x, (_BATCH.value, size, size, 3))
-  labels = jax.random.randint(key_y, (_BATCH.value,), 0,
-                              config.dataset.num_classes)
+  learner, state, images, labels = step_problem.timing_problem(
+      common.config_from_flag(_CONFIG), _BATCH.value)
   (x1, y1), (x2, y2) = split_halves(images, labels)
   lr, meta_lr = jnp.float32(0.1), jnp.float32(1e-4)
 
