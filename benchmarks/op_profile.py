@@ -19,7 +19,6 @@ import glob
 import gzip
 import json
 import os
-import re
 import statistics
 import tempfile
 import time
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from benchmarks import hlo_kinds
 from benchmarks import step_problem
 from configs import common
 from l2w_jax.methods import l2w, uniform
@@ -45,38 +45,6 @@ _KIND = flags.DEFINE_enum('kind', 'plain', ['plain', 'l2w'], 'Which half '
                           'step.')
 _RUNS = flags.DEFINE_integer('runs', 3, 'Profiled runs.')
 _TOP = flags.DEFINE_integer('top', 10, 'Slowest operations listed.')
-
-_INSTRUCTION = re.compile(
-    r'\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([a-z\-]+)\(')
-_COMPUTATION = re.compile(r'^(?:ENTRY )?%([\w.\-]+) .*\{$')
-_ORDER = ('convolution', 'dot', 'reduce', 'concatenate', 'transpose')
-
-
-def operation_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
-  """{instruction name: (kind, 'shape')} of a compiled module's text: a
-  fusion's kind is that of the first of _ORDER among its instructions,
-  else 'elementwise'."""
-  bodies, current = {}, None
-  for line in hlo_text.split('\n'):
-    match = _COMPUTATION.match(line)
-    if match:
-      current = bodies.setdefault(match.group(1), [])
-    elif current is not None:
-      current.append(line)
-  kinds = {}
-  for line in hlo_text.split('\n'):
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    called = re.search(r'calls=%([\w.\-]+)', line)
-    ops = {match.group(3)}
-    if called:
-      ops |= set(re.findall(r'= (?:\(.*?\)|\S+) ([a-z\-]+)\(',
-                            '\n'.join(bodies.get(called.group(1), []))))
-    kind = next((k for k in _ORDER if k in ops), 'elementwise')
-    kinds[match.group(1)] = (kind, match.group(2))
-  return kinds
-
 
 def _trace_events(directory: str):
   path, = glob.glob(os.path.join(directory, 'plugins', 'profile', '*',
@@ -101,7 +69,7 @@ def main(argv):
         learner, s, xt, yt, xm, ym, lr, meta_lr, with_meta=True))
     args = (state, x1, y1, x2, y2)
   compiled = step.lower(*args).compile()
-  kinds = operation_kinds(compiled.as_text())
+  kinds = hlo_kinds.operation_kinds(compiled.as_text())
   jax.block_until_ready(compiled(*args))
   walls = []
   with tempfile.TemporaryDirectory() as directory:
