@@ -12,7 +12,13 @@ that XLA:CPU runs slowly on the small feature maps of MSDNet and RANet:
   (`lax.pad` with interior padding) by the flipped kernel;
 - the weight gradient of a 1x1 convolution is a convolution over the batch
   that XLA:CPU runs after transposing both operands; here it is one matrix
-  product, (N*H*W, C_in)^T (N*H*W, C_out).
+  product, (N*H*W, C_in)^T (N*H*W, C_out);
+- the other weight gradients are that convolution over the batch with the
+  transpositions written out: XLA:CPU inserts them itself in a program's
+  entry computation, but not inside a while loop's body, where the
+  untransposed convolution ran tens of times slower (with these rules the
+  training loop's scan over the two halves stays a loop on CPU too;
+  `training.step.unroll_halves`).
 
 The three are bilinear forms of one trilinear form <conv(x, w), dy>, so
 each one's derivatives are the other two (`_rules`): the second-order graph
@@ -67,10 +73,18 @@ def _weight_grad(x, dy, stride: int, padding: int, k: int):
                         dy.reshape(-1, dy.shape[-1]),
                         (((0,), (0,)), ((), ())))
     return g.reshape(1, 1, x.shape[-1], dy.shape[-1])
-  # Linear in w: JAX's rule at any kernel, zeros here (XLA drops them).
-  _, vjp = jax.vjp(lambda w: _forward(x, w, stride, padding),
-                   jnp.zeros((k, k, x.shape[-1], dy.shape[-1]), x.dtype))
-  return vjp(dy)[0]
+  # A convolution over the batch, as JAX's rule, but with the operands
+  # transposed here into the layouts XLA:CPU's library takes (x as
+  # (I, H, W, B) images of B channels, dy as a (H', W', B, O) kernel
+  # dilated by the stride). Inside a while loop's body XLA does not
+  # transpose them itself, and the convolution ran tens of times slower.
+  pads = [(padding, k - size - padding + stride * (out - 1))
+          for size, out in zip(x.shape[1:3], dy.shape[1:3])]
+  g = lax.conv_general_dilated(
+      jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)),
+      (1, 1), pads, rhs_dilation=(stride, stride),
+      dimension_numbers=_DIMENSIONS)  # (I, k, k, O)
+  return jnp.transpose(g, (1, 2, 0, 3))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

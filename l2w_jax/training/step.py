@@ -14,7 +14,7 @@ and phase) that does the whole iteration on every device's own rows:
   rows) and runs the half step twice, (train p1 / meta p2) then (train p2 /
   meta p1), giving two metrics dicts; with equal halves the two calls are
   one `lax.scan` body, so the half step is traced once (and compiled once
-  off CPU; see `unroll_halves`);
+  unless the scan is unrolled; see `unroll_halves`);
 * a whole-batch method (BoostNet, IMTA, ...) runs one step on the shard,
   giving one metrics dict;
 * the iteration counter moves on the device.
@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from l2w_jax import parallel
+from l2w_jax.models import conv
 from l2w_jax.models.inputs import model_input
 from l2w_jax.training import registry
 from l2w_jax.training.forward import split_halves
@@ -148,14 +149,20 @@ def _both_halves(half_step: Callable, learner: Learner, state, images,
                       for i in range(2))
 
 
-def unroll_halves(mesh) -> bool:
-  """Whether the scan over the two halves is unrolled: on CPU, where
-  XLA runs a while loop's body far slower than the same ops outside one
-  (the CIFAR-100 MSDNet's uniform iteration, batch 64, one device: 7.1 s
-  in the loop against 0.78 s unrolled, benchmarks/step_time.py); elsewhere
-  the loop stays, so the half step is compiled once. Traced once either
+def unroll_halves(mesh, model) -> bool:
+  """Whether the scan over the two halves is unrolled: on CPU when `model`
+  runs JAX's own convolution derivatives, whose weight gradients XLA:CPU
+  runs tens of times slower inside a while loop's body than outside one
+  (the CIFAR-100 MSDNet's uniform iteration, batch 64, one device: 7.1 s in
+  the loop against 0.78 s unrolled, benchmarks/step_time.py). With
+  `models.conv`'s explicit rules (MSDNet's default on CPU) and off CPU the
+  loop stays, and the half step is compiled once. A backbone without a
+  `cfg.conv_gradients` counts as running JAX's rules. Traced once either
   way; the values are the same computation."""
-  return mesh.devices.flat[0].platform == 'cpu'
+  if mesh.devices.flat[0].platform != 'cpu':
+    return False
+  gradients = getattr(getattr(model, 'cfg', None), 'conv_gradients', 'lax')
+  return not conv.uses_explicit_gradients(gradients)
 
 
 def iteration_program(phase_step: registry.PhaseStep, learner: Learner,
@@ -172,6 +179,7 @@ def iteration_program(phase_step: registry.PhaseStep, learner: Learner,
   the device (see `model_input`)."""
   mean, std = input_norm if input_norm is not None else (None, None)
   metrics_mean = parallel.pmean(reduction=reduction)
+  unroll = unroll_halves(mesh, learner.model)
 
   def to_input(images):
     return model_input(images, mean, std)
@@ -187,8 +195,7 @@ def iteration_program(phase_step: registry.PhaseStep, learner: Learner,
       state, metrics = _both_halves(phase_step.half_step, learner, state,
                                     images, labels, lr, meta_lr,
                                     with_meta and uses_meta_step, to_input,
-                                    metrics_mean, unroll_halves(mesh),
-                                    per_sample_metrics)
+                                    metrics_mean, unroll, per_sample_metrics)
     return state.replace(step=state.step + 1), metrics
 
   def program(state, images, labels, lr, meta_lr, with_meta):
