@@ -6,12 +6,12 @@ import re
 _INSTRUCTION = re.compile(
     r'\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([a-z\-]+)\(')
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%([\w.\-]+) .*\{$')
-ORDER = ('convolution', 'dot', 'reduce', 'concatenate', 'transpose')
+_ORDER = ('convolution', 'dot', 'reduce', 'concatenate', 'transpose')
 
 
 def operation_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
   """{instruction name: (kind, 'shape')} of a compiled module's text: a
-  fusion's kind is that of the first of ORDER among its instructions,
+  fusion's kind is that of the first of _ORDER among its instructions,
   else 'elementwise'."""
   bodies, current = {}, None
   for line in hlo_text.split('\n'):
@@ -28,8 +28,8 @@ def operation_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
     called = re.search(r'calls=%([\w.\-]+)', line)
     ops = {match.group(3)}
     if called:
-      ops |= set(re.findall(r'= (?:\(.*?\)|\S+) ([a-z\-]+)\(',
-                            '\n'.join(bodies.get(called.group(1), []))))
-    kind = next((k for k in ORDER if k in ops), 'elementwise')
+      ops |= {m.group(3) for m in map(_INSTRUCTION.match,
+                                      bodies.get(called.group(1), [])) if m}
+    kind = next((k for k in _ORDER if k in ops), 'elementwise')
     kinds[match.group(1)] = (kind, match.group(2))
   return kinds

@@ -260,14 +260,14 @@ def main(argv):
   # ratio disagreed with the printed times by more than 1%).
   speedup = float(f"{ms['train_before'] / ms['train']:.4g}")
   print(json.dumps({
-      'train_ms_per_image': round(ms['train'], 3),
-      'train_before_ms_per_image': round(ms['train_before'], 3),
+      'train_ms_per_image': ms['train'],
+      'train_before_ms_per_image': ms['train_before'],
       'train_speedup': speedup,
-      'train_full_decode_ms_per_image': round(ms['train_full_decode'], 3),
-      'train_before_uint8_ms_per_image': round(ms['train_before_uint8'], 3),
-      'train_tf_resize_ms_per_image': round(ms['train_tf_resize'], 3),
-      'eval_ms_per_image': round(ms['eval'], 3),
-      'eval_before_ms_per_image': round(ms['eval_before'], 3),
+      'train_full_decode_ms_per_image': ms['train_full_decode'],
+      'train_before_uint8_ms_per_image': ms['train_before_uint8'],
+      'train_tf_resize_ms_per_image': ms['train_tf_resize'],
+      'eval_ms_per_image': ms['eval'],
+      'eval_before_ms_per_image': ms['eval_before'],
       'train_pixels_equal': pixels_equal,
       'tf_resize_max_difference': int(resize_difference.max()),
       'tf_resize_pixels_differing': round(
