@@ -144,7 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Channels of the exits' two hidden convs; 0: the original's (128 on the
   # CIFAR stem, the exit's input width on the ImageNet stem).
   config.model.classifier_width = 0
-  # The convolutions' derivative rules (l2w_jax/models/conv.py): 'auto'
+  # The convolutions' derivative rules (l2w_jax/models/conv.py), and with
+  # them BatchNorm's one-pass derivative (models/batch_norm.py): 'auto'
   # takes the explicit ones on CPU (faster there) and JAX's on GPU / TPU;
   # 'lax' everywhere allows jax.jvp through the model.
   config.model.conv_gradients = 'auto'

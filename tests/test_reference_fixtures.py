@@ -11,10 +11,14 @@ from tests.conftest import PROJECT_ROOT, subprocess_env
 
 
 def _check_reference(*args):
+  env = subprocess_env()
+  # Float64 iterations of the CIFAR-100 MSDNet: running them dominates, so
+  # XLA optimises as for a user's run (the six-iteration fixture: 92 s
+  # against 132 s unoptimised on the 2-core AMD EPYC).
+  env.pop('JAX_DISABLE_MOST_OPTIMIZATIONS')
   out = subprocess.run([sys.executable, '-m', 'experiments.check_reference',
-                        *map(str, args)], cwd=PROJECT_ROOT,
-                       env=subprocess_env(), capture_output=True, text=True,
-                       timeout=1200)
+                        *map(str, args)], cwd=PROJECT_ROOT, env=env,
+                       capture_output=True, text=True, timeout=1200)
   lines = [json.loads(l) for l in out.stdout.splitlines() if l.startswith('{')]
   return out.returncode, lines, out.stderr
 

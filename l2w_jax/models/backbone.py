@@ -51,9 +51,10 @@ class BackboneFields:
   # Rematerialise the backbone's layers in the backward pass
   # (`flax.linen.remat`, i.e. jax.checkpoint; `meta.remat`); same values.
   remat: bool = False
-  # The convolutions' derivative rules (`conv.conv2d`): 'auto' (the
-  # explicit ones on CPU, JAX's elsewhere), 'explicit' or 'lax'; the same
-  # values to float32 rounding.
+  # The convolutions' derivative rules (`conv.conv2d`), and with them
+  # BatchNorm's (`batch_norm.normalise_batch`): 'auto' (the explicit ones on
+  # CPU, JAX's elsewhere), 'explicit' or 'lax'; the same values to float32
+  # rounding.
   conv_gradients: str = 'auto'
 
   @classmethod

@@ -27,7 +27,8 @@ runs on the same fast forms. Values differ from JAX's rules by float32
 rounding only (the same products, summed in another order).
 
 Reverse mode only: `jax.jvp` through these raises (custom VJPs); use
-`model.conv_gradients='lax'` for forward mode. `conv2d(..., gradients=
+`model.conv_gradients='lax'` for forward mode. The same field selects
+BatchNorm's one-pass derivative (`models/batch_norm.py`). `conv2d(..., gradients=
 'auto')` uses these rules on CPU and JAX's elsewhere (cuDNN and the TPU
 compiler take every layout).
 """

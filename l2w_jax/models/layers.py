@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from l2w_jax.models import batch_norm
 from l2w_jax.models import conv as conv_lib
 
 
@@ -118,6 +119,10 @@ class BatchNorm2d(nn.Module):
   Train mode normalises with the batch mean and biased variance and, when the
   'batch_stats' collection is mutable, moves the running statistics with the
   *unbiased* variance, as PyTorch does. Eval mode uses the running statistics.
+  `gradients` ('auto', 'explicit' or 'lax', the backbone's
+  `conv_gradients`): with the explicit rules the training-mode
+  normalisation of one device's batch has `batch_norm`'s one-pass
+  derivative (synchronised BatchNorm keeps JAX's).
   """
   features: int
   momentum: float = 0.1
@@ -125,6 +130,7 @@ class BatchNorm2d(nn.Module):
   # A mesh axis name: batch statistics over all its devices (SyncBatchNorm;
   # equal shards per device). None: this device's batch only.
   axis_name: str | None = None
+  gradients: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -139,31 +145,35 @@ class BatchNorm2d(nn.Module):
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,),
                                  dtype)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (c,), dtype)
-    if train:
-      axes = tuple(range(x.ndim - 1))
-      mean = self._across_devices(jnp.mean(x, axis=axes))
-      var = self._across_devices(jnp.mean(jnp.square(x - mean), axis=axes))
-      if not self.is_initializing() and self.is_mutable_collection(
-          'batch_stats'):
-        n = math.prod(x.shape[:-1])
-        if self.axis_name is not None:
-          n *= lax.axis_size(self.axis_name)
-        unbiased = var * (n / max(n - 1, 1))
-        m = self.momentum
-        running_mean.value = ((1 - m) * running_mean.value +
-                              m * lax.stop_gradient(mean))
-        running_var.value = ((1 - m) * running_var.value +
-                             m * lax.stop_gradient(unbiased))
+    if not train:
+      return self._normalise(x, running_mean.value, running_var.value, scale,
+                             bias).astype(out_dtype)
+    if self.axis_name is None:
+      y, mean, var = batch_norm.normalise_batch(
+          x, scale, bias, self.epsilon,
+          conv_lib.uses_explicit_gradients(self.gradients))
     else:
-      mean, var = running_mean.value, running_var.value
-    inv = lax.rsqrt(var.astype(x.dtype) + self.epsilon) * scale.astype(x.dtype)
-    y = (x - mean.astype(x.dtype)) * inv + bias.astype(x.dtype)
+      axes = tuple(range(x.ndim - 1))
+      mean = lax.pmean(jnp.mean(x, axis=axes), self.axis_name)
+      var = lax.pmean(jnp.mean(jnp.square(x - mean), axis=axes),
+                      self.axis_name)
+      y = self._normalise(x, mean, var, scale, bias)
+    if not self.is_initializing() and self.is_mutable_collection(
+        'batch_stats'):
+      n = math.prod(x.shape[:-1])
+      if self.axis_name is not None:
+        n *= lax.axis_size(self.axis_name)
+      unbiased = var * (n / max(n - 1, 1))
+      m = self.momentum
+      running_mean.value = ((1 - m) * running_mean.value +
+                            m * lax.stop_gradient(mean))
+      running_var.value = ((1 - m) * running_var.value +
+                           m * lax.stop_gradient(unbiased))
     return y.astype(out_dtype)
 
-  def _across_devices(self, statistic: jax.Array) -> jax.Array:
-    if self.axis_name is None:
-      return statistic
-    return lax.pmean(statistic, self.axis_name)
+  def _normalise(self, x, mean, var, scale, bias):
+    inv = lax.rsqrt(var.astype(x.dtype) + self.epsilon) * scale.astype(x.dtype)
+    return (x - mean.astype(x.dtype)) * inv + bias.astype(x.dtype)
 
 
 class ReLU(nn.Module):
@@ -223,7 +233,8 @@ class ConvBasic(nn.Module):
     self.net = [
         Conv2d(self.n_in, self.n_out, self.kernel, self.stride, self.padding,
                init=self.init, gradients=self.conv_gradients),
-        BatchNorm2d(self.n_out, axis_name=self.bn_axis),
+        BatchNorm2d(self.n_out, axis_name=self.bn_axis,
+                    gradients=self.conv_gradients),
         ReLU(),
     ]
 
@@ -243,7 +254,8 @@ def stem_input_layer(stem: str, width: int, init: str,
                      conv_gradients=conv_gradients)
   return [Conv2d(3, width, 7, 2, 3, use_bias=True, init=init,
                  gradients=conv_gradients),
-          BatchNorm2d(width, axis_name=bn_axis), ReLU(), MaxPool2d(3, 2, 1)]
+          BatchNorm2d(width, axis_name=bn_axis, gradients=conv_gradients),
+          ReLU(), MaxPool2d(3, 2, 1)]
 
 
 def run_stem(layers, x: jax.Array, train: bool) -> list[jax.Array]:
@@ -285,7 +297,8 @@ class ConvBN(nn.Module):
 
   def setup(self):
     stride = 2 if self.kind == 'down' else 1
-    bn_relu = lambda n: [BatchNorm2d(n, axis_name=self.bn_axis), ReLU()]
+    bn_relu = lambda n: [BatchNorm2d(n, axis_name=self.bn_axis,
+                                     gradients=self.conv_gradients), ReLU()]
     n_inner = self.n_in
     if self.bottleneck or not self.bn_after:
       n_inner = min(n_inner, self.bn_width * self.n_out)
