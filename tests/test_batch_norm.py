@@ -66,8 +66,8 @@ def test_one_pass_derivatives_match_jax(float64, shape):
 
 def test_the_layer_takes_the_rule_with_the_explicit_convolution_rules():
   """BatchNorm2d in train mode: the one-pass rule (a custom VJP, so no
-  forward mode) with 'explicit' and on CPU with 'auto'; JAX's with 'lax'
-  and for synchronised BatchNorm."""
+  forward mode) with 'explicit' and on CPU with 'auto'; JAX's with
+  'lax'."""
   x = jnp.ones((2, 3, 3, 4)) + jnp.arange(4.0)
 
   def tangent(gradients):

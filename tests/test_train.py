@@ -134,9 +134,9 @@ def test_nan_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
   config = tiny_train_config('sklearn_digits', num_steps=40)
   config.dataset.data_dir = str(tmp_path / 'data')
   config.train.checkpoint_every_steps = 1
-  # Finite after iteration 1, NaN weights at iteration 2: so from 2e3 to
-  # 3e4 at least; at 1e3, rounding (BatchNorm's derivative rule) decided
-  # between iterations 2 and 3.
+  # Finite after iteration 1, NaN weights at iteration 2 (so for every lr
+  # tried from 2e3 to 3e4; at 1e3 rounding, e.g. BatchNorm's derivative
+  # rule, decided between iterations 2 and 3).
   config.train.lr = 1e4
   with pytest.raises(divergence.TrainingDiverged) as error:
     train.train_and_evaluate(config, str(tmp_path / 'run'))

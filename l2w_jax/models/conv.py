@@ -28,9 +28,9 @@ rounding only (the same products, summed in another order).
 
 Reverse mode only: `jax.jvp` through these raises (custom VJPs); use
 `model.conv_gradients='lax'` for forward mode. The same field selects
-BatchNorm's one-pass derivative (`models/batch_norm.py`). `conv2d(..., gradients=
-'auto')` uses these rules on CPU and JAX's elsewhere (cuDNN and the TPU
-compiler take every layout).
+BatchNorm's one-pass derivative (`models/batch_norm.py`).
+`conv2d(..., gradients='auto')` uses these rules on CPU and JAX's
+elsewhere (cuDNN and the TPU compiler take every layout).
 """
 
 from __future__ import annotations

@@ -146,18 +146,12 @@ class BatchNorm2d(nn.Module):
                                  dtype)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (c,), dtype)
     if not train:
-      return self._normalise(x, running_mean.value, running_var.value, scale,
-                             bias).astype(out_dtype)
-    if self.axis_name is None:
-      y, mean, var = batch_norm.normalise_batch(
-          x, scale, bias, self.epsilon,
-          conv_lib.uses_explicit_gradients(self.gradients))
-    else:
-      axes = tuple(range(x.ndim - 1))
-      mean = lax.pmean(jnp.mean(x, axis=axes), self.axis_name)
-      var = lax.pmean(jnp.mean(jnp.square(x - mean), axis=axes),
-                      self.axis_name)
-      y = self._normalise(x, mean, var, scale, bias)
+      return batch_norm.normalise(
+          x, running_mean.value.astype(dtype), running_var.value.astype(dtype),
+          scale, bias, self.epsilon).astype(out_dtype)
+    y, mean, var = batch_norm.normalise_batch(
+        x, scale, bias, self.epsilon,
+        conv_lib.uses_explicit_gradients(self.gradients), self.axis_name)
     if not self.is_initializing() and self.is_mutable_collection(
         'batch_stats'):
       n = math.prod(x.shape[:-1])
@@ -170,10 +164,6 @@ class BatchNorm2d(nn.Module):
       running_var.value = ((1 - m) * running_var.value +
                            m * lax.stop_gradient(unbiased))
     return y.astype(out_dtype)
-
-  def _normalise(self, x, mean, var, scale, bias):
-    inv = lax.rsqrt(var.astype(x.dtype) + self.epsilon) * scale.astype(x.dtype)
-    return (x - mean.astype(x.dtype)) * inv + bias.astype(x.dtype)
 
 
 class ReLU(nn.Module):
