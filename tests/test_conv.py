@@ -134,10 +134,9 @@ def _uniform_half_step(config):
   return new_state.params, new_state.batch_stats
 
 
-# MSDNet runs the whole second-order meta step. RANet keeps JAX's rules
-# under 'auto' (its meta step compiles far longer with the explicit ones),
-# so its case is the cheaper first-order step, which still runs every one of
-# its convolutions' rules.
+# MSDNet runs the whole second-order meta step; RANet the cheaper
+# first-order step (the meta step's second order is MSDNet's case), which
+# still runs every one of its convolutions' rules.
 @pytest.mark.parametrize('make_config,half_step', [
     (tiny_config, _l2w_half_step), (tiny_ranet_config, _uniform_half_step)])
 def test_half_step_is_the_same_with_either_rules(float64, make_config,

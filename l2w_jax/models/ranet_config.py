@@ -43,12 +43,6 @@ class RANetConfig(BackboneFields):
       object.__setattr__(self, field,
                          parse_factors(getattr(self, field), field))
     self.normalise_backbone_fields()
-    if self.conv_gradients == 'auto':
-      # Measured on CPU: the explicit rules take a fifth off RANet's plain
-      # half step but compile it 38 % longer, and its L2W step did not
-      # finish compiling in 13 minutes (docs/speed.md); JAX's rules until
-      # that is understood. 'explicit' still selects them.
-      object.__setattr__(self, 'conv_gradients', 'lax')
     self.validate()
 
   @property
