@@ -243,6 +243,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.distributed.num_processes = 1
   config.distributed.process_id = 0
   config.distributed.num_devices = 0  # 0: every device; n: the first n
+  # A process silent for this long is lost and the others stop, with one
+  # line (JAX's default is 100 s).
+  config.distributed.heartbeat_timeout_seconds = 30
+  # How long the processes wait for each other to connect at the start.
+  config.distributed.initialization_timeout_seconds = 300
   # A host with a TPU or GPU but JAX only on its CPU stops the run (the
   # install command is in the message); True trains on the CPU anyway.
   config.distributed.allow_cpu = False

@@ -34,6 +34,14 @@ def exit_with_message(message: str, status: int) -> None:
   os._exit(status)  # pylint: disable=protected-access
 
 
+def one_line(error: BaseException) -> str:
+  """`error` as one line: its type (unless its message already reads as a
+  sentence of this project's) and message."""
+  text = ' '.join(str(error).split())
+  return text if text.startswith('cannot ') else (
+      f'{type(error).__name__}: {text}')
+
+
 def start_quietly(argv) -> None:
   """What an evaluation-style main does first: refuses stray arguments and,
   unless --verbosity was given, keeps absl's INFO lines out of the output."""
@@ -54,4 +62,7 @@ def run_with_one_line_errors(main, errors=(FileNotFoundError, ValueError,
     raise
   except errors as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
+    sys.exit(1)
+  except OSError as e:  # a full disk, a file that cannot be written or read
+    print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
     sys.exit(1)

@@ -94,12 +94,13 @@ def main(argv):
   from l2w_jax.training import registry  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.divergence import TrainingDiverged  # pylint: disable=g-import-not-at-top
-  from l2w_jax.training.workdir import WorkdirError  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training.workdir import WorkdirError, no_space_message  # pylint: disable=g-import-not-at-top
   from l2w_jax.accelerators import PlatformError  # pylint: disable=g-import-not-at-top
 
   config = common.config_from_flag(_CONFIG)
   start = time.perf_counter()
   runs, seconds = [], {}
+  run_dir = _WORKDIR.value  # the one being written, for a full disk
   try:
     for method in _METHODS.value:
       registry.get(method)  # an unknown name stops before any training
@@ -107,8 +108,8 @@ def main(argv):
       paths.check_writable(_FIGURE.value, 'cannot write the figure to')
     for i, method in enumerate(_METHODS.value):
       print(f'== {i + 1}/{len(_METHODS.value)}: {method} ==', flush=True)
-      results, seconds[method] = run_method(
-          config, method, paths.join(_WORKDIR.value, method))
+      run_dir = paths.join(_WORKDIR.value, method)
+      results, seconds[method] = run_method(config, method, run_dir)
       if 'interrupted_at' in results:  # SIGTERM / Ctrl-C: saved, stop here
         cli.exit_with_message(
             f'{method}: interrupted at iteration {results["interrupted_at"]}'
@@ -120,14 +121,22 @@ def main(argv):
   except KeyboardInterrupt:
     cli.exit_with_message('interrupted; rerun the same command to resume',
                           130)
+  except OSError as e:  # a full disk or quota while a run writes
+    line = no_space_message(e, run_dir)
+    cli.exit_with_message(f'error: {line or cli.one_line(e)}', 1)
   figure = paths.absolute(_FIGURE.value or
                           paths.join(_WORKDIR.value, 'demo.png'))
-  paths.makedirs(paths.split(figure)[0])
-  plots.plot_method_comparison(
-      runs, figure, _BUDGET.value,
-      title=f'{" vs ".join(_METHODS.value)} on {config.dataset.name}: '
-            f'{runs[0][1]["iterations"]} iterations each, seed {config.seed}, '
-            f'{runs[0][1]["num_test"]} test images')
+  try:
+    paths.makedirs(paths.split(figure)[0])
+    plots.plot_method_comparison(
+        runs, figure, _BUDGET.value,
+        title=f'{" vs ".join(_METHODS.value)} on {config.dataset.name}: '
+              f'{runs[0][1]["iterations"]} iterations each, seed '
+              f'{config.seed}, {runs[0][1]["num_test"]} test images')
+  except OSError as e:  # the figure is written in one piece, or not at all
+    cli.exit_with_message(
+        f'error: {cli.one_line(e)}; the runs in {_WORKDIR.value} are '
+        'finished and kept: rerun the same command to draw it', 1)
   print(flush=True)
   for label, results in runs:
     print(exit_summary(label, results))

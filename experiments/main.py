@@ -16,10 +16,11 @@ from experiments import cli
 
 from l2w_jax.accelerators import PlatformError
 from l2w_jax.data import DatasetNotFoundError
+from l2w_jax.peer_loss import EXIT_STATUS, PeerLost
 from l2w_jax.training.checkpoint import CheckpointError
 from l2w_jax.training.divergence import TrainingDiverged
 from l2w_jax.training.train import train_and_evaluate
-from l2w_jax.training.workdir import WorkdirError
+from l2w_jax.training.workdir import WorkdirError, no_space_message
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file.', lock_config=True)
@@ -41,6 +42,11 @@ def main(argv):
   except (DatasetNotFoundError, CheckpointError, PlatformError,
           TrainingDiverged, WorkdirError, ValueError) as e:
     cli.exit_with_message(f'error: {e}', 1)
+  except PeerLost as e:
+    cli.exit_with_message(str(e), EXIT_STATUS)
+  except OSError as e:  # a full disk or quota while writing metrics, results
+    line = no_space_message(e, _WORKDIR.value)
+    cli.exit_with_message(f'error: {line or cli.one_line(e)}', 1)
   except KeyboardInterrupt:
     cli.exit_with_message('interrupted before a checkpoint could be saved; '
                           'rerun the same command to resume from the newest '

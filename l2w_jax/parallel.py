@@ -26,15 +26,26 @@ import collections
 import dataclasses
 import itertools
 import os
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from l2w_jax import peer_loss
 from l2w_jax.models import DATA_AXIS
+
+T = TypeVar('T')
+
+# A process whose heartbeats stop for this long is lost, and the others stop
+# (30.0 s after a kill -9 in test_sharding's 2-process run); JAX's default
+# is 100 s. `distributed.heartbeat_timeout_seconds` overrides it.
+HEARTBEAT_TIMEOUT_SECONDS = 30
+# How long a process waits for all the others to connect at the start.
+INITIALIZATION_TIMEOUT_SECONDS = 300
 BN_STATS_RULES = ('device0', 'mean')
 # How gradients and other per-device values are averaged over devices:
 # 'all_reduce' (XLA's, whose summation order depends on the device layout
@@ -52,26 +63,56 @@ def _on_multi_host_tpu() -> bool:
           bool(os.environ.get('MEGASCALE_COORDINATOR_ADDRESS')))
 
 
-def initialize_distributed(config) -> None:
+def initialize_distributed(config, resume_hint: str = '') -> None:
   """Starts multi-process JAX once, before any computation, when the run has
   several processes: explicitly with `config.distributed.coordinator_address`
   (CPU/GPU clusters, local tests), automatically on a multi-host TPU slice.
-  Does nothing for a single process or when already initialised."""
+  Does nothing for a single process or when already initialised.
+
+  A process that stops sending heartbeats for
+  `distributed.heartbeat_timeout_seconds` is lost, and the others stop;
+  their stderr goes through `peer_loss.start_relay`, which turns JAX's
+  report of that into one line ending with `resume_hint`.
+  """
   if jax.distributed.is_initialized():
     return
   dist = config.get('distributed')
   address = dist.get('coordinator_address') if dist else None
+  timeouts = {
+      'heartbeat_timeout_seconds': int(dist.get(
+          'heartbeat_timeout_seconds', HEARTBEAT_TIMEOUT_SECONDS)),
+      'initialization_timeout': int(dist.get(
+          'initialization_timeout_seconds', INITIALIZATION_TIMEOUT_SECONDS)),
+  } if dist else {}
   if address:
     if dist.num_processes < 1 or not 0 <= dist.process_id < dist.num_processes:
       raise ValueError(
           f'distributed.process_id must be in [0, distributed.num_processes); '
           f'got process_id={dist.process_id}, num_processes='
           f'{dist.num_processes}')
+    if dist.num_processes > 1:
+      peer_loss.start_relay(resume_hint)
     jax.distributed.initialize(coordinator_address=address,
                                num_processes=dist.num_processes,
-                               process_id=dist.process_id)
+                               process_id=dist.process_id, **timeouts)
   elif _on_multi_host_tpu():
-    jax.distributed.initialize()
+    peer_loss.start_relay(resume_hint)
+    jax.distributed.initialize(**timeouts)
+
+
+def process_0_first(fn: Callable[[], T]) -> T:
+  """fn() on process 0, then, once it returned, on the others (all
+  processes wait at a barrier in between): something fn writes into a
+  directory the hosts share (a dataset prepared on first use) is written
+  once, not raced. fn() alone on one process."""
+  if jax.process_count() == 1:
+    return fn()
+  if jax.process_index() == 0:
+    out = fn()
+    multihost_utils.sync_global_devices('l2w_jax: process 0 first')
+    return out
+  multihost_utils.sync_global_devices('l2w_jax: process 0 first')
+  return fn()
 
 
 def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:

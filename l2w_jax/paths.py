@@ -21,6 +21,7 @@ support), since epath would otherwise take `foo://x` for the local path
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import posixpath
@@ -37,6 +38,23 @@ _SCHEME = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
 
 class UnsupportedPath(ValueError):
   """A path of a filesystem this code cannot write."""
+
+
+class NoSpaceError(OSError):
+  """A write that failed for lack of room (a full disk or quota, a file-size
+  limit): `path` is what was being written, `needed` its bytes."""
+
+  def __init__(self, path, needed: int, why: str):
+    super().__init__(f'cannot write {path} ({why}; it needs {megabytes(needed)})')
+    self.path, self.needed, self.why = str(path), needed, why
+
+
+def _raise_if_no_space(error: OSError, path, needed: int) -> None:
+  """Raises `error` as a NoSpaceError of `path` (`needed` bytes) if it is
+  a write that failed for lack of room."""
+  why = out_of_space(error)
+  if why is not None and not isinstance(error, NoSpaceError):
+    raise NoSpaceError(path, needed, why) from error
 
 
 def scheme(path) -> str | None:
@@ -194,13 +212,17 @@ def write_bytes(path, content: bytes) -> None:
   """Writes `content` to the file `path`; a local file is fsync'ed before
   this returns (so that a rename that publishes it never shows it
   half-written after a crash)."""
-  if is_url(path):
-    as_path(path).write_bytes(content)
-    return
-  with open(path, 'wb') as f:
-    f.write(content)
-    f.flush()
-    os.fsync(f.fileno())
+  try:
+    if is_url(path):
+      as_path(path).write_bytes(content)
+      return
+    with open(path, 'wb') as f:
+      f.write(content)
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as e:
+    _raise_if_no_space(e, path, len(content))
+    raise
 
 
 def write_atomic(path, content: bytes | str) -> None:
@@ -224,9 +246,11 @@ def write_atomic(path, content: bytes | str) -> None:
   try:
     write_bytes(temporary, data)
     os.replace(temporary, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(temporary):
       os.remove(temporary)
+    if isinstance(e, NoSpaceError):
+      raise NoSpaceError(path, e.needed, e.why) from e
     raise
 
 
@@ -234,8 +258,12 @@ def append_text(path, text: str) -> None:
   """Appends `text` to the file `path` (created if missing). On GCS,
   objects cannot grow: TensorFlow's filesystem reads the object and uploads
   it again with `text` added, so each call costs the file's size."""
-  with as_path(path).open('a') as f:
-    f.write(text)
+  try:
+    with as_path(path).open('a') as f:
+      f.write(text)
+  except OSError as e:
+    _raise_if_no_space(e, path, len(text.encode()))
+    raise
 
 
 def make_temp_dir(parent, prefix: str, suffix: str) -> str:
@@ -250,3 +278,47 @@ def make_temp_dir(parent, prefix: str, suffix: str) -> str:
   path = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent)
   os.chmod(path, 0o755)  # mkdtemp makes it private
   return path
+
+
+# Why a write fails for lack of room, by errno and as orbax/TensorStore
+# spell it in the messages of the errors they raise instead.
+_OUT_OF_SPACE = (
+    (errno.ENOSPC, 'No space left on device', 'no space is left on the '
+     'device'),
+    (errno.EDQUOT, 'Disk quota exceeded', 'the disk quota is exceeded'),
+    (errno.EFBIG, 'File too large', 'a file would exceed the size this '
+     'process may write (ulimit -f)'),
+)
+
+
+def out_of_space(error: BaseException) -> str | None:
+  """Why `error` (or an error it was raised from) is a write that failed
+  for lack of room, in words; None if it is not one."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    for number, text, words in _OUT_OF_SPACE:
+      if getattr(error, 'errno', None) == number or text in str(error):
+        return words
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def size_of(path) -> int | None:
+  """The bytes of the file or directory tree `path` (local), None for a
+  URL or a path that cannot be read."""
+  if is_url(path):
+    return None
+  try:
+    if os.path.isfile(path):
+      return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names)
+  except OSError:
+    return None
+
+
+def megabytes(size: int) -> str:
+  """`size` bytes in words ("3.2 MB")."""
+  return f'{size / 1e6:.1f} MB' if size >= 1e5 else f'{size / 1e3:.0f} kB'
+

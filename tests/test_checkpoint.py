@@ -95,9 +95,16 @@ def test_a_save_failing_in_the_background_stops_the_run_in_one_line(
   message = str(error.value)
   assert message.startswith(
       f'cannot write checkpoint 2 to {tmp_path / "run" / "checkpoints" / "2"} '
-      '(OSError: [Errno 28] No space left on device)'), message
-  assert 'the earlier checkpoints ([1]) are untouched' in message
-  assert 'rerun the same command to resume' in message
+      '(no space is left on the device: OSError: [Errno 28] No space left '
+      'on device)'), message
+  one_checkpoint = sum(p.stat().st_size for p in
+                       (tmp_path / 'run' / 'checkpoints' / '1').rglob('*')
+                       if p.is_file())
+  assert message.endswith(
+      'the earlier checkpoints ([1]) are untouched; free at least '
+      f'{paths.megabytes(one_checkpoint)} (one checkpoint) in '
+      f'{tmp_path / "run" / "checkpoints"}, then rerun the same command to '
+      'resume'), message
   assert '\n' not in message
   assert not [r for r in caplog.records if 'background save' in
               r.getMessage() or 'Save Finalize' in r.getMessage()]

@@ -4,6 +4,7 @@ the run's 39-budget results; its errors name the problem and the fix."""
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import types
 import numpy as np
 import pytest
 
+from l2w_jax import paths
 from l2w_jax.serving import Predictor, artifact, normalize, write_artifact
 from l2w_jax.training import train
 from tests.conftest import NO_TENSORFLOW, PROJECT_ROOT, subprocess_env
@@ -301,6 +303,39 @@ def test_export_errors_are_one_line(exported, tmp_path):
   assert out.stderr.strip().splitlines()[-1].startswith(
       f'error: {exported.model} already exists: pass overwrite=True '
       '(--overwrite)')
+
+
+def test_export_on_a_full_disk_keeps_the_old_artifact(exported, tmp_path):
+  """--overwrite with every file limited below the variables' size
+  (RLIMIT_FSIZE, as a full disk): one line naming the artifact and the
+  room it needs; the old artifact is intact and no temporary is left."""
+  old = tmp_path / 'model'
+  shutil.copytree(exported.model, old)
+  before = sorted((p.name, p.read_bytes()) for p in old.rglob('*')
+                  if p.is_file())
+  variables = (old / artifact.VARIABLES_FILE).stat().st_size
+
+  def limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (variables // 2,) * 2)
+
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.export',
+       '--config=tests/tiny_digits_config.py',
+       f'--config.train.num_steps={NUM_STEPS}',
+       f'--workdir={exported.root / "run"}', f'--out={old}', '--overwrite',
+       '--compilation_cache=none',
+       f'--config.dataset.data_dir={exported.root / "data"}'],
+      cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True,
+      timeout=600, preexec_fn=limit_file_size)
+  assert out.returncode == 1
+  assert 'Traceback' not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      f'error: cannot write {old} (a file would exceed the size this '
+      'process may write (ulimit -f); it needs '
+      f'{paths.megabytes(variables)})'), out.stderr
+  assert sorted((p.name, p.read_bytes()) for p in old.rglob('*')
+                if p.is_file()) == before
+  assert sorted(os.listdir(tmp_path)) == ['model']  # no temporary left
 
 
 def test_imta_predicts_with_simulated_exits(exported, tmp_path):

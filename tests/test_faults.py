@@ -4,6 +4,8 @@ and bad input files (`pytest -k "fault or corrupt or mismatch or validate
 or nan"` selects this file)."""
 
 import json
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -17,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from l2w_jax import data
+from l2w_jax import paths
 from l2w_jax.convert import torch_state
 from l2w_jax.training import config_checks
 from l2w_jax.training import divergence
@@ -314,6 +317,107 @@ def test_fault_failing_checkpoint_write_keeps_the_earlier_ones(tmp_path,
   assert 'the earlier checkpoints ([1]) are untouched' in message
   monkeypatch.setattr(ocp.CheckpointManager, 'save', original)
   assert int(restore_state(config, tmp_path / 'run' / 'checkpoints').step) == 1
+
+
+def _limited_to(limit: int):
+  """A subprocess preexec_fn: no file of the process may grow beyond
+  `limit` bytes (RLIMIT_FSIZE; a write past it fails with EFBIG, as one
+  on a full disk fails with ENOSPC: Python ignores SIGXFSZ)."""
+  def limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  return limit_file_size
+
+
+def _limited_main(limit: int, *args) -> subprocess.CompletedProcess:
+  """experiments.main with every file limited to `limit` bytes, without
+  the compilation cache (its entries would be written truncated)."""
+  return subprocess.run(
+      [sys.executable, '-m', 'experiments.main',
+       '--config=tests/tiny_digits_config.py', '--compilation_cache=none',
+       *args], cwd=PROJECT_ROOT,
+      env=subprocess_env(), capture_output=True, text=True, timeout=300,
+      preexec_fn=_limited_to(limit))
+
+
+def test_fault_full_disk_keeps_the_checkpoints_and_names_the_space(tmp_path):
+  """A run of 2 iterations is resumed for 4 with every file limited in
+  size (RLIMIT_FSIZE): first below the size metrics.jsonl has, so its next
+  row cannot be written, then below the size of a checkpoint's largest
+  file, so checkpoint 3 cannot be written. Each time the command stops with
+  one line naming the file and the room one checkpoint takes, checkpoint 2
+  still restores, and the rerun with room resumes from it and finishes."""
+  config = _config(tmp_path, num_steps=2)
+  workdir = tmp_path / 'run'
+  checkpoints = workdir / 'checkpoints'
+  train.train_and_evaluate(config, str(workdir))
+  one_checkpoint = sum(p.stat().st_size for p in (checkpoints / '2').rglob('*')
+                       if p.is_file())
+  room = f'free at least {paths.megabytes(one_checkpoint)} (one checkpoint)'
+  resumed = [f'--workdir={workdir}',
+             f'--config.dataset.data_dir={tmp_path / "data"}',
+             '--config.train.num_steps=4',
+             '--config.train.checkpoint_every_steps=1',
+             '--config.train.keep_checkpoints=5']
+  metrics = workdir / 'metrics.jsonl'
+  largest = max(p.stat().st_size for p in (checkpoints / '2').rglob('*')
+                if p.is_file())
+  assert metrics.stat().st_size + 5000 < largest // 2  # the limits differ
+
+  run = _limited_main(metrics.stat().st_size, *resumed)
+  assert run.returncode == 1, run.stderr
+  assert 'Traceback' not in run.stderr
+  assert run.stderr.splitlines()[-1] == (
+      f'error: cannot write {metrics} (a file would exceed the size this '
+      'process may write (ulimit -f)); the checkpoints already saved are '
+      f'intact: {room} in {workdir}, then rerun the same command '
+      'to resume'), run.stderr
+
+  run = _limited_main(largest // 2, *resumed)
+  assert run.returncode == 1, run.stderr
+  assert 'Traceback' not in run.stderr
+  lines = run.stderr.splitlines()[-1:]
+  assert lines[0].startswith(
+      f'error: cannot write checkpoint 3 to {checkpoints / "3"} (a file '
+      'would exceed the size this process may write (ulimit -f): '), lines
+  assert lines[0].endswith(
+      f'so the earlier checkpoints ([1, 2]) are untouched; {room} in '
+      f'{checkpoints}, then rerun the same command to resume'), lines
+  assert int(restore_state(config, checkpoints).step) == 2
+
+  config.train.num_steps = 4
+  results = train.train_and_evaluate(config, str(workdir))
+  assert results['iterations'] == 4
+  assert int(restore_state(config, checkpoints).step) == 4
+
+
+def test_fault_full_disk_for_the_demo_figure_keeps_the_old_one(
+    finished_run, tmp_path):
+  """The demo over a finished run, every file limited to 10 kB: one line
+  naming the figure and its size; the old figure is intact."""
+  from matplotlib import font_manager  # pylint: disable=g-import-not-at-top
+  # Matplotlib's font cache is written before the limit applies (the
+  # subprocess shares it), not by the limited process.
+  assert font_manager.fontManager.ttflist
+  config, base, _ = finished_run
+  shutil.copytree(base / 'run', tmp_path / 'demo' / config.method)
+  figure = tmp_path / 'demo.png'
+  figure.write_bytes(b'the old figure')
+  run = subprocess.run(
+      [sys.executable, '-m', 'experiments.demo',
+       '--config=tests/tiny_digits_config.py', f'--workdir={tmp_path / "demo"}',
+       f'--methods={config.method}', f'--figure={figure}',
+       '--compilation_cache=none'],
+      cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True,
+      timeout=300, preexec_fn=_limited_to(10_000))
+  assert run.returncode == 1, run.stderr
+  assert 'Traceback' not in run.stderr
+  assert re.fullmatch(
+      f'error: cannot write {re.escape(str(figure))} \\(a file would exceed '
+      'the size this process may write \\(ulimit -f\\); it needs [0-9.]+ [kM]B'
+      f'\\); the runs in {re.escape(str(tmp_path / "demo"))} are finished '
+      'and kept: rerun the same command to draw it',
+      run.stderr.splitlines()[-1]), run.stderr
+  assert figure.read_bytes() == b'the old figure'
 
 
 # ----------------------------------------------------------------------------

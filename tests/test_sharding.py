@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -31,6 +32,7 @@ from l2w_jax.training import forward
 from l2w_jax.training import registry
 from l2w_jax.training import step as step_lib
 from l2w_jax.training import train
+from l2w_jax.training.checkpoint import Checkpointer
 from l2w_jax.training.learner import build_learner, init_train_state
 from tests.conftest import PROJECT_ROOT, subprocess_env
 from tests.tiny import (TINY_IMAGE, restore_state, tiny_config,
@@ -380,27 +382,37 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _command(workdir, overrides) -> list[str]:
-  return [sys.executable, '-m', 'experiments.main',
+def _command(workdir, overrides, script: str | None = None) -> list[str]:
+  """experiments.main's command line; with `script`, Python source run
+  instead of `-m experiments.main` (it runs the module itself)."""
+  start = ['-m', 'experiments.main'] if script is None else ['-c', script]
+  return [sys.executable, *start,
           '--config=tests/tiny_digits_config.py', f'--workdir={workdir}',
           *[f'--config.{k}={v}' for k, v in overrides.items()]]
 
 
-def _two_processes(workdir, overrides, terminate_after: str | None = None):
-  """Runs experiments.main as 2 local processes x 8 CPU devices (4 of each
-  in the mesh, see below) with a localhost coordinator; with
-  `terminate_after`, SIGTERMs both once process 0 prints it. Returns
-  (processes, [output of each])."""
+def _start_two_processes(workdir, overrides,
+                         scripts=(None, None)) -> list[subprocess.Popen]:
+  """Starts experiments.main as 2 local processes x 8 CPU devices (4 of
+  each in the mesh, see below) with a localhost coordinator, stdout and
+  stderr in one pipe each; `scripts[i]`: see `_command`."""
   env = subprocess_env()
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={NUM_DEVICES}'
   port = _free_port()
-  processes = [subprocess.Popen(
+  return [subprocess.Popen(
       _command(workdir, {
           **overrides,
           'distributed.coordinator_address': f'localhost:{port}',
-          'distributed.num_processes': 2, 'distributed.process_id': i}),
+          'distributed.num_processes': 2, 'distributed.process_id': i},
+               scripts[i]),
       cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def _two_processes(workdir, overrides, terminate_after: str | None = None):
+  """Runs `_start_two_processes`; with `terminate_after`, SIGTERMs both
+  once process 0 prints it. Returns (processes, [output of each])."""
+  processes = _start_two_processes(workdir, overrides)
   try:
     head = ''
     if terminate_after is not None:
@@ -417,22 +429,53 @@ def _two_processes(workdir, overrides, terminate_after: str | None = None):
       p.kill()
 
 
+# Process 1 of a run: experiments.main, but once checkpoint STEP has been
+# handed to orbax (its files are being written in the background), the
+# process kills itself, as a host lost in the middle of a save.
+_DIE_DURING_SAVE = """
+import os, runpy, signal, sys
+from l2w_jax.training import checkpoint
+save = checkpoint.Checkpointer.save
+def save_then_die(self, step, state, meta):
+  save(self, step, state, meta)
+  if step == STEP:
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.Checkpointer.save = save_then_die
+sys.argv[0] = 'experiments.main'
+runpy.run_module('experiments.main', run_name='__main__', alter_sys=True)
+"""
+
+
 def _training_rows(workdir) -> list[dict]:
-  """The training rows of a run's metrics.jsonl, without wall-clock rates."""
+  """The training rows of a run's metrics.jsonl, without wall-clock rates;
+  of a step logged twice (by a run that died before saving it, then by the
+  rerun), the rerun's."""
   rows = [json.loads(line) for line in
           (workdir / 'metrics.jsonl').read_text().splitlines()]
-  return [{k: v for k, v in r.items() if k != 'train/images_per_second'}
-          for r in rows if 'train/loss' in r]
+  by_step = {r['step']: {k: v for k, v in r.items()
+                         if k != 'train/images_per_second'}
+             for r in rows if 'train/loss' in r}
+  return [by_step[step] for step in sorted(by_step)]
 
 
 @pytest.mark.long
 def test_two_processes_train_like_one_process_on_the_same_mesh(tmp_path):
-  """2 local processes with a localhost coordinator train 6 L2W iterations
+  """2 local processes with a localhost coordinator train 8 L2W iterations
   of digits on a mesh of 8 devices (4 of each process); only process 0
-  writes results; a SIGTERM stops both processes after the same iteration
-  and the rerun resumes; and the run is the same run, bit for bit, as 1
-  process x 8 devices: every iteration's logged metrics, the final
-  parameters and the evaluation (which each process does on its own rows).
+  writes results. The run is stopped twice and resumed each time:
+
+  * a SIGTERM stops both processes after the same iteration, saved
+    together (exit 0);
+  * process 1 dies (SIGKILL) while a checkpoint is being written: process
+    0 stops within 60 s (JAX's heartbeat timeout, 30 s by default) with
+    one line naming the lost process and the commands to rerun, no
+    traceback and no C++ report; the checkpoint being written does not
+    count, the one before it is complete.
+
+  The last rerun resumes from that one and finishes, and the run is the
+  same run, bit for bit, as an uninterrupted 1 process x 8 devices: every
+  iteration's logged metrics, the final parameters and the evaluation
+  (which each process does on its own rows).
 
   Bit for bit needs two things that only change rounding:
   * distributed.reduction=ordered: XLA's all-reduce sums in an order that
@@ -445,7 +488,7 @@ def test_two_processes_train_like_one_process_on_the_same_mesh(tmp_path):
     partitions some loops into as many parallel tasks as the process has
     devices, and the partitions round differently.
   """
-  num_steps = 6
+  num_steps = 8
   overrides = {'dataset.data_dir': tmp_path / 'data',
                'train.num_steps': num_steps, 'train.batch_size': -1,
                'train.per_device_batch_size': 4, 'train.lr': 0.1,
@@ -459,19 +502,54 @@ def test_two_processes_train_like_one_process_on_the_same_mesh(tmp_path):
   config.dataset.data_dir = str(tmp_path / 'data')
   data.data_info(config)  # prepared once, before the processes share it
   workdir = tmp_path / 'two'
+  checkpoints = workdir / 'checkpoints'
   # SIGTERM reaches both processes after iteration 1: they agree on an
-  # iteration, save it together and stop; the rerun resumes and finishes.
+  # iteration, save it together and stop.
   stopped = _two_processes(workdir, overrides, terminate_after='step 1/')
   assert [p.returncode for p in stopped[0]] == [0, 0], stopped[1]
   interrupted = [int(m) for m in re.findall(
       r'interrupted: checkpoint saved at iteration (\d+)', stopped[1][0])]
-  assert len(interrupted) == 1 and 1 <= interrupted[0] < num_steps, stopped[1]
+  assert len(interrupted) == 1 and 1 <= interrupted[0] < num_steps - 2, (
+      stopped[1])
   assert f'interrupted: checkpoint saved at iteration {interrupted[0]}' in (
       stopped[1][1])
   assert not (workdir / train.RESULTS_FILE).exists()
+
+  # The rerun resumes; process 1 dies while checkpoint `dies_at` is written.
+  dies_at = interrupted[0] + 2
+  processes = _start_two_processes(
+      workdir, overrides,
+      scripts=(None, _DIE_DURING_SAVE.replace('STEP', str(dies_at))))
+  try:
+    assert processes[1].wait(timeout=600) == -signal.SIGKILL
+    died = time.monotonic()
+    output = processes[0].communicate(timeout=600)[0]
+    stopped_after = time.monotonic() - died
+  finally:
+    for p in processes:
+      p.kill()
+  print(f'process 0 stopped {stopped_after:.1f} s after process 1 died')
+  assert f'resumed from {checkpoints} at iteration {interrupted[0]}' in output
+  assert processes[0].returncode != 0, output
+  assert stopped_after <= 60, output
+  lost = [line for line in output.splitlines() if 'error: lost' in line]
+  assert lost == [
+      'error: lost a process of this run (process 1 stopped sending '
+      'heartbeats); the checkpoints already saved are intact (one being '
+      'written counts only once complete): once every host is up, rerun '
+      f'the same 2 commands to resume from the newest complete checkpoint '
+      f'in {checkpoints}'], output
+  for noise in ('Traceback', 'Check failure', 'coordination_service',
+                'Terminating process'):
+    assert noise not in output, output
+  checkpointer = Checkpointer(str(checkpoints))
+  saved = checkpointer.all_steps()
+  checkpointer.close()
+  assert dies_at not in saved and dies_at - 1 in saved, saved
+
   processes, outputs = _two_processes(workdir, overrides)
-  assert f'resumed from {workdir / "checkpoints"} at iteration ' \
-         f'{interrupted[0]}' in outputs[0]
+  assert f'resumed from {checkpoints} at iteration {dies_at - 1}' in (
+      outputs[0])
   assert [p.returncode for p in processes] == [0, 0], outputs
   assert '8 devices on 2 process(es): per-device batch 4' in outputs[0]
   assert 'test top-1 per exit' in outputs[0]
@@ -500,7 +578,7 @@ def test_two_processes_train_like_one_process_on_the_same_mesh(tmp_path):
   # The parameters moved: the comparison is not between two initial states.
   initial = init_train_state(build_learner(config),
                              jax.random.PRNGKey(config.seed), (32, 32, 3))
-  final = restore_state(config, workdir / 'checkpoints')
+  final = restore_state(config, checkpoints)
   moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
                                  final.params, initial.params)
   assert max(jax.tree_util.tree_leaves(moved)) > 1e-2

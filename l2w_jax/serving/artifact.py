@@ -253,10 +253,10 @@ def write_artifact(path: str, config, variables, results: dict, *,
   spec = serving_spec(config, model, variables, results)
   parent, name = paths.split(path)
   staging = paths.make_temp_dir(parent, prefix=f'.{name}.', suffix='.tmp')
+  arrays = flax.serialization.msgpack_serialize(
+      flax.serialization.to_state_dict(variables))
   try:
-    paths.write_bytes(paths.join(staging, VARIABLES_FILE),
-                      flax.serialization.msgpack_serialize(
-                          flax.serialization.to_state_dict(variables)))
+    paths.write_bytes(paths.join(staging, VARIABLES_FILE), arrays)
     paths.write_bytes(paths.join(staging, CONFIG_FILE),
                       config.to_json().encode())
     if programs:
@@ -266,8 +266,11 @@ def write_artifact(path: str, config, variables, results: dict, *,
     paths.write_bytes(paths.join(staging, SERVING_FILE),
                       json.dumps(spec, indent=1).encode())
     _move_into_place(staging, path, overwrite)
-  except BaseException:
+  except BaseException as e:
     _remove_quietly(staging)
+    if isinstance(e, paths.NoSpaceError):  # the artifact's size, not a file's
+      other = 0 if e.path.endswith(VARIABLES_FILE) else e.needed
+      raise paths.NoSpaceError(path, len(arrays) + other, e.why) from e
     raise
   return path
 

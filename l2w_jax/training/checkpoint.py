@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import logging as python_logging
 import os
+import sys
 from typing import Any
 
 from absl import logging
@@ -54,12 +55,32 @@ class _OrbaxSaveErrors(python_logging.Filter):
   comes out of the next wait as a one-line CheckpointError instead (a run
   stops with one line on stderr, as a failed synchronous save does)."""
 
-  MESSAGES = ('background save thread', 'Save Finalize thread')
+  MESSAGES = ('background save thread', 'Save Finalize thread',
+              '_SignalingThread.run() raised an exception')
 
   def filter(self, record: python_logging.LogRecord) -> bool:
     from_orbax = f'{os.sep}orbax{os.sep}' in (record.pathname or '')
     return not (from_orbax and record.levelno >= python_logging.ERROR and
                 any(m in str(record.msg) for m in self.MESSAGES))
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops the "Event loop is closed" errors that TensorStore's remaining
+  write callbacks raise (as unraisable exceptions, a traceback each, a
+  hundred of them) once a background save has failed and orbax closed its
+  event loop; other unraisable exceptions are reported as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'quiet_closed_loop', False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and
+            str(error) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.quiet_closed_loop = True
+  sys.unraisablehook = hook
 
 
 _SAVE_ERRORS = _OrbaxSaveErrors()
@@ -79,9 +100,11 @@ class Checkpointer:
                asynchronous: bool = True):
     self.directory = paths.absolute(directory)
     self._in_flight: int | None = None  # the step a background save writes
+    self._checkpoint_bytes = 0
     self._closed = False
     if asynchronous:
       logging.get_absl_logger().addFilter(_SAVE_ERRORS)
+      _quiet_closed_loop_callbacks()
     self._manager = ocp.CheckpointManager(
         paths.as_path(self.directory),
         options=ocp.CheckpointManagerOptions(
@@ -155,6 +178,10 @@ class Checkpointer:
     """
     if step in self.all_steps():  # waits for the previous save
       return
+    # What one checkpoint takes, for the message of a full disk.
+    self._checkpoint_bytes = sum(
+        getattr(leaf, 'nbytes', 0) for leaf in jax.tree_util.tree_leaves(
+            state)) + len(repr(meta))
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
@@ -184,13 +211,22 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       kept = 'unknown'
     reason = _one_line(error)
+    # One checkpoint: the newest on disk (as the run's other messages
+    # measure it), else the arrays that were to be written.
+    on_disk = (paths.size_of(self.path(max(kept)))
+               if isinstance(kept, list) and kept else None)
+    size = paths.megabytes(on_disk or self._checkpoint_bytes)
+    full = paths.out_of_space(error)
+    remedy = (f'free at least {size} (one checkpoint) in {self.directory}'
+              if full else f'make {self.directory} writable or free space '
+              f'there (one checkpoint takes {size})')
     return CheckpointError(
-        f'cannot write checkpoint {step} to {self.path(step)} ({reason}). A '
+        f'cannot write checkpoint {step} to {self.path(step)} '
+        f'({full + ": " if full else ""}{reason}). A '
         'checkpoint counts only once completely written (orbax renames a '
         'temporary directory, or on GCS writes commit_success.txt last), so '
-        f'the earlier checkpoints ({kept or "none"}) are untouched; make '
-        f'{self.directory} writable or free space, then rerun the same '
-        'command to resume', reason)
+        f'the earlier checkpoints ({kept or "none"}) are untouched; '
+        f'{remedy}, then rerun the same command to resume', reason)
 
   def restore(self, template, step: int | None = None):
     """(state, meta) of `step` (default: latest) shaped like `template`.

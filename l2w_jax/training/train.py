@@ -21,6 +21,7 @@ from l2w_jax import accelerators
 from l2w_jax import compilation
 from l2w_jax import data
 from l2w_jax import parallel
+from l2w_jax import peer_loss
 from l2w_jax import paths
 from l2w_jax.evaluation import report
 from l2w_jax.training import metrics as metrics_lib
@@ -104,13 +105,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   iterations are done (save, stop, return {'interrupted_at': step}); tests
   use it to check that resuming continues the same run.
   """
+  hint = peer_loss.resume_hint(
+      config.distributed.num_processes
+      if config.distributed.get('coordinator_address') else None,
+      paths.join(paths.absolute(workdir), 'checkpoints'))
+  try:
+    return _start(config, workdir, interrupt_at_step, overwrite, hint)
+  except jax.errors.JaxRuntimeError as e:
+    # A peer gone mid-collective (the coordination service's own report of
+    # it is turned into the same line by the stderr relay).
+    if jax.distributed.is_initialized() and peer_loss.is_peer_loss(e):
+      raise peer_loss.PeerLost(peer_loss.message(
+          peer_loss.who_was_lost(str(e)), hint)) from e
+    raise
+
+
+def _start(config, workdir, interrupt_at_step, overwrite, hint) -> dict:
+  """`train_and_evaluate` once it knows what to say if a peer is lost."""
   allow_cpu = bool(config.distributed.get('allow_cpu', False))
   accelerators.check_before_start(allow_cpu)
-  parallel.initialize_distributed(config)
+  validate_config(config)  # before the processes wait for each other
+  parallel.initialize_distributed(config, hint)
   accelerators.check_after_start(allow_cpu)
-  validate_config(config)
   check_workdir(workdir)  # an unwritable scheme stops before anything is built
-  info = data.data_info(config)  # fails here, before compiling anything
+  # Fails here, before compiling anything; a dataset prepared on first use
+  # is written by process 0 before the others look (a shared data_dir).
+  info = parallel.process_0_first(lambda: data.data_info(config))
   mesh = parallel.make_mesh(config.distributed.num_devices)
   parallel.connect_processes(mesh)  # while the processes are in step
   layout = parallel.batch_layout(config, mesh)

@@ -47,6 +47,35 @@ def open_workdir(workdir: str, keep: int) -> Checkpointer:
   return checkpointer
 
 
+def newest_checkpoint_size(workdir: str) -> int | None:
+  """The bytes of the newest checkpoint directory in `workdir` (local), None
+  if there is none or it cannot be measured."""
+  directory = paths.join(workdir, 'checkpoints')
+  try:
+    steps = [int(n) for n in paths.listdir(directory) if n.isdigit()]
+  except OSError:
+    return None
+  return paths.size_of(paths.join(directory, str(max(steps)))) if steps else (
+      None)
+
+
+def no_space_message(error: BaseException, workdir: str) -> str | None:
+  """The one line of a run in `workdir` stopped by a write that failed for
+  lack of room (None if `error` is not one): what was being written, why,
+  and how much to free (a checkpoint, which the run writes next)."""
+  why = paths.out_of_space(error)
+  if why is None:
+    return None
+  what = (getattr(error, 'path', None) or getattr(error, 'filename', None)
+          or f'a file in {workdir}')
+  need = max(newest_checkpoint_size(workdir) or 0,
+             getattr(error, 'needed', 0))
+  room = (f'free at least {paths.megabytes(need)} (one checkpoint) in '
+          f'{workdir}' if need else f'free space in {workdir}')
+  return (f'cannot write {what} ({why}); the checkpoints already saved are '
+          f'intact: {room}, then rerun the same command to resume')
+
+
 def network_from(workdir: str, state: TrainState) -> TrainState:
   """`state` with the parameters and batch statistics of the latest
   checkpoint of the run in `workdir` (`train.init_from`); optimizer states,
