@@ -42,6 +42,13 @@ def one_line(error: BaseException) -> str:
       f'{type(error).__name__}: {text}')
 
 
+def os_error_line(error: OSError, workdir: str) -> str:
+  """The `error: ...` line of an OSError that stopped a command writing the
+  run in `workdir`: for lack of room, what to free (`no_space_message`)."""
+  from l2w_jax.training.workdir import no_space_message  # pylint: disable=g-import-not-at-top
+  return f'error: {no_space_message(error, workdir) or one_line(error)}'
+
+
 def start_quietly(argv) -> None:
   """What an evaluation-style main does first: refuses stray arguments and,
   unless --verbosity was given, keeps absl's INFO lines out of the output."""

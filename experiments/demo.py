@@ -94,7 +94,7 @@ def main(argv):
   from l2w_jax.training import registry  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from l2w_jax.training.divergence import TrainingDiverged  # pylint: disable=g-import-not-at-top
-  from l2w_jax.training.workdir import WorkdirError, no_space_message  # pylint: disable=g-import-not-at-top
+  from l2w_jax.training.workdir import WorkdirError  # pylint: disable=g-import-not-at-top
   from l2w_jax.accelerators import PlatformError  # pylint: disable=g-import-not-at-top
 
   config = common.config_from_flag(_CONFIG)
@@ -122,8 +122,7 @@ def main(argv):
     cli.exit_with_message('interrupted; rerun the same command to resume',
                           130)
   except OSError as e:  # a full disk or quota while a run writes
-    line = no_space_message(e, run_dir)
-    cli.exit_with_message(f'error: {line or cli.one_line(e)}', 1)
+    cli.exit_with_message(cli.os_error_line(e, run_dir), 1)
   figure = paths.absolute(_FIGURE.value or
                           paths.join(_WORKDIR.value, 'demo.png'))
   try:

@@ -20,7 +20,7 @@ from l2w_jax.peer_loss import EXIT_STATUS, PeerLost
 from l2w_jax.training.checkpoint import CheckpointError
 from l2w_jax.training.divergence import TrainingDiverged
 from l2w_jax.training.train import train_and_evaluate
-from l2w_jax.training.workdir import WorkdirError, no_space_message
+from l2w_jax.training.workdir import WorkdirError
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file.', lock_config=True)
@@ -45,8 +45,7 @@ def main(argv):
   except PeerLost as e:
     cli.exit_with_message(str(e), EXIT_STATUS)
   except OSError as e:  # a full disk or quota while writing metrics, results
-    line = no_space_message(e, _WORKDIR.value)
-    cli.exit_with_message(f'error: {line or cli.one_line(e)}', 1)
+    cli.exit_with_message(cli.os_error_line(e, _WORKDIR.value), 1)
   except KeyboardInterrupt:
     cli.exit_with_message('interrupted before a checkpoint could be saved; '
                           'rerun the same command to resume from the newest '

@@ -39,14 +39,15 @@ import subprocess
 import sys
 import time
 
-# How JAX's fatal report of the coordination service begins (client.h).
-FATAL_MARK = ('Terminating process because the JAX distributed service '
-              'detected fatal errors')
+
 class PeerLost(RuntimeError):
   """A multi-process run stopped because another process is gone; the
   message is the one line (`message`)."""
 
 
+# How JAX's fatal report of the coordination service begins (client.h).
+FATAL_MARK = (b'Terminating process because the JAX distributed service '
+              b'detected fatal errors')
 # The start of the one line (the relay prints it at most once).
 LINE_START = 'error: lost a process of this run'
 # The exit status of a process that stops because a peer was lost:
@@ -142,6 +143,7 @@ def _relay(source: int, target: int, hint: str) -> None:
   report = None  # lines of JAX's fatal report once it began
   printed = False
   pending = b''
+  line_start = LINE_START.encode()
 
   def write(data: bytes) -> None:
     os.write(target, data)
@@ -172,9 +174,9 @@ def _relay(source: int, target: int, hint: str) -> None:
         report.append(line)
         if b'*** Check failure stack trace' in line:
           finish_report()
-      elif FATAL_MARK.encode() in line:
+      elif FATAL_MARK in line:
         report = [line]
-      elif line.startswith(LINE_START.encode()):
+      elif line.startswith(line_start):
         if not printed:
           write(line)
         printed = True

@@ -86,6 +86,18 @@ def _quiet_closed_loop_callbacks() -> None:
 _SAVE_ERRORS = _OrbaxSaveErrors()
 
 
+def newest_size(directory: str) -> int | None:
+  """The bytes of the newest complete checkpoint under `directory` (local;
+  orbax names it by its step, a save in progress has another name), None
+  if there is none or it cannot be measured."""
+  try:
+    steps = [int(n) for n in paths.listdir(directory) if n.isdigit()]
+  except OSError:
+    return None
+  return paths.size_of(paths.join(directory, str(max(steps)))) if steps else (
+      None)
+
+
 class Checkpointer:
   """Saves and restores `TrainState`s under `directory` (keeps the last few).
 
@@ -211,11 +223,9 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       kept = 'unknown'
     reason = _one_line(error)
-    # One checkpoint: the newest on disk (as the run's other messages
-    # measure it), else the arrays that were to be written.
-    on_disk = (paths.size_of(self.path(max(kept)))
-               if isinstance(kept, list) and kept else None)
-    size = paths.megabytes(on_disk or self._checkpoint_bytes)
+    # One checkpoint: the newest on disk, else the arrays to be written.
+    size = paths.megabytes(newest_size(self.directory) or
+                           self._checkpoint_bytes)
     full = paths.out_of_space(error)
     remedy = (f'free at least {size} (one checkpoint) in {self.directory}'
               if full else f'make {self.directory} writable or free space '

@@ -7,7 +7,7 @@ import jax
 
 from l2w_jax import data
 from l2w_jax import paths
-from l2w_jax.training.checkpoint import Checkpointer
+from l2w_jax.training.checkpoint import Checkpointer, newest_size
 from l2w_jax.training.learner import build_learner, init_train_state
 from l2w_jax.training.state import TrainState
 
@@ -47,18 +47,6 @@ def open_workdir(workdir: str, keep: int) -> Checkpointer:
   return checkpointer
 
 
-def newest_checkpoint_size(workdir: str) -> int | None:
-  """The bytes of the newest checkpoint directory in `workdir` (local), None
-  if there is none or it cannot be measured."""
-  directory = paths.join(workdir, 'checkpoints')
-  try:
-    steps = [int(n) for n in paths.listdir(directory) if n.isdigit()]
-  except OSError:
-    return None
-  return paths.size_of(paths.join(directory, str(max(steps)))) if steps else (
-      None)
-
-
 def no_space_message(error: BaseException, workdir: str) -> str | None:
   """The one line of a run in `workdir` stopped by a write that failed for
   lack of room (None if `error` is not one): what was being written, why,
@@ -68,7 +56,7 @@ def no_space_message(error: BaseException, workdir: str) -> str | None:
     return None
   what = (getattr(error, 'path', None) or getattr(error, 'filename', None)
           or f'a file in {workdir}')
-  need = max(newest_checkpoint_size(workdir) or 0,
+  need = max(newest_size(paths.join(workdir, 'checkpoints')) or 0,
              getattr(error, 'needed', 0))
   room = (f'free at least {paths.megabytes(need)} (one checkpoint) in '
           f'{workdir}' if need else f'free space in {workdir}')
