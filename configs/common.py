@@ -136,6 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
   # eval.protocol='train', which trains on every image.
   config.dataset.holdout = config_dict.placeholder(int)
   config.dataset.augment = 'crop_flip'  # crop_flip | crop | imagenet | none
+  # A record that cannot be read (a corrupt image, a truncated file) stops
+  # the run naming it; True trains without such records, counted in the log
+  # and in results.json (l2w_jax/data/records.py).
+  config.dataset.skip_corrupt = False
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'msdnet'

@@ -88,6 +88,7 @@ def main(argv):
   if any(not 1 <= b <= 39 for b in budgets):
     cli.exit_with_message(f'error: budgets must be in 1..39, got {budgets}',
                           1)
+  from l2w_jax.data import CorruptRecordError  # pylint: disable=g-import-not-at-top
   from l2w_jax.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
   from l2w_jax import paths  # pylint: disable=g-import-not-at-top
   from l2w_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
@@ -115,8 +116,9 @@ def main(argv):
             f'{method}: interrupted at iteration {results["interrupted_at"]}'
             ' (checkpoint saved); rerun the same command to resume', 0)
       runs.append((method, results))
-  except (DatasetNotFoundError, CheckpointError, PlatformError,
-          TrainingDiverged, WorkdirError, KeyError, ValueError) as e:
+  except (CorruptRecordError, DatasetNotFoundError, CheckpointError,
+          PlatformError, TrainingDiverged, WorkdirError, KeyError,
+          ValueError) as e:
     cli.exit_with_message(f'error: {e}', 1)
   except KeyboardInterrupt:
     cli.exit_with_message('interrupted; rerun the same command to resume',

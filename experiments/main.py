@@ -15,6 +15,7 @@ from configs import common
 from experiments import cli
 
 from l2w_jax.accelerators import PlatformError
+from l2w_jax.data import CorruptRecordError
 from l2w_jax.data import DatasetNotFoundError
 from l2w_jax.peer_loss import EXIT_STATUS, PeerLost
 from l2w_jax.training.checkpoint import CheckpointError
@@ -39,8 +40,8 @@ def main(argv):
   try:
     train_and_evaluate(common.config_from_flag(_CONFIG), _WORKDIR.value,
                        overwrite=_OVERWRITE.value)
-  except (DatasetNotFoundError, CheckpointError, PlatformError,
-          TrainingDiverged, WorkdirError, ValueError) as e:
+  except (CorruptRecordError, DatasetNotFoundError, CheckpointError,
+          PlatformError, TrainingDiverged, WorkdirError, ValueError) as e:
     cli.exit_with_message(f'error: {e}', 1)
   except PeerLost as e:
     cli.exit_with_message(str(e), EXIT_STATUS)

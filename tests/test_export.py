@@ -155,7 +155,7 @@ def test_normalize_is_the_pipelines_bit_for_bit(exported):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from l2w_jax.data import augment, catalogue, digits, in_memory  # pylint: disable=g-import-not-at-top
   predictor = Predictor.load(exported.model)
-  raw, raw_labels = in_memory._load_split(  # pylint: disable=protected-access
+  raw, raw_labels, _ = in_memory._load_split(  # pylint: disable=protected-access
       digits.NAME, exported.config.dataset.data_dir, 'test')
   np.testing.assert_array_equal(raw_labels, exported.labels)
   ours = predictor.normalize(raw)

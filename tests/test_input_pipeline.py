@@ -516,10 +516,10 @@ from tests import test_data
 
 original = splits.epoch_batches
 
-def slow(num, batch, seed, epoch, *args):
+def slow(num, batch, seed, epoch, *args, **kwargs):
   if epoch >= 1:
     time.sleep(3.0)  # the next epoch is opening when the interpreter exits
-  return original(num, batch, seed, epoch, *args)
+  return original(num, batch, seed, epoch, *args, **kwargs)
 
 splits.epoch_batches = slow
 with test_data.fake_tfds({'train': 120, 'test': 30},

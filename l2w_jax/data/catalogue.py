@@ -48,6 +48,9 @@ class DataInfo:
     num_test: images of the test split.
     num_thresholds: training images the 'thresholds' split serves (all of
       them, or eval.threshold_images).
+    skipped: the records left out as unreadable (config.dataset.skip_corrupt),
+      each in words (`records.BadRecord.describe`); the sizes above count
+      without them.
   """
   name: str
   num_classes: int
@@ -56,6 +59,7 @@ class DataInfo:
   num_holdout: int
   num_test: int
   num_thresholds: int = 0
+  skipped: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)

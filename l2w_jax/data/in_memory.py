@@ -11,21 +11,58 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from l2w_jax.data import augment
+from l2w_jax.data import records
 from l2w_jax.data import splits
 from l2w_jax.data.batches import chain_epochs, check_steps, local_batch_size
 from l2w_jax.data.catalogue import CROP_PADDING
+from l2w_jax.data.records import BadRecord
 from l2w_jax.data.settings import Settings
 
 
 @functools.lru_cache(maxsize=4)
-def _load_split(tfds_name: str, data_dir: str | None,
-                split: str) -> tuple[np.ndarray, np.ndarray]:
-  """A whole tfds split as uint8 (N, H, W, 3) images and int32 (N,) labels."""
+def _load_split(tfds_name: str, data_dir: str | None, split: str,
+                skip_corrupt: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, tuple[BadRecord, ...]]:
+  """A whole tfds split as uint8 (N, H, W, 3) images and int32 (N,) labels,
+  and the records left out as unreadable.
+
+  A record that cannot be read stops the load with `CorruptRecordError`
+  naming it, or with `skip_corrupt` is left out: its row stays, zero, so
+  that every other record keeps its index, and it is returned among the
+  skipped (the pipelines leave those rows out).
+  """
   builder = tfds.builder(tfds_name, data_dir=data_dir)
-  ds = builder.as_dataset(
-      split=split, shuffle_files=False,
-      read_config=tfds.ReadConfig(try_autocache=False),
-      decoders=tfds.decode.PartialDecoding({'image': True, 'label': True}))
+  records.remember_files(builder)
+  try:
+    return (*_read_whole(builder, split), ())
+  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
+    bad = records.scan_split(builder, split)
+    if not bad:
+      raise
+  if not skip_corrupt:
+    raise records.CorruptRecordError(
+        records.corrupt_message(tfds_name, bad, builder)) from None
+  images, labels = _read_whole(builder, split,
+                               records.records_around(builder, split, bad))
+  kept = np.setdiff1d(np.arange(len(labels) + len(bad)),
+                      [record.position for record in bad])
+  full_images = np.zeros((len(kept) + len(bad),) + images.shape[1:],
+                         images.dtype)
+  full_labels = np.zeros((len(kept) + len(bad),), labels.dtype)
+  full_images[kept], full_labels[kept] = images, labels
+  return full_images, full_labels, tuple(bad)
+
+
+def _read_whole(builder: tfds.core.DatasetBuilder, split: str,
+                ds: tf.data.Dataset | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 images and int32 labels of a split's records (by default tfds's,
+  unshuffled), read in chunks."""
+  if ds is None:
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False,
+        read_config=tfds.ReadConfig(try_autocache=False),
+        decoders=tfds.decode.PartialDecoding({'image': True, 'label': True}))
   # Chunks rather than batch_size=-1, which sizes its single batch from the
   # metadata (unknown under mock_data).
   images, labels = [], []
@@ -40,22 +77,64 @@ def clear_cache() -> None:
   """Forgets the splits loaded in memory (e.g. between mocked datasets)."""
   _load_split.cache_clear()
   _file_order.cache_clear()
+  records.forget_files()
 
 
-def in_memory_source(settings: Settings,
-                      role: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _tfds_split(settings: Settings, role: str) -> str:
+  """The tfds split that holds the examples of `role`."""
+  if settings.kind.embedded:
+    return {'train': 'train', 'thresholds': 'train', 'holdout': 'validation',
+            'test': 'test'}[role]
+  return settings.kind.test_split if role == 'test' else 'train'
+
+
+def _loaded(settings: Settings, split: str):
+  """`_load_split` of a tfds split of the settings' dataset."""
+  return _load_split(settings.kind.tfds_name, settings.data_dir, split,
+                     settings.skip_corrupt)
+
+
+def skipped_records(settings: Settings) -> tuple[BadRecord, ...]:
+  """The records of the dataset's splits left out as unreadable
+  (config.dataset.skip_corrupt), every split loaded; () without the
+  option (a record that cannot be read then stops the load)."""
+  if not settings.skip_corrupt:
+    return ()
+  names = sorted({_tfds_split(settings, role)
+                  for role in ('train', 'holdout', 'test')})
+  return tuple(record for name in names
+               for record in _loaded(settings, name)[2])
+
+
+def in_memory_source(settings: Settings, role: str, *,
+                     with_skipped: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(images, labels, indices) of 'train', 'holdout' or 'test'.
 
   `indices` select, in a fixed order, the examples of the role from the
-  loaded tfds split.
+  loaded tfds split. Records skipped as unreadable (`_load_split`) are left
+  out of them, unless `with_skipped`: the training epochs permute every
+  index and then leave those out (`skipped_mask`), so that every other
+  record keeps its place in the epoch's order.
   """
-  tfds_name = settings.kind.tfds_name
-  if settings.kind.embedded:
-    split = {'train': 'train', 'thresholds': 'train', 'holdout': 'validation',
-             'test': 'test'}[role]
-  else:
-    split = settings.kind.test_split if role == 'test' else 'train'
-  images, labels = _load_split(tfds_name, settings.data_dir, split)
+  images, labels, indices = _source_indices(settings, role)
+  if not with_skipped:
+    indices = indices[~skipped_mask(settings, role, indices)]
+  return images, labels, indices
+
+
+def skipped_mask(settings: Settings, role: str,
+                 indices: np.ndarray) -> np.ndarray:
+  """bool (len(indices),): which of the role's indices are skipped
+  records."""
+  skipped = [record.position
+             for record in _loaded(settings, _tfds_split(settings, role))[2]]
+  return np.isin(indices, np.asarray(skipped, np.int64))
+
+
+def _source_indices(settings: Settings,
+                    role: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  images, labels, _ = _loaded(settings, _tfds_split(settings, role))
   indices = np.arange(len(labels))
   if settings.kind.embedded and role == 'thresholds':
     return images, labels, splits.threshold_subset(indices,
@@ -81,8 +160,11 @@ def long_tail_pool(settings: Settings) -> np.ndarray:
   its position in the file ('id': 'train_00042'), so the labels are put in
   file order first. Records without such ids (mocked data) keep tfds order.
   """
-  _, labels = _load_split(settings.kind.tfds_name, settings.data_dir, 'train')
+  _, labels, skipped = _loaded(settings, 'train')
   order = _file_order(settings.kind.tfds_name, settings.data_dir, len(labels))
+  if skipped:
+    # Unread labels: the subset is drawn from the records that were read.
+    order = order[~np.isin(order, [record.position for record in skipped])]
   kept = splits.long_tail_indices(labels[order], settings.kind.num_classes,
                                   settings.imbalance_factor)
   return np.sort(order[kept])
@@ -202,13 +284,16 @@ def _in_memory_epoch(settings: Settings, order, positions, augment_seed,
 def in_memory_train(settings: Settings, epoch: int, start_step: int,
                      global_batch_size: int, process_index: int,
                      process_count: int, num_devices: int) -> tf.data.Dataset:
-  images, labels, train = in_memory_source(settings, 'train')
+  images, labels, train = in_memory_source(settings, 'train',
+                                           with_skipped=True)
+  dropped = skipped_mask(settings, 'train', train)
   local = local_batch_size(global_batch_size, process_index, process_count)
-  steps = check_steps(len(train), global_batch_size, start_step,
-                      settings.last_batch)
+  steps = check_steps(len(train) - int(dropped.sum()), global_batch_size,
+                      start_step, settings.last_batch)
   order, positions = splits.epoch_batches(
       len(train), global_batch_size, settings.seed, epoch, start_step,
-      process_index, process_count, settings.last_batch, num_devices)
+      process_index, process_count, settings.last_batch, num_devices,
+      dropped=dropped)
   ds = _in_memory_epoch(
       settings, train[order].astype(np.int64), positions,
       splits.seed_words(settings.seed, epoch, splits.AUGMENT_TAG),
@@ -227,15 +312,19 @@ def in_memory_stream(settings: Settings, start_step: int,
   computed by a numpy_function when the pipeline reaches the epoch (a
   permutation of at most 50,000 indices: well under a millisecond).
   """
-  images, labels, train = in_memory_source(settings, 'train')
+  images, labels, train = in_memory_source(settings, 'train',
+                                           with_skipped=True)
+  dropped = skipped_mask(settings, 'train', train)
   local = local_batch_size(global_batch_size, process_index, process_count)
-  steps = check_steps(len(train), global_batch_size, 0, settings.last_batch)
+  steps = check_steps(len(train) - int(dropped.sum()), global_batch_size, 0,
+                      settings.last_batch)
 
   def epoch_arrays(epoch, start):
     epoch, start = int(epoch), int(start)
     order, positions = splits.epoch_batches(
         len(train), global_batch_size, settings.seed, epoch, start,
-        process_index, process_count, settings.last_batch, num_devices)
+        process_index, process_count, settings.last_batch, num_devices,
+        dropped=dropped)
     return (train[order].astype(np.int64), positions.astype(np.int64),
             splits.seed_words(settings.seed, epoch, splits.AUGMENT_TAG))
 

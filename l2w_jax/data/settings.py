@@ -36,6 +36,9 @@ class Settings:
   # config.eval.threshold_images: thresholds on a fixed random subset of
   # that many training images (0: all of them).
   threshold_images: int = 0
+  # config.dataset.skip_corrupt: train without the records that cannot be
+  # read (`records`) instead of stopping at the first.
+  skip_corrupt: bool = False
 
   @property
   def image_shape(self) -> tuple:
@@ -119,7 +122,18 @@ def settings_from_config(config) -> Settings:
       num_threads=num_threads,
       jpeg_decode=jpeg_decode,
       last_batch=last_batch,
-      threshold_images=threshold_images)
+      threshold_images=threshold_images,
+      skip_corrupt=_flag(dataset, 'skip_corrupt'))
+
+
+def _flag(dataset, field: str) -> bool:
+  """A boolean of config.dataset, or ValueError naming it."""
+  value = dataset.get(field, False)
+  if value in (None, False, 0):
+    return False
+  if value is True or value == 1:
+    return True
+  raise ValueError(f'dataset.{field}: must be True or False, got {value!r}')
 
 
 def protocol_of(config) -> str:

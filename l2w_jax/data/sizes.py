@@ -9,18 +9,22 @@ import tensorflow_datasets as tfds
 
 from l2w_jax.data import splits
 from l2w_jax.data.catalogue import DataInfo, IMAGENET_EVAL_RATIO
-from l2w_jax.data.in_memory import long_tail_pool
+from l2w_jax.data.in_memory import (in_memory_source, long_tail_pool,
+                                    skipped_records)
 from l2w_jax.data.settings import Settings, settings_from_config
 from l2w_jax.data.tfds_source import dataset_builder, split_size
 
 
 def split_sizes(settings: Settings,
            builder: tfds.core.DatasetBuilder) -> tuple[int, int, int]:
-  """(num_train, num_holdout, num_test) from metadata and the split rules."""
+  """(num_train, num_holdout, num_test) from metadata and the split rules;
+  with config.dataset.skip_corrupt (in memory), counted on the splits as
+  loaded, without the records left out."""
   name = settings.name
   if settings.kind.embedded:
-    return (split_size(builder, 'train'), split_size(builder, 'validation'),
-            split_size(builder, 'test'))
+    sizes = (split_size(builder, 'train'), split_size(builder, 'validation'),
+             split_size(builder, 'test'))
+    return _without_skipped(settings, sizes)
   if settings.kind.long_tailed:
     # Needs the labels: the split is loaded (and cached for the pipelines).
     pool = len(long_tail_pool(settings))
@@ -30,7 +34,18 @@ def split_sizes(settings: Settings,
   if not 0 <= settings.holdout < pool:
     raise ValueError(f'dataset.holdout: must be in [0, {pool}) for {name}, '
                      f'got {settings.holdout}')
-  return pool - settings.holdout, settings.holdout, test
+  return _without_skipped(settings,
+                          (pool - settings.holdout, settings.holdout, test))
+
+
+def _without_skipped(settings: Settings,
+                     sizes: tuple[int, int, int]) -> tuple[int, int, int]:
+  """`sizes`, or with config.dataset.skip_corrupt (in memory) those of the
+  splits as loaded, without the records left out."""
+  if not settings.skip_corrupt or settings.kind.streaming:
+    return sizes
+  return tuple(len(in_memory_source(settings, role)[2])
+               for role in ('train', 'holdout', 'test'))
 
 
 def data_info(config) -> DataInfo:
@@ -49,8 +64,8 @@ def data_info(config) -> DataInfo:
       to prepare it), before anything is read.
   """
   settings = settings_from_config(config)
-  num_train, num_holdout, num_test = split_sizes(settings,
-                                                dataset_builder(settings))
+  builder = dataset_builder(settings)
+  num_train, num_holdout, num_test = split_sizes(settings, builder)
   thresholds = settings.threshold_images
   return DataInfo(
       name=settings.name,
@@ -60,7 +75,9 @@ def data_info(config) -> DataInfo:
       num_holdout=num_holdout,
       num_test=num_test,
       num_thresholds=(min(thresholds, num_train) if thresholds else
-                      num_train))
+                      num_train),
+      skipped=tuple(record.describe()
+                    for record in skipped_records(settings)))
 
 
 @dataclasses.dataclass(frozen=True)

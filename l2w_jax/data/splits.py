@@ -177,11 +177,14 @@ def last_batch_size(num: int, global_batch_size: int, last_batch: str,
 
 def epoch_batches(num: int, global_batch_size: int, seed: int, epoch: int,
                   start_step: int, process_index: int, process_count: int,
-                  last_batch: str = 'drop',
-                  num_devices: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                  last_batch: str = 'drop', num_devices: int = 1,
+                  dropped: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
   """This process's examples of one epoch, from batch `start_step` on.
 
-  The epoch's permutation of `num` examples, cut into global batches of
+  The epoch's permutation of `num` examples (without the `dropped` ones,
+  bool (num,): records skipped as unreadable, taken out after the
+  permutation so that the others keep their order), cut into global batches of
   `global_batch_size` (the last of `last_batch_size`: the remainder dropped,
   or kept and padded with the permutation's first examples); process p of P
   takes columns [p * b, (p + 1) * b) of every global batch, b = its size /
@@ -193,9 +196,12 @@ def epoch_batches(num: int, global_batch_size: int, seed: int, epoch: int,
     + column), the key of its augmentation; this process's batches one after
     the other, (steps - start_step - 1) * B / P + last / P of them.
   """
+  order = epoch_permutation(num, seed, epoch)
+  if dropped is not None:
+    order = order[~np.asarray(dropped, bool)[order]]
+    num = len(order)
   steps = epoch_steps(num, global_batch_size, last_batch)
   last = last_batch_size(num, global_batch_size, last_batch, num_devices)
-  order = epoch_permutation(num, seed, epoch)
   size = (steps - 1) * global_batch_size + last
   order = np.concatenate([order, order[:max(size - num, 0)]])[:size]
   orders, positions = [], []

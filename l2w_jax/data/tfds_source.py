@@ -10,6 +10,7 @@ import os
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from l2w_jax.data import records
 from l2w_jax.data.catalogue import DatasetNotFoundError
 from l2w_jax.data.settings import Settings
 
@@ -93,13 +94,17 @@ def dataset_builder(settings: Settings) -> tfds.core.DatasetBuilder:
   """
   _configure_tensorflow()
   builder = tfds.builder(settings.kind.tfds_name, data_dir=settings.data_dir)
-  if _is_mocked() or builder.is_prepared():
+  if _is_mocked():
+    return builder
+  if builder.is_prepared():
+    records.remember_files(builder)  # to name files that change later
     return builder
   if settings.kind.embedded:
     print(f'preparing {settings.kind.tfds_name} in {builder.data_dir} (first '
           'use only; nothing is downloaded)', flush=True)
     tfds.disable_progress_bar()  # tfds' per-split bars would fill the screen
     builder.download_and_prepare()
+    records.remember_files(builder)
     return builder
   raise DatasetNotFoundError(_not_found_message(settings, builder))
 

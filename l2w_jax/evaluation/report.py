@@ -131,6 +131,9 @@ def evaluate_model(config, model, variables, info, statistics=None) -> dict:
       'threshold_source': config.eval.protocol,
       'num_test': test.num_samples,
       'num_threshold_samples': held_out.num_samples,
+      # Records left out as unreadable (config.dataset.skip_corrupt).
+      'skipped_records': {'count': len(info.skipped),
+                          'records': list(info.skipped)},
   }
 
 

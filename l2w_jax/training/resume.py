@@ -39,7 +39,8 @@ RESUMABLE_FIELDS = (
     'train.num_steps', 'train.epochs', 'train.log_every_steps',
     'train.checkpoint_every_steps', 'train.keep_checkpoints',
     'train.eval_every_epochs', 'train.init_from', 'eval.*',
-    'dataset.data_dir', 'dataset.manual_dir', 'distributed.*',
+    'dataset.data_dir', 'dataset.manual_dir', 'dataset.skip_corrupt',
+    'distributed.*',
     'model.conv_gradients')
 # Exceptions to the patterns above: eval.protocol decides which images train
 # (dataset.holdout follows it), so a resumed run keeps it.

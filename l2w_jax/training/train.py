@@ -216,6 +216,12 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
       f'({_last_batch_words(config, info, layout)}), {total} iterations, '
       f'{num_exits} exits; thresholds on {_threshold_words(config, info)}; '
       f'{layout.describe()}')
+  if info.skipped:
+    more = ' and more (results.json lists them)' if len(info.skipped) > 3 \
+        else ''
+    plural = 's' if len(info.skipped) > 1 else ''
+    log(f'dataset.skip_corrupt: left out {len(info.skipped)} unreadable '
+        f'record{plural}: {"; ".join(info.skipped[:3])}{more}')
 
   spec = data.input_spec(config)
   iteration = step_lib.make_iteration(config.method, learner, mesh,
