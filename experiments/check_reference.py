@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+import experiments
+
 
 def _parse(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,4 +55,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  experiments.release_interrupt()  # not an absl app
   sys.exit(main())

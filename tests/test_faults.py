@@ -281,6 +281,27 @@ def test_fault_ctrl_c_saves_and_exits_like_sigterm(tmp_path):
   assert saved and 2 <= max(saved) < 400
 
 
+@pytest.mark.parametrize('delay', [0.5, 1.5])
+def test_fault_ctrl_c_while_starting_stops_in_one_line(tmp_path, delay):
+  """A SIGINT while the libraries import (they take seconds): without the
+  entry points' hold it printed a traceback (1.5 s) or was swallowed, the
+  run training on (0.5 s)."""
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'experiments.main',
+       '--config=tests/tiny_digits_config.py', f'--workdir={tmp_path / "run"}',
+       f'--config.dataset.data_dir={tmp_path / "data"}'], cwd=PROJECT_ROOT,
+      env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  time.sleep(delay)
+  process.send_signal(signal.SIGINT)
+  _, err = process.communicate(timeout=300)
+  assert process.returncode == 130, err[-2000:]
+  assert err.strip().splitlines()[-1] == ('interrupted while starting; '
+                                          'nothing was done'), err[-2000:]
+  assert 'Traceback' not in err
+  assert not (tmp_path / 'run').exists()
+
+
 # ----------------------------------------------------------------------------
 # 6. Unwritable workdirs and failing writes.
 
