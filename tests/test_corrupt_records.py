@@ -173,3 +173,153 @@ def test_a_run_stops_in_one_line_and_trains_with_skip_corrupt(
   assert results['skipped_records']['count'] == 1
   assert f'record {BAD} of {train_file}' in (
       results['skipped_records']['records'][0])
+
+
+# ----------------------------------------------------------------------------
+# Streaming (ImageNet): found as the pipeline reaches them.
+
+
+@pytest.fixture(scope='module')
+def imagenet_dir(tmp_path_factory) -> pathlib.Path:
+  """A data_dir with imagenet2012 prepared from the fake archives (48
+  training images in 4 shards)."""
+  from tests import test_input_pipeline  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('fake_imagenet')
+  test_input_pipeline.write_fake_archives(str(root / 'manual'))
+  tfds.disable_progress_bar()
+  tfds.builder('imagenet2012', data_dir=str(root / 'tfds')).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=str(root / 'manual'), num_shards=4))
+  return root / 'tfds'
+
+
+IMAGENET_SHARD = 'imagenet2012-train.tfrecord-00002-of-00004'
+
+
+def _imagenet_copy(imagenet_dir, tmp_path):
+  shutil.copytree(imagenet_dir, tmp_path / 'tfds')
+  shard, = (tmp_path / 'tfds').glob(f'imagenet2012/*/{IMAGENET_SHARD}')
+  return tmp_path / 'tfds', shard
+
+
+def break_jpeg(shard: pathlib.Path, record: int) -> bytes:
+  """Zeroes record `record`'s JPEG after its first 40 bytes; returns the
+  original JPEG."""
+  serialized = list(tf.data.TFRecordDataset(str(shard)).as_numpy_iterator())
+  example = tf.train.Example.FromString(serialized[record])
+  image = example.features.feature['image'].bytes_list.value
+  original = image[0]
+  image[0] = original[:40] + bytes(len(original) - 40)
+  serialized[record] = example.SerializeToString()
+  with tf.io.TFRecordWriter(str(shard)) as writer:
+    for item in serialized:
+      writer.write(item)
+  return original
+
+
+def _imagenet_config(data_dir, skip=False):
+  config = _config(data_dir, skip=skip, batch_size=8)
+  config.dataset.name = 'imagenet2012'
+  config.dataset.num_classes = 1000
+  config.dataset.image_size = 16
+  config.dataset.shuffle_buffer = 16
+  config.train.last_batch = 'drop'  # 40 training images: 5 batches of 8
+  config.eval.protocol = 'holdout'
+  config.dataset.holdout = 8
+  return config
+
+
+def _batches(stream, count):
+  batches = [next(stream) for _ in range(count)]
+  stream.close()
+  return (np.concatenate([b['image'] for b in batches]),
+          np.concatenate([b['label'] for b in batches]))
+
+
+def test_streaming_stops_naming_the_record_it_cannot_decode(imagenet_dir,
+                                                             tmp_path):
+  data_dir, shard = _imagenet_copy(imagenet_dir, tmp_path)
+  break_jpeg(shard, 3)
+  stream = data.train_stream(_imagenet_config(data_dir))
+  with pytest.raises(data.CorruptRecordError) as raised:
+    _batches(stream, 10)  # two epochs: the record is met in the first
+  message = str(raised.value)
+  assert f'record 3 of {shard} (it does not decode' in message, message
+  assert '--config.dataset.skip_corrupt=True' in message
+
+
+def test_streaming_skip_keeps_the_order_and_a_resume_leaves_it_out(
+    imagenet_dir, tmp_path):
+  """With skip_corrupt the stream is the clean one without the record (the
+  epoch's last place takes its first record again, so every process keeps
+  its count); a stream resumed with the ids `on_skip` reported gives the
+  same batches."""
+  from l2w_jax.data import streaming  # pylint: disable=g-import-not-at-top
+  data_dir, shard = _imagenet_copy(imagenet_dir, tmp_path)
+  original = break_jpeg(shard, 3)
+  clean, clean_labels = _batches(
+      data.train_stream(_imagenet_config(imagenet_dir)), 10)
+  reported = []
+  config = _imagenet_config(data_dir, skip=True)
+  skipped, skipped_labels = _batches(
+      data.train_stream(config, on_skip=lambda bad, ids: reported.append(
+          ([b.describe() for b in bad], ids))), 10)
+  # Met once: left out of the later epochs from their start.
+  (described, ids), = reported
+  assert ids == [f'{IMAGENET_SHARD}__3']
+  assert described[0].startswith(f'record 3 of {shard} (it does not decode')
+  settings = data.pipeline.settings_from_config(config)
+  image = streaming._imagenet_image(  # pylint: disable=protected-access
+      settings, tf.constant(original), None).numpy()
+  for epoch in range(2):
+    part = slice(40 * epoch, 40 * (epoch + 1))
+    kept = ~np.all(clean[part] == image, axis=(1, 2, 3))
+    assert kept.sum() == 39
+    np.testing.assert_array_equal(skipped[part][:39], clean[part][kept])
+    np.testing.assert_array_equal(skipped_labels[part][:39],
+                                  clean_labels[part][kept])
+    np.testing.assert_array_equal(skipped[part][39], skipped[part][0])
+  resumed, resumed_labels = _batches(
+      data.train_stream(config, start_step=3, skip_ids=tuple(ids)), 7)
+  np.testing.assert_array_equal(resumed, skipped[24:])
+  np.testing.assert_array_equal(resumed_labels, skipped_labels[24:])
+
+
+def test_streaming_truncated_file_is_named_and_not_skipped(imagenet_dir,
+                                                           tmp_path):
+  data_dir, shard = _imagenet_copy(imagenet_dir, tmp_path)
+  records_in_shard = sum(1 for _ in tf.data.TFRecordDataset(str(shard)))
+  truncate(shard)
+  stream = data.train_stream(_imagenet_config(data_dir, skip=True))
+  with pytest.raises(data.CorruptRecordError) as raised:
+    _batches(stream, 10)
+  message = str(raised.value)
+  assert (f'record {records_in_shard - 1} of {shard} (the file ends before '
+          'it: truncated)') in message, message
+  assert 'cannot step over a truncated file' in message
+
+
+def test_a_resumed_streaming_run_leaves_out_what_the_first_found(
+    imagenet_dir, tmp_path):
+  """Found in epoch 0, the record is written to the workdir; a run stopped
+  in epoch 1 resumes leaving it out from the epoch's start, and ends with
+  the uninterrupted run's parameters; results.json counts it."""
+  from l2w_jax.training import train  # pylint: disable=g-import-not-at-top
+  from tests.tiny import tiny_train_config  # pylint: disable=g-import-not-at-top
+  data_dir, shard = _imagenet_copy(imagenet_dir, tmp_path)
+  break_jpeg(shard, 3)
+  config = tiny_train_config('imagenet2012', num_steps=10)  # two epochs
+  config.dataset.data_dir = str(data_dir)
+  config.dataset.skip_corrupt = True
+  whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
+  assert train.train_and_evaluate(config, str(tmp_path / 'split'),
+                                  interrupt_at_step=7) == {'interrupted_at': 7}
+  entries = json.loads((tmp_path / 'split' / 'skipped_records.0.json')
+                       .read_text())
+  assert [e['id'] for e in entries] == [f'{IMAGENET_SHARD}__3']
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'split'))
+  assert resumed['params_sha256'] == whole['params_sha256']
+  for results in (whole, resumed):
+    assert results['skipped_records']['count'] == 1
+    assert results['skipped_records']['records'][0].startswith(
+        f'record 3 of {shard} (it does not decode')

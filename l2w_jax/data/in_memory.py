@@ -97,8 +97,9 @@ def _loaded(settings: Settings, split: str):
 def skipped_records(settings: Settings) -> tuple[BadRecord, ...]:
   """The records of the dataset's splits left out as unreadable
   (config.dataset.skip_corrupt), every split loaded; () without the
-  option (a record that cannot be read then stops the load)."""
-  if not settings.skip_corrupt:
+  option (a record that cannot be read then stops the load) and for a
+  streaming dataset (its stream finds them as it reads)."""
+  if not settings.skip_corrupt or settings.kind.streaming:
     return ()
   names = sorted({_tfds_split(settings, role)
                   for role in ('train', 'holdout', 'test')})

@@ -44,6 +44,7 @@ default every CPU the process may use (`host_cpus`).
 from __future__ import annotations
 
 import atexit
+import os
 from typing import Iterator
 import weakref
 
@@ -57,8 +58,9 @@ from l2w_jax.data.in_memory import (crop_params, in_memory_batches,
                                     in_memory_train)
 from l2w_jax.data.settings import settings_from_config
 from l2w_jax.data.sizes import split_sizes
-from l2w_jax.data.streaming import (streaming_eval, streaming_stream,
-                                    streaming_train)
+from l2w_jax.data import records
+from l2w_jax.data.streaming import (bad_records_of_batch, streaming_eval,
+                                    streaming_stream, streaming_train)
 from l2w_jax.data.tfds_source import dataset_builder, tf_data_options
 
 
@@ -113,19 +115,38 @@ class _Stream:
   forever and the process would hang on exit (it did, about one run in four
   with a live stream); `close()`, called for every open stream at exit,
   stops the pipeline while Python still runs.
+
+  A record that fails to read in a streaming pipeline (the in-memory ones
+  read everything first) goes to `recover(step, error)`, with `step` the
+  global iteration of the batch that failed (tf.data reports errors in
+  order): it raises, or returns the pipeline again from that batch, without
+  the records it found.
   """
 
-  def __init__(self, ds: tf.data.Dataset):
+  def __init__(self, ds: tf.data.Dataset, start_step: int = 0,
+               recover=None):
     self._iterator = ds.as_numpy_iterator()
+    self._step = start_step
+    self._recover = recover
     _OPEN_STREAMS.add(self)
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    if self._iterator is None:
-      raise StopIteration
-    return next(self._iterator)
+    while True:
+      if self._iterator is None:
+        raise StopIteration
+      try:
+        batch = next(self._iterator)
+      except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        if self._recover is None:
+          raise
+        self._iterator = None
+        self._iterator = self._recover(self._step, e).as_numpy_iterator()
+        continue
+      self._step += 1
+      return batch
 
   def close(self) -> None:
     """Stops the pipeline; the stream yields nothing more."""
@@ -143,7 +164,8 @@ def _close_open_streams() -> None:
 
 
 def train_stream(config, *, start_step: int = 0, process_index: int = 0,
-                 process_count: int = 1, num_devices: int = 1) -> _Stream:
+                 process_count: int = 1, num_devices: int = 1,
+                 skip_ids: tuple[str, ...] = (), on_skip=None) -> _Stream:
   """All training batches from global iteration `start_step` on, without end.
 
   Batch for batch what `train_batches` gives for epoch e = start_step // S
@@ -154,6 +176,13 @@ def train_stream(config, *, start_step: int = 0, process_index: int = 0,
   is opened (for ImageNet, its shuffle buffer filled) and decoded ahead
   while the current one is read.
 
+  A streaming dataset (ImageNet) finds an unreadable record when it reaches
+  it: the stream raises `CorruptRecordError` naming it, or with
+  config.dataset.skip_corrupt continues without it (its other records in
+  the same order) and reports it to `on_skip`. A resumed run passes what
+  was reported as `skip_ids`, which makes its batches those of the run
+  that found them.
+
   Args:
     config: the experiment config (config.dataset, config.seed,
       config.train.batch_size).
@@ -162,6 +191,10 @@ def train_stream(config, *, start_step: int = 0, process_index: int = 0,
     process_index: this process.
     process_count: processes reading their parts of every global batch.
     num_devices: the devices that split every batch (see `train_batches`).
+    skip_ids: tfds ids of records to leave out (streaming only), from
+      `on_skip` of an earlier run.
+    on_skip: called with each list of `records.BadRecord` left out, and
+      their tfds ids, as (records, ids).
 
   Returns:
     An iterator of {'image': uint8 (B, H, W, 3), 'label': int32 (B,)}
@@ -172,15 +205,41 @@ def train_stream(config, *, start_step: int = 0, process_index: int = 0,
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}')
   global_batch_size = int(config.train.batch_size)
-  if settings.kind.streaming:
-    make = streaming_stream
-  else:
+  layout = (global_batch_size, process_index, process_count, num_devices)
+  if not settings.kind.streaming:
     dataset_builder(settings)  # DatasetNotFoundError before loading anything
-    make = in_memory_stream
-  ds = make(settings, start_step, global_batch_size, process_index,
-            process_count, num_devices)
-  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(tf_data_options(settings))
-  return _Stream(ds)
+    ds = in_memory_stream(settings, start_step, *layout)
+    return _Stream(_finished(settings, ds), start_step)
+  known = tuple(sorted(set(skip_ids)))
+
+  def recover(step: int, error: Exception) -> tf.data.Dataset:
+    nonlocal known
+    bad = bad_records_of_batch(settings, step, *layout, known)
+    if not bad:
+      raise error
+    builder = dataset_builder(settings)
+    truncated = any(record.reason == records.TRUNCATED for record in bad)
+    if not settings.skip_corrupt or truncated:
+      raise records.CorruptRecordError(records.corrupt_message(
+          settings.kind.tfds_name, bad, builder,
+          can_skip=not truncated)) from None
+    ids = [f'{os.path.basename(record.file)}__{record.record}'
+           for record in bad]
+    if set(ids) <= set(known):
+      raise error  # left out already, yet the batch fails: not these records
+    known = tuple(sorted(set(known) | set(ids)))
+    if on_skip is not None:
+      on_skip(bad, ids)
+    return _finished(settings, streaming_stream(settings, step, *layout,
+                                                known))
+
+  ds = streaming_stream(settings, start_step, *layout, known)
+  return _Stream(_finished(settings, ds), start_step, recover)
+
+
+def _finished(settings, ds: tf.data.Dataset) -> tf.data.Dataset:
+  """A training pipeline prefetched, with the project's tf.data options."""
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(tf_data_options(settings))
 
 
 def eval_batches(config, split: str, batch_size: int, *,

@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 
 
 SKIP_FIELD = 'dataset.skip_corrupt'
+TRUNCATED = 'the file ends before it: truncated'
 
 
 class CorruptRecordError(RuntimeError):
@@ -67,18 +68,35 @@ def _readable_records(filename: str, limit: int) -> int:
   return count
 
 
+def decoder_complaint(error: Exception) -> str:
+  """What a decoder said about a record, in one short line."""
+  text = getattr(error, 'message', None) or str(error)
+  # Without TF's node and op names.
+  text = re.sub(r'\{\{[^}]*\}\}|\[\[[^]]*\]\]|\[Op:.*', '', text)
+  text = ' '.join(text.split()) or type(error).__name__
+  return 'it does not decode: ' + text[:160]
+
+
 def _why_not(features, serialized: bytes) -> str:
-  """The decoder's complaint about one record, shortened to its first
-  line."""
+  """`decoder_complaint` about one serialized record."""
   try:
     features.deserialize_example(tf.constant(serialized))
   except (tf.errors.OpError, ValueError) as e:
-    text = getattr(e, 'message', None) or str(e)
-    # Keep what the decoder said, without TF's node and op names.
-    text = re.sub(r'\{\{[^}]*\}\}|\[\[[^]]*\]\]|\[Op:.*', '', text)
-    text = ' '.join(text.split()) or type(e).__name__
-    return 'it does not decode: ' + text[:160]
+    return decoder_complaint(e)
   return 'it does not decode'
+
+
+def truncated_records(builder: tfds.core.DatasetBuilder,
+                      split: str) -> list[BadRecord]:
+  """The records of a split (any tfds split string, e.g. a process's share)
+  that its files end before, read from each file's start (position -1)."""
+  bad = []
+  for instruction in builder.info.splits[split].file_instructions:
+    end = instruction.skip + instruction.take
+    readable = _readable_records(instruction.filename, end)
+    bad += [BadRecord(instruction.filename, i, -1, TRUNCATED)
+            for i in range(max(readable, instruction.skip), end)]
+  return bad
 
 
 def scan_split(builder: tfds.core.DatasetBuilder, split: str,
@@ -139,7 +157,7 @@ def scan_split(builder: tfds.core.DatasetBuilder, split: str,
     for i in range(whole, take):
       if wanted is None or first + i in wanted:
         bad.append(BadRecord(filename, skip + i, first + i,
-                             'the file ends before it: truncated'))
+                             TRUNCATED))
   return bad
 
 
@@ -240,19 +258,26 @@ def changed_files(builder: tfds.core.DatasetBuilder) -> list[str]:
 
 
 def corrupt_message(dataset: str, bad: list[BadRecord],
-                    builder: tfds.core.DatasetBuilder) -> str:
+                    builder: tfds.core.DatasetBuilder,
+                    can_skip: bool = True) -> str:
   """The one line a run stops with: which records, what changed, what to
-  do."""
+  do (`can_skip`: whether config.dataset.skip_corrupt would get past
+  them)."""
   shown = '; '.join(record.describe() for record in bad[:3])
   more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
   records = 'a record' if len(bad) == 1 else f'{len(bad)} records'
-  line = (f'dataset {dataset!r}: {records} cannot be read: {shown}{more}. '
-          f'Set --config.{SKIP_FIELD}=True to train without such records '
-          '(they are counted in the log and in results.json)')
+  line = f'dataset {dataset!r}: {records} cannot be read: {shown}{more}. '
+  if can_skip:
+    line += (f'Set --config.{SKIP_FIELD}=True to train without such records '
+             '(they are counted in the log and in results.json)')
+  else:
+    line += ('A streaming dataset cannot step over a truncated file: restore '
+             'the file (or prepare the dataset again)')
   changes = changed_files(builder)
   if changes:
     shown = ', '.join(changes[:3]) + (f' and {len(changes) - 3} more'
                                       if len(changes) > 3 else '')
-    line += (f', or restore the dataset: files in {builder.data_dir} changed '
-             f'since this process started: {shown}')
+    line += ('; ' if not can_skip else ', or restore the dataset: ') + (
+        f'files in {builder.data_dir} changed since this process started: '
+        f'{shown}')
   return line

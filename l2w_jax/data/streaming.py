@@ -4,15 +4,19 @@ decoded and augmented with stateless per-position seeds (see
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from l2w_jax.data import augment
+from l2w_jax.data import records
 from l2w_jax.data import splits
 from l2w_jax.data.batches import (chain_epochs, check_steps, EvalRows,
                                   local_batch_size)
 from l2w_jax.data.catalogue import IMAGENET_EVAL_RATIO
+from l2w_jax.data.records import BadRecord
 from l2w_jax.data.settings import Settings
 from l2w_jax.data.sizes import split_sizes
 from l2w_jax.data.tfds_source import dataset_builder
@@ -42,8 +46,8 @@ def _streaming_epoch_seeds(seed: int, epoch: int) -> np.ndarray:
 
 
 def _streaming_epoch(settings: Settings, builder: tfds.core.DatasetBuilder,
-                     split: str, seeds, start, count: int,
-                     local: int) -> tf.data.Dataset:
+                     split: str, seeds, start, count: int, local: int,
+                     skip_ids: tuple[str, ...] = ()) -> tf.data.Dataset:
   """One epoch of a process's training records, still encoded.
 
   Args:
@@ -60,11 +64,15 @@ def _streaming_epoch(settings: Settings, builder: tfds.core.DatasetBuilder,
       is padded by reading it again (the padding `splits.last_batch_size`
       describes).
     local: this process's batch size.
+    skip_ids: tfds ids ('<file name>__<record>') of records to leave out
+      (unreadable ones, config.dataset.skip_corrupt). They are taken out
+      after the shuffle, so every other record keeps its place in the order
+      (those after one move up by one).
 
   Returns:
     Records {'key': int64, 'position': int64 (the record's index in the
-    process's epoch), 'image': string, 'label': int64}, from batch `start`
-    on.
+    process's epoch), 'image': string, 'label': int64, 'tfds_id': string},
+    from batch `start` on.
   """
   file_seed, buffer_seed, augment_key = seeds
   ds = builder.as_dataset(
@@ -73,19 +81,25 @@ def _streaming_epoch(settings: Settings, builder: tfds.core.DatasetBuilder,
       # (`repeat` below) reads the epoch's first records again.
       read_config=tfds.ReadConfig(shuffle_seed=file_seed,
                                   shuffle_reshuffle_each_iteration=False,
-                                  try_autocache=False),
+                                  try_autocache=False, add_tfds_id=True),
       decoders={'image': tfds.decode.SkipDecoding()})
   # An explicit op seed makes the buffer's order a function of the input order
   # (as long as nobody sets TF's global seed, which nothing here does).
   ds = ds.shuffle(settings.shuffle_buffer, seed=buffer_seed,
                   reshuffle_each_iteration=False)
+  if skip_ids:
+    left_out = tf.constant(sorted(skip_ids))
+    ds = ds.filter(lambda example: tf.logical_not(tf.reduce_any(
+        tf.equal(example['tfds_id'], left_out))))
   # Every process yields the same number of batches, whatever its share.
   ds = ds.repeat().take(count).enumerate()
   ds = ds.skip(start * local)  # still encoded: skipping is cheap
   key = tf.cast(augment_key, tf.int64)
   return ds.map(lambda position, example: {
       'key': key, 'position': position, 'image': example['image'],
-      'label': example['label']})
+      'label': example['label'],
+      # (tfds.testing.mock_data gives no ids.)
+      'tfds_id': example.get('tfds_id', tf.constant(''))})
 
 
 def _epoch_records(settings: Settings, num_train: int, global_batch_size: int,
@@ -152,11 +166,13 @@ def streaming_train(settings: Settings, epoch: int, start_step: int,
 
 def streaming_stream(settings: Settings, start_step: int,
                       global_batch_size: int, process_index: int,
-                      process_count: int, num_devices: int) -> tf.data.Dataset:
+                      process_count: int, num_devices: int,
+                      skip_ids: tuple[str, ...] = ()) -> tf.data.Dataset:
   """`streaming_train` of every epoch from `start_step` on, one pipeline:
   each epoch's records decoded and batched on their own (an epoch's last
   batch may be short), the epochs chained (`chain_epochs`, which opens and
-  decodes the next epoch ahead)."""
+  decodes the next epoch ahead); without the records `skip_ids` names (see
+  `_streaming_epoch`)."""
   builder = dataset_builder(settings)
   num_train, _, _ = split_sizes(settings, builder)
   local = local_batch_size(global_batch_size, process_index, process_count)
@@ -172,11 +188,52 @@ def streaming_stream(settings: Settings, start_step: int,
         tf.int64, stateful=False)
     seeds.set_shape([3])
     records = _streaming_epoch(settings, builder, split, tf.unstack(seeds),
-                               start, count, local)
+                               start, count, local, skip_ids)
     return _streaming_batches(settings, records, process_count,
                               process_index, local)
 
   return chain_epochs(start_step // steps, start_step % steps, make_epoch)
+
+
+def bad_records_of_batch(settings: Settings, step: int,
+                         global_batch_size: int, process_index: int,
+                         process_count: int, num_devices: int,
+                         skip_ids: tuple[str, ...] = ()) -> list[BadRecord]:
+  """The records of this process's training batch `step` (a global
+  iteration) that cannot be read: each decoded on its own as the pipeline
+  decodes it. A file that ends inside a record stops the read; then this
+  process's files are read to the end to find which (the failure path
+  only).
+
+  Returns:
+    The unreadable records (`BadRecord.position` is -1: a streaming split is
+    never loaded whole); [] when every record reads.
+  """
+  builder = dataset_builder(settings)
+  num_train, _, _ = split_sizes(settings, builder)
+  local = local_batch_size(global_batch_size, process_index, process_count)
+  steps, count = _epoch_records(settings, num_train, global_batch_size,
+                                process_count, num_devices)
+  epoch, start = divmod(step, steps)
+  seeds = [int(w) for w in _streaming_epoch_seeds(settings.seed, epoch)]
+  split = _streaming_split(settings, process_index, process_count)
+  batch = _streaming_epoch(settings, builder, split, seeds, start, count,
+                           local, skip_ids).take(local)
+  bad = []
+  try:
+    for record in batch.as_numpy_iterator():
+      name, index = record['tfds_id'].decode().rsplit('__', 1)
+      seed = np.array([record['key'], record['position'] * process_count +
+                       process_index], np.int64)
+      try:
+        _imagenet_image(settings, tf.constant(record['image']),
+                        tf.constant(seed))
+      except (tf.errors.InvalidArgumentError, ValueError) as e:
+        bad.append(BadRecord(os.path.join(os.fspath(builder.data_dir), name),
+                             int(index), -1, records.decoder_complaint(e)))
+  except tf.errors.DataLossError:
+    bad += records.truncated_records(builder, split)
+  return bad
 
 
 def streaming_eval(settings: Settings, split: str, rows: EvalRows,

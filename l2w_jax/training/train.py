@@ -8,6 +8,7 @@ and `workdir/budgeted.png`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -28,6 +29,7 @@ from l2w_jax.training import metrics as metrics_lib
 from l2w_jax.training import registry
 from l2w_jax.training import resume
 from l2w_jax.training import schedules
+from l2w_jax.training import skipped_records
 from l2w_jax.training import step as step_lib
 from l2w_jax.training.checkpoint import CheckpointError, Checkpointer
 from l2w_jax.training.config_checks import reduction_of, validate_config
@@ -252,10 +254,14 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
 
   window, window_start = [], time.perf_counter()
   # One pipeline for the whole run; two batches in flight to the devices.
+  # Records a streaming dataset left out before are left out from the start.
+  skip_ids, _ = skipped_records.load(workdir)
+  recorder = skipped_records.Recorder(workdir, jax.process_index())
   stream = data.train_stream(config, start_step=step,
                              process_index=jax.process_index(),
                              process_count=jax.process_count(),
-                             num_devices=layout.num_devices)
+                             num_devices=layout.num_devices,
+                             skip_ids=skip_ids, on_skip=recorder)
   try:
     if step < total:
       for batch in parallel.prefetch_to_mesh(stream, mesh):
@@ -307,6 +313,8 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
     # results.json marks a finished run: only once its last checkpoint is
     # on disk (the export reads that checkpoint).
     save(step, wait=True)
+    _, streamed = skipped_records.load(workdir)
+    info = dataclasses.replace(info, skipped=info.skipped + streamed)
     results = final_evaluation(config, workdir, learner, state, info,
                                statistics, layout, plan, startup)
     writer.write_scalars(step, {
