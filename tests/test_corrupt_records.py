@@ -171,6 +171,10 @@ def test_a_run_stops_in_one_line_and_trains_with_skip_corrupt(
           f'{BAD} of {train_file}') in out.stdout
   results = json.loads((tmp_path / 'run' / 'results.json').read_text())
   assert results['skipped_records']['count'] == 1
+  rows = [json.loads(line) for line in
+          (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['data/skipped_records'] for r in rows
+          if 'data/skipped_records' in r] == [1, 1, 1]  # 3 iterations
   assert f'record {BAD} of {train_file}' in (
       results['skipped_records']['records'][0])
 

@@ -22,7 +22,6 @@ import datetime
 import os
 import re
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -99,65 +98,44 @@ def truncated_records(builder: tfds.core.DatasetBuilder,
   return bad
 
 
-def scan_split(builder: tfds.core.DatasetBuilder, split: str,
-               positions: np.ndarray | None = None) -> list[BadRecord]:
-  """Reads (and decodes) records of a prepared tfds split; returns those
+def scan_split(builder: tfds.core.DatasetBuilder,
+               split: str) -> list[BadRecord]:
+  """Reads and decodes every record of a prepared tfds split; returns those
   that cannot be read.
 
   Args:
     builder: the prepared builder.
     split: a tfds split name ('train', 'test', ...), whole.
-    positions: optional int (n,) positions in the split (tfds's unshuffled
-      order) to check; every record when None.
 
   Returns:
-    The unreadable records, in split order.
+    The unreadable records, in tfds's unshuffled order.
   """
   features = builder.info.features
-  wanted = None if positions is None else set(int(p) for p in positions)
   bad = []
-  offset = 0
+  first = 0  # the position in the split of the file's first record
   for instruction in builder.info.splits[split].file_instructions:
     filename, skip, take = (instruction.filename, instruction.skip,
                             instruction.take)
-    first, last = offset, offset + take
-    offset = last
-    if wanted is not None and not any(first <= p < last for p in wanted):
-      continue
-    readable = _readable_records(filename, skip + take)
-    whole = max(readable - skip, 0)
+    whole = max(_readable_records(filename, skip + take) - skip, 0)
     records = (tf.data.TFRecordDataset(filename).take(skip + whole)
                .skip(skip).enumerate())
-    if wanted is not None:
-      local = tf.constant(sorted(p - first for p in wanted
-                                 if first <= p < last), tf.int64)
-      records = records.filter(
-          lambda i, _: tf.reduce_any(tf.equal(i, local)))
     # Records that decode pass; ignore_errors drops the others (the reads
-    # stop before a truncated tail, where ignore_errors would spin).
-    # (The decoded features are fetched, not just awaited: tf.data prunes a
-    # decode that no output needs.)
+    # stop before a truncated tail, where ignore_errors would spin). The
+    # decoded features are fetched, not just awaited: tf.data prunes a
+    # decode that no output needs.
     decoded = records.map(
         lambda i, serialized: (i, features.deserialize_example(serialized)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    good = set(int(i) for i, _ in
-               decoded.ignore_errors().as_numpy_iterator())
-    checked = (range(whole) if wanted is None else
-               [p - first for p in sorted(wanted)
-                if first <= p < first + whole])
-    failed = [i for i in checked if i not in good]
+    good = {int(i) for i, _ in decoded.ignore_errors().as_numpy_iterator()}
+    failed = [i for i in range(whole) if i not in good]
     if failed:
-      failing = set(failed)
       raw = {int(i): serialized for i, serialized in
-             tf.data.TFRecordDataset(filename).take(skip + whole).skip(skip)
-             .enumerate().as_numpy_iterator() if int(i) in failing}
+             records.as_numpy_iterator() if int(i) in failed}
       bad += [BadRecord(filename, skip + i, first + i,
-                        _why_not(features, raw[i]))
-              for i in failed]
-    for i in range(whole, take):
-      if wanted is None or first + i in wanted:
-        bad.append(BadRecord(filename, skip + i, first + i,
-                             TRUNCATED))
+                        _why_not(features, raw[i])) for i in failed]
+    bad += [BadRecord(filename, skip + i, first + i, TRUNCATED)
+            for i in range(whole, take)]
+    first += take
   return bad
 
 

@@ -292,6 +292,10 @@ def _train(config, workdir, info, mesh, layout, learner, plan, writer,
           scalars['train/images_per_second'] = (len(window) * batch_size /
                                                 max(elapsed, 1e-9))
           scalars['epoch'] = step / steps_per_epoch
+          if config.dataset.get('skip_corrupt', False):
+            # Records left out as unreadable, so far (in memory: at load).
+            scalars['data/skipped_records'] = (len(info.skipped) +
+                                               len(recorder.entries))
           writer.write_scalars(step, scalars)
           log(progress.line(step, scalars))
           window, window_start = [], time.perf_counter()
