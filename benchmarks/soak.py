@@ -57,6 +57,14 @@ def _command(workdir: str) -> list[str]:
           *[f'--config.{o}' for o in _OVERRIDES.value]]
 
 
+def _default_sigint() -> None:
+  """In the child: SIGINT's default action, whatever the driver inherited.
+  A driver started in the background by a script (`nohup ... &`) ignores
+  SIGINT, and so would the run, which then trained on after one (the first
+  soaks' 'hangs')."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _hash(workdir: str) -> str | None:
   path = os.path.join(workdir, 'results.json')
   if not os.path.exists(path):
@@ -79,7 +87,8 @@ def _soak(workdir: str, rng: random.Random, budget_s: float) -> dict:
   while _hash(workdir) is None:
     starts += 1
     process = subprocess.Popen(_command(workdir), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_default_sigint)
     wait = rng.uniform(3.0, _MAX_WAIT.value)
     if time.monotonic() + wait >= end:  # the budget is spent: run to the end
       _, err = process.communicate()
