@@ -193,6 +193,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.meta.weight_net = 'mlp'
   config.meta.objective = 'allocation'
   config.meta.inner_update = 'optimizer'
+  # The paper's ablations (docs/methods.md, 'Ablations'): 'none', or
+  # 'allocation' (0/1 training-data allocation instead of weights),
+  # 'fixed_weights' (per-exit constants, meta.fixed_weights; () for K times
+  # the target shares), 'frozen' (the random weight net, never updated),
+  # 'vanilla_objective' (every exit's CE on every meta sample).
+  config.meta.ablation = 'none'
+  config.meta.fixed_weights = ()
   # Rematerialise the backbone's layers (flax remat = jax.checkpoint): the
   # same values, 40 % less peak memory for the CIFAR-100 meta step at 8-14 %
   # more time (README, benchmarks/meta_memory.py).

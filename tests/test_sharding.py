@@ -112,8 +112,10 @@ def _reference_half(learner, state, shards, train_index):
                            state.params, LR)
 
   halves = [(s[train_index], s[1 - train_index]) for s in shards]
-  meta_params, meta_opt_state = meta_update(
-      state, [meta_part(state, *t, *m) for t, m in halves])
+  meta_params, meta_opt_state = state.meta_params, state.meta_opt_state
+  if learner.option(l2w.OPTION).learns_weights:  # not under some ablations
+    meta_params, meta_opt_state = meta_update(
+        state, [meta_part(state, *t, *m) for t, m in halves])
   parts = [real_part(state, meta_params, *t) for t, _ in halves]
   params, opt_state = real_update(state, [g for g, _ in parts])
   return state.replace(params=params, batch_stats=parts[0][1],
@@ -122,14 +124,19 @@ def _reference_half(learner, state, shards, train_index):
 
 
 @pytest.mark.long
-@pytest.mark.parametrize('per_device', [PER_DEVICE, 3])
+@pytest.mark.parametrize('per_device,ablation', [
+    (PER_DEVICE, 'none'), (3, 'none'), (PER_DEVICE, 'allocation'),
+    (PER_DEVICE, 'fixed_weights'), (PER_DEVICE, 'frozen'),
+    (PER_DEVICE, 'vanilla_objective')])
 def test_sharded_l2w_step_equals_each_device_alone_then_averaged(
-    float64, per_device):
+    float64, per_device, ablation):
   """Even shards run the half step as one scan body; 3 rows a device make
-  unequal halves (2 and 1, `torch.chunk(2)`), traced as two calls."""
+  unequal halves (2 and 1, `torch.chunk(2)`), traced as two calls. Each
+  ablation (meta.ablation) on its own devices' samples too."""
   del float64
   learner, state, images, labels = _setup(dtype=jnp.float64,
-                                          per_device=per_device)
+                                          per_device=per_device,
+                                          ablation=ablation)
   mesh = parallel.make_mesh(NUM_DEVICES)
   iteration = step_lib.make_iteration('l2w', learner, mesh)
   sharded, (first, second) = iteration(
@@ -141,6 +148,10 @@ def test_sharded_l2w_step_equals_each_device_alone_then_averaged(
   chex.assert_trees_all_close(sharded.replace(step=expected.step), expected,
                               rtol=1e-9, atol=1e-12)
   assert int(sharded.step) == 1
+  if ablation in ('allocation', 'fixed_weights', 'frozen'):
+    assert 'meta_loss' not in first  # nothing meta-learned
+    chex.assert_trees_all_equal(sharded.meta_params, state.meta_params)
+    return
   # The meta step really ran on every device's own allocation.
   assert float(first['meta_loss']) > 0 and float(second['meta_loss']) > 0
   assert int(first['num_images']) == NUM_DEVICES * (-(-per_device // 2))

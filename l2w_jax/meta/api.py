@@ -153,6 +153,21 @@ def allocation_objective(target_probs) -> Callable:
   return objective_fn
 
 
+def vanilla_objective() -> Callable:
+  """The meta objective without allocation (`meta.ablation=
+  'vanilla_objective'`): every exit's mean CE over every meta sample,
+  summed over the exits, sum_k mean_b L_bk.
+
+  Returns:
+    `objective_fn(exit_logits K x (B, C), losses (B, K), labels (B,))` ->
+    (scalar meta loss, None).
+  """
+  def objective_fn(exit_logits, losses, labels):
+    del exit_logits, labels
+    return jnp.sum(jnp.mean(losses, axis=0)), None
+  return objective_fn
+
+
 def optimizer_update(optimizer: optax.GradientTransformation) -> Callable:
   """The inner update that is `optimizer`'s step, differentiated through
   (as the original differentiates SGD with momentum and weight decay).

@@ -4,7 +4,9 @@
                      (`models.WeightNet` on `meta.input`, then
                      `weighting.sample_weights`)
   meta.objective     'allocation': L2W-DEN's meta loss (each meta sample
-                     allocated to one exit by confidence)
+                     allocated to one exit by confidence); 'vanilla': every
+                     exit's CE on every meta sample (`meta.ablation=
+                     'vanilla_objective'`)
   meta.inner_update  'optimizer': the virtual step is the real optax
                      optimizer's update, differentiated through
 
@@ -115,4 +117,5 @@ def _allocation(settings) -> Callable:
 
 register_weight_net('mlp', build_weight_net, _mlp_init, _mlp_weight_fn)
 register_objective('allocation', _allocation)
+register_objective('vanilla', lambda settings: api.vanilla_objective())
 register_inner_update('optimizer', api.optimizer_update)

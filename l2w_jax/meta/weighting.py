@@ -151,3 +151,29 @@ def allocated_loss(losses: jax.Array, assignment: jax.Array) -> jax.Array:
   sums = jnp.sum(member * losses, axis=0)
   means = jnp.where(counts > 0, sums / jnp.maximum(counts, 1), 0.0)
   return jnp.sum(means)
+
+
+def allocation_weights(exit_logits: Sequence[jax.Array],
+                       probs: Sequence[float]) -> jax.Array:
+  """Training-data allocation as weights (`meta.ablation='allocation'`).
+
+  Each sample goes to one exit by confidence within the exits' quotas
+  (`allocate_to_exits`, the meta objective's rule, here on the training
+  samples); its weight is B / n_k at its exit k (n_k the samples there) and
+  0 elsewhere, so that sum_k mean_b(w_bk L_bk) = `allocated_loss`: each exit
+  trained on the mean loss of its own samples.
+
+  Args:
+    exit_logits: K x (B, C).
+    probs: (K,) the exits' shares of the samples.
+
+  Returns:
+    (B, K) weights, in the logits' dtype.
+  """
+  confidences = jax.lax.stop_gradient(exit_confidences(exit_logits))
+  num_samples, num_exits = confidences.shape
+  assignment = allocate_to_exits(confidences,
+                                 exit_quotas(num_samples, probs))
+  member = jax.nn.one_hot(assignment, num_exits, dtype=confidences.dtype)
+  counts = jnp.sum(member, axis=0)
+  return member * (num_samples / jnp.maximum(counts, 1.0))

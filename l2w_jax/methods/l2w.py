@@ -41,6 +41,14 @@ from l2w_jax.training.state import (Learner, Settings, TrainState,
 
 OPTION = 'l2w'  # the method option that holds the `L2WSettings`
 
+# config.meta.ablation: the paper's ablation studies (docs/methods.md,
+# "Ablations"). None is a flag of the original code; each is a
+# reconstruction from its code and the ablation's name.
+ABLATIONS = ('none', 'allocation', 'fixed_weights', 'frozen',
+             'vanilla_objective')
+# The ablations whose weights are not learned: no meta step runs.
+_NOT_LEARNED = ('allocation', 'fixed_weights', 'frozen')
+
 
 @dataclasses.dataclass(frozen=True)
 class L2WSettings:
@@ -56,6 +64,15 @@ class L2WSettings:
   weight_net: str = 'mlp'
   objective: str = 'allocation'
   inner_update: str = 'optimizer'
+  # config.meta.ablation (`ABLATIONS`) and, for 'fixed_weights', the
+  # exits' constant weights (K,).
+  ablation: str = 'none'
+  fixed_weights: tuple[float, ...] = ()
+
+  @property
+  def learns_weights(self) -> bool:
+    """Whether the weight net is meta-learned (a meta step runs)."""
+    return self.ablation not in _NOT_LEARNED
 
 
 def l2w_learner(model, weight_net, tx, meta_tx,
@@ -95,16 +112,47 @@ def settings_from_config(config, num_exits: int) -> L2WSettings:
   pieces.weight_net(names['weight_net'])  # each raises naming its field
   pieces.objective(names['objective'])
   pieces.inner_update(names['inner_update'])
+  ablation = meta.get('ablation', 'none') or 'none'
+  if ablation not in ABLATIONS:
+    raise ValueError(f'meta.ablation: unknown {ablation!r}; available: '
+                     f'{ABLATIONS}')
+  if ablation != 'none' and (names['weight_net'], names['objective']) != (
+      'mlp', 'allocation'):
+    raise ValueError(f'meta.ablation={ablation!r} ablates L2W-DEN\'s own '
+                     'pieces: leave meta.weight_net=mlp and '
+                     'meta.objective=allocation')
+  if ablation == 'vanilla_objective':
+    names['objective'] = 'vanilla'
+  target = _target_probs(meta, num_exits)
   return L2WSettings(
       epsilon=float(meta.epsilon),
       constraint=meta.constraint,
       input_kind=meta.input,
-      target_probs=_target_probs(meta, num_exits),
+      target_probs=target,
       meta_options=api.MetaOptions(
           inner_steps=meta.get('inner_steps', 1),
           first_order=bool(meta.get('first_order', False)),
           virtual_params=meta.get('virtual_params', 'all')),
+      ablation=ablation,
+      fixed_weights=(_fixed_weights(meta, target)
+                     if ablation == 'fixed_weights' else ()),
       **names)
+
+
+def _fixed_weights(meta, target_probs) -> tuple[float, ...]:
+  """`meta.fixed_weights`, or by default K * target_probs: each exit
+  weighted by the share of samples the allocation gives it (mean 1 over
+  the exits); ValueError naming the field."""
+  given = tuple(meta.get('fixed_weights', ()) or ())
+  num_exits = len(target_probs)
+  if not given:
+    return tuple(float(num_exits * q) for q in target_probs)
+  weights = np.asarray(given, np.float64)
+  if (weights.shape != (num_exits,) or not np.all(np.isfinite(weights)) or
+      np.any(weights < 0)):
+    raise ValueError(f'meta.fixed_weights: {num_exits} weights >= 0 (or () '
+                     f'for K * the target shares), got {given}')
+  return tuple(float(w) for w in weights)
 
 
 def options_from_config(config, num_exits: int) -> dict:
@@ -128,8 +176,17 @@ def init_weight_net(learner: Learner, rng: jax.Array, dtype):
 
 def weight_fn(learner: Learner):
   """weight_fn(meta_params, losses (B, K), exit_logits) -> weights (B, K)
-  of the configured weight net (`meta.pieces`)."""
+  of the configured weight net (`meta.pieces`), or of the ablation that
+  replaces it: 'allocation' the confidence allocation's
+  (`weighting.allocation_weights`), 'fixed_weights' the exits' constants."""
   s = learner.option(OPTION)
+  if s.ablation == 'allocation':
+    return lambda meta_params, losses, exit_logits: (
+        weighting.allocation_weights(exit_logits, s.target_probs).astype(
+            losses.dtype))
+  if s.ablation == 'fixed_weights':
+    return lambda meta_params, losses, exit_logits: jnp.broadcast_to(
+        jnp.asarray(s.fixed_weights, losses.dtype), losses.shape)
   return pieces.weight_net(s.weight_net).weight_fn(learner.weight_net, s)
 
 
@@ -225,6 +282,9 @@ def l2w_half_step(learner: Learner, state: TrainState, train_images,
   """
   losses, loss_vjp, exit_logits, new_batch_stats, weight_inputs = (
       train_forward(learner, state, train_images, train_labels))
+  # Ablations whose weights are not learned skip the meta step ('frozen':
+  # as a meta learning rate of 0, without its cost).
+  with_meta = with_meta and learner.option(OPTION).learns_weights
   metrics = {}
   meta_params, meta_opt_state = state.meta_params, state.meta_opt_state
   if with_meta:

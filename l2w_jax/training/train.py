@@ -57,6 +57,15 @@ def _summarise(fetched: list, num_exits: int) -> dict[str, float]:
     out[f'train/weight_exit{k + 1}'] = float(np.mean(
         [h['weight_per_exit'][k] for h in halves]))
   out['train/acc_last'] = out[f'train/acc_exit{num_exits}']
+  moments = [h['weight_moments'] for h in halves if 'weight_moments' in h]
+  if moments:
+    # Over every training sample of the window: the weights' spread per
+    # exit and how they follow the per-sample loss.
+    stats = step_lib.weight_statistics(np.mean(moments, axis=0))
+    for k in range(num_exits):
+      out[f'train/weight_std_exit{k + 1}'] = stats['std'][k]
+      if stats['loss_corr'][k] is not None:
+        out[f'train/weight_loss_corr_exit{k + 1}'] = stats['loss_corr'][k]
   meta = [h['meta_loss'] for h in halves if 'meta_loss' in h]
   if meta:
     out['train/meta_loss'] = float(np.mean(meta))
