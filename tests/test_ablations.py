@@ -186,3 +186,17 @@ def test_main_selects_an_ablation(tmp_path):
                for r in train_rows)
   config = json.loads((tmp_path / 'run' / 'results.json').read_text())
   assert config['method'] == 'l2w'
+
+
+@pytest.mark.parametrize('ablation', ['allocation', 'vanilla_objective'])
+def test_an_ablation_resumes_bit_exactly(tmp_path, ablation):
+  from l2w_jax.training import train  # pylint: disable=g-import-not-at-top
+  from tests.tiny import tiny_train_config  # pylint: disable=g-import-not-at-top
+  config = tiny_train_config('sklearn_digits', num_steps=4)
+  config.dataset.data_dir = str(tmp_path / 'data')
+  config.meta.ablation = ablation
+  whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
+  assert train.train_and_evaluate(config, str(tmp_path / 'split'),
+                                  interrupt_at_step=2) == {'interrupted_at': 2}
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'split'))
+  assert resumed['params_sha256'] == whole['params_sha256']
