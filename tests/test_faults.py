@@ -291,7 +291,10 @@ def test_fault_ctrl_c_while_starting_stops_in_one_line(tmp_path, delay):
        '--config=tests/tiny_digits_config.py', f'--workdir={tmp_path / "run"}',
        f'--config.dataset.data_dir={tmp_path / "data"}'], cwd=PROJECT_ROOT,
       env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True)
+      text=True,
+      # SIGINT's default even if this suite runs in the background (where
+      # it is ignored, and the child would inherit that).
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   time.sleep(delay)
   process.send_signal(signal.SIGINT)
   _, err = process.communicate(timeout=300)
