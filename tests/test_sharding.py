@@ -126,13 +126,13 @@ def _reference_half(learner, state, shards, train_index):
 @pytest.mark.long
 @pytest.mark.parametrize('per_device,ablation', [
     (PER_DEVICE, 'none'), (3, 'none'), (PER_DEVICE, 'allocation'),
-    (PER_DEVICE, 'fixed_weights'), (PER_DEVICE, 'frozen'),
     (PER_DEVICE, 'vanilla_objective')])
 def test_sharded_l2w_step_equals_each_device_alone_then_averaged(
     float64, per_device, ablation):
   """Even shards run the half step as one scan body; 3 rows a device make
-  unequal halves (2 and 1, `torch.chunk(2)`), traced as two calls. Each
-  ablation (meta.ablation) on its own devices' samples too."""
+  unequal halves (2 and 1, `torch.chunk(2)`), traced as two calls. The
+  ablations on each device's own samples: one without a meta step
+  (fixed_weights and frozen share its path) and one with."""
   del float64
   learner, state, images, labels = _setup(dtype=jnp.float64,
                                           per_device=per_device,
@@ -339,7 +339,9 @@ def test_sharded_step_collectives_do_not_scale_with_the_batch(with_meta):
   num_exits = 3
   gradients = _size(state.params) + (_size(state.meta_params) if with_meta
                                      else 0)
-  metrics = 3 * num_exits + 2 + int(with_meta)  # losses, weights, hits, ...
+  # losses, weights, hits, ..., and the weights' five moments per exit
+  # (`step.weight_moments`).
+  metrics = 3 * num_exits + 2 + int(with_meta) + 5 * num_exits
   assert totals[0] == totals[1]
   assert (gradients + _size(state.batch_stats) <= totals[0] <=
           gradients + _size(state.batch_stats) + metrics)
