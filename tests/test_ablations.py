@@ -16,6 +16,7 @@ from l2w_jax.meta import api, weighting
 from l2w_jax.methods import l2w
 from l2w_jax.optim import apply_optimizer
 from l2w_jax.training import forward
+from l2w_jax.training import metrics as metrics_lib
 from l2w_jax.training import step as step_lib
 from l2w_jax.training.learner import build_learner
 from l2w_jax.training.state import compute_dtype
@@ -140,7 +141,7 @@ def test_weight_statistics_are_those_of_the_pooled_samples():
   moments = np.mean([step_lib.weight_moments(jnp.asarray(w[i]),
                                              jnp.asarray(loss[i]))
                      for i in range(2)], axis=0)
-  stats = step_lib.weight_statistics(moments)
+  stats = metrics_lib.weight_statistics(moments)
   pooled_w, pooled_l = w.reshape(32, 3), loss.reshape(32, 3)
   np.testing.assert_allclose(stats['mean'], pooled_w.mean(0), rtol=1e-5)
   np.testing.assert_allclose(stats['std'][:2], pooled_w.std(0)[:2],

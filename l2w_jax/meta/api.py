@@ -145,10 +145,8 @@ def allocation_objective(target_probs) -> Callable:
     (scalar meta loss, assignment (B,) int exit index).
   """
   def objective_fn(exit_logits, losses, labels):
-    confidences = jax.lax.stop_gradient(
-        weighting.exit_confidences(exit_logits))
-    quotas = weighting.exit_quotas(labels.shape[0], target_probs)
-    assignment = weighting.allocate_to_exits(confidences, quotas)
+    del labels
+    assignment = weighting.assign_by_confidence(exit_logits, target_probs)
     return weighting.allocated_loss(losses, assignment), assignment
   return objective_fn
 

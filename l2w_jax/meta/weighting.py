@@ -138,6 +138,16 @@ def allocate_to_exits(confidences: jax.Array,
   return assignment
 
 
+def assign_by_confidence(exit_logits: Sequence[jax.Array],
+                         probs: Sequence[float]) -> jax.Array:
+  """L2W-DEN's allocation of a batch: K x (B, C) logits -> (B,) int32 exit
+  of each sample (`allocate_to_exits` on the exits' confidences, as
+  constants, within the quotas of `probs` (K,))."""
+  confidences = jax.lax.stop_gradient(exit_confidences(exit_logits))
+  return allocate_to_exits(confidences,
+                           exit_quotas(confidences.shape[0], probs))
+
+
 def allocated_loss(losses: jax.Array, assignment: jax.Array) -> jax.Array:
   """Sum over exits of the mean loss of the samples assigned there.
 
@@ -170,10 +180,8 @@ def allocation_weights(exit_logits: Sequence[jax.Array],
   Returns:
     (B, K) weights, in the logits' dtype.
   """
-  confidences = jax.lax.stop_gradient(exit_confidences(exit_logits))
-  num_samples, num_exits = confidences.shape
-  assignment = allocate_to_exits(confidences,
-                                 exit_quotas(num_samples, probs))
-  member = jax.nn.one_hot(assignment, num_exits, dtype=confidences.dtype)
+  num_samples, num_exits = exit_logits[0].shape[0], len(exit_logits)
+  member = jax.nn.one_hot(assign_by_confidence(exit_logits, probs),
+                          num_exits, dtype=exit_logits[0].dtype)
   counts = jnp.sum(member, axis=0)
   return member * (num_samples / jnp.maximum(counts, 1.0))

@@ -136,3 +136,22 @@ class Progress:
     if done and np.isfinite(eta):
       parts.append(f'ETA {format_duration(eta)}')
     return ' | '.join(parts)
+
+
+def weight_statistics(moments) -> dict[str, list[float]]:
+  """`step.weight_moments` (5, K), averaged -> per exit 'mean', 'std' and
+  'loss_corr' (Pearson's correlation of weight and loss; None where either
+  does not vary)."""
+  m = np.asarray(moments, np.float64)
+  mean_w, mean_l = m[0], m[2]
+  var_w = np.maximum(m[1] - mean_w ** 2, 0.0)
+  var_l = np.maximum(m[3] - mean_l ** 2, 0.0)
+  cov = m[4] - mean_w * mean_l
+  scale = np.sqrt(var_w * var_l)
+  # Float32 moments: spreads below ~1e-6 of the mean are rounding.
+  varies = ((var_w > 1e-12 * np.maximum(mean_w ** 2, 1e-12)) &
+            (var_l > 1e-12 * np.maximum(mean_l ** 2, 1e-12)))
+  return {'mean': [float(x) for x in mean_w],
+          'std': [float(x) for x in np.sqrt(var_w)],
+          'loss_corr': [float(np.clip(c / s, -1, 1)) if v else None
+                        for c, s, v in zip(cov, scale, varies)]}

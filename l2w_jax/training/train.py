@@ -61,7 +61,7 @@ def _summarise(fetched: list, num_exits: int) -> dict[str, float]:
   if moments:
     # Over every training sample of the window: the weights' spread per
     # exit and how they follow the per-sample loss.
-    stats = step_lib.weight_statistics(np.mean(moments, axis=0))
+    stats = metrics_lib.weight_statistics(np.mean(moments, axis=0))
     for k in range(num_exits):
       out[f'train/weight_std_exit{k + 1}'] = stats['std'][k]
       if stats['loss_corr'][k] is not None:
